@@ -1,0 +1,17 @@
+// mcmoe runtime identity: lets Python refuse a stock or stale libllama.
+//
+// The hash of our sources (cpp/ + patches/) is computed by scripts/build_runtime.py and
+// written to mcmoe-source-hash.h next to this directory in the patched tree; Python
+// recomputes it from the checkout and compares (mcmoe_gguf/runtime.py).
+#include "mcmoe-runtime.h"
+
+#include "mcmoe-source-hash.h"
+
+#ifndef MCMOE_SOURCE_HASH
+#error "mcmoe-source-hash.h must define MCMOE_SOURCE_HASH (written by scripts/build_runtime.py)"
+#endif
+
+extern "C" const char * mcmoe_runtime_info(void) {
+    // One line, "key=value" pairs: stable enough for Python to parse, readable in a debugger.
+    return "mcmoe-runtime abi=1 source_hash=" MCMOE_SOURCE_HASH;
+}

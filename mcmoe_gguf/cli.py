@@ -1,0 +1,132 @@
+"""`mcmoe-gguf`: command-line entry point. Each subcommand is a thin shell over one module."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  mcmoe-gguf tiny                                  train (or reuse) the embedded tiny Mixtral, print its path
+  mcmoe-gguf convert MODEL_DIR --outtype f16 -o model-f16.gguf
+  mcmoe-gguf generate model-f16.gguf -p "To be, or not"
+  mcmoe-gguf ppl model-f16.gguf --text MODEL_DIR/eval.txt --ctx 256
+  mcmoe-gguf demo                                  the whole flow on the tiny model
+"""
+
+
+def cmd_tiny(a) -> int:
+    from .tiny import describe, tiny_model
+    path = tiny_model(a.preset)
+    if a.print_path:
+        print(path)
+    else:
+        print(describe(path))
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from .export import convert
+    out = convert(a.model_dir, a.output, outtype=a.outtype, force=a.force, name=a.name)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from .runtime import load
+    llm = load(a.file, n_ctx=a.ctx, seed=a.seed, n_threads=a.threads)
+    out = llm(a.prompt, max_tokens=a.n, temperature=a.temp, echo=True)
+    print(out["choices"][0]["text"])
+    return 0
+
+
+def cmd_ppl(a) -> int:
+    from .evaluate import ppl_llama
+    r = ppl_llama(a.file, Path(a.text).read_text(encoding="utf-8"), ctx=a.ctx, max_chunks=a.max_chunks,
+                  n_threads=a.threads)
+    print(f"perplexity {r['ppl']:.4f} over {r['tokens']} tokens (ctx {r['ctx']}) of {a.text}")
+    return 0
+
+
+def cmd_runtime(a) -> int:
+    from .runtime import check_runtime, tools_dir
+    info = check_runtime()
+    print(f"patched runtime ok: {info['lib']} (sources {info['source_hash'][:12]}, abi {info['abi']})")
+    try:
+        print(f"llama.cpp tools: {tools_dir()}")
+    except RuntimeError as e:
+        print(f"llama.cpp tools: {e}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+    return run_demo(preset=a.preset, max_chunks=a.max_chunks, threads=a.threads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcmoe-gguf", description="Mixture-of-Experts checkpoints -> mixed-bit GGUF "
+                                "for a patched llama.cpp (MC: PMQ + ODP).", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("tiny", help="train or reuse the embedded tiny Mixtral (cached)")
+    s.add_argument("--preset", default="default", choices=["default", "smoke"],
+                   help="'smoke' trains briefly, for tests where quality does not matter")
+    s.add_argument("--print-path", action="store_true", help="print only the model directory")
+    s.set_defaults(fn=cmd_tiny)
+
+    s = sub.add_parser("convert", help="HF MoE checkpoint -> GGUF")
+    s.add_argument("model_dir", help="directory with config.json, *.safetensors and tokenizer.json")
+    s.add_argument("-o", "--output", required=True, help="output .gguf (written atomically)")
+    s.add_argument("--outtype", default="f16", help="f32, f16 or bf16 (as llama.cpp's convert_hf_to_gguf)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    s.add_argument("--name", help="general.name in the file (default: the model directory's name)")
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("generate", help="generate text with the patched llama.cpp")
+    s.add_argument("file", help="GGUF file")
+    s.add_argument("-p", "--prompt", required=True)
+    s.add_argument("-n", type=int, default=48, help="tokens to generate (default 48)")
+    s.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ctx", type=int, default=512)
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("ppl", help="perplexity of a text through the patched llama.cpp")
+    s.add_argument("file", help="GGUF file")
+    s.add_argument("--text", required=True, help="UTF-8 text file to score")
+    s.add_argument("--ctx", type=int, default=256, help="chunk length in tokens (default 256)")
+    s.add_argument("--max-chunks", type=int, default=None, help="score only the first N chunks")
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(fn=cmd_ppl)
+
+    s = sub.add_parser("runtime", help="check that the patched runtime is installed and current")
+    s.set_defaults(fn=cmd_runtime)
+
+    s = sub.add_parser("demo", help="tiny model -> GGUF -> generate -> torch vs llama.cpp perplexity")
+    s.add_argument("--preset", default="default", choices=["default", "smoke"])
+    s.add_argument("--max-chunks", type=int, default=64, help="perplexity chunks of 256 tokens (default 64)")
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .runtime import RuntimeMismatch
+
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    # Our input errors derive from ValueError (CheckpointError, ExportError, UnsupportedModel,
+    # TokenizerError), as does llama-cpp-python's "failed to load model".
+    except (ValueError, RuntimeMismatch, OSError) as e:
+        print(f"mcmoe-gguf: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mcmoe-gguf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Perplexity, through llama.cpp and through transformers, with one protocol for both.
+
+Protocol: the text is tokenized without BOS, cut into non-overlapping chunks of ``ctx`` tokens, and
+every token of a chunk except its first is scored given the tokens before it in the chunk. The same
+chunks go through transformers (the reference) and through the patched llama.cpp (the product), so
+the two numbers compare like with like.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+
+def chunked(ids: list[int], ctx: int, max_chunks: int | None = None) -> list[list[int]]:
+    n = len(ids) // ctx
+    if n == 0:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than one chunk of --ctx {ctx}")
+    if max_chunks:
+        n = min(n, max_chunks)
+    return [ids[i * ctx:(i + 1) * ctx] for i in range(n)]
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    logits = logits.astype(np.float64)
+    m = logits.max(-1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(logits - m).sum(-1))
+    return float((lse - logits[np.arange(len(targets)), targets]).sum())
+
+
+def ppl_llama(gguf_path: str | Path, text: str, ctx: int = 256, max_chunks: int | None = None,
+              n_threads: int | None = None, progress: bool = True, **llama_kwargs) -> dict:
+    from .runtime import load
+    llm = load(gguf_path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=n_threads,
+               **llama_kwargs)
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    nll, count = 0.0, 0
+    for chunk in tqdm(chunked(ids, ctx, max_chunks), desc=f"ppl {Path(gguf_path).name}", unit="chunk",
+                      disable=not progress):
+        llm.reset()
+        llm.eval(chunk)
+        logits = np.asarray(llm.scores[: len(chunk) - 1])
+        nll += _nll(logits, np.asarray(chunk[1:]))
+        count += len(chunk) - 1
+    return {"ppl": math.exp(nll / count), "tokens": count, "ctx": ctx}
+
+
+def ppl_torch(model_dir: str | Path, text: str, ctx: int = 256, max_chunks: int | None = None,
+              progress: bool = True) -> dict:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import MixtralForCausalLM
+
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    model = MixtralForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    chunks = chunked(ids, ctx, max_chunks)
+    with torch.no_grad():
+        for i in tqdm(range(0, len(chunks), 8), desc="ppl torch", unit="batch", disable=not progress):
+            x = torch.tensor(chunks[i:i + 8])
+            logits = model(x).logits[:, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                     reduction="sum").item()
+            count += x[:, 1:].numel()
+    return {"ppl": math.exp(nll / count), "tokens": count, "ctx": ctx}

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Build the patched llama.cpp runtime (llama-cpp-python wheel + llama.cpp tools), cached by content.
+
+    build_runtime.py                 wheel + tools for this checkout; installs the wheel into the venv
+    build_runtime.py --cuda          the same with GGML_CUDA (architectures from --cuda-arch, default 86)
+    build_runtime.py --dev           incremental development tree in .dev/ (cpp/ symlinked in);
+                                     run Python against it with LLAMA_CPP_LIB_PATH=.dev/build/bin
+    build_runtime.py --check-patches patches/ apply to pristine sources, and .dev holds no unsaved edit
+    build_runtime.py --save-patches  regenerate patches/ from the .dev tree (git diff)
+
+Pinned source: the llama.cpp vendored in the PyPI sdist llama-cpp-python==0.3.36 (commit 0c1e570).
+The cache key hashes (sdist, cpp/ + patches/, cmake arguments, build targets, host CPU flags when
+-march=native): a second run with the same inputs only (re)installs the cached wheel.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from mcmoe_gguf.cache import cache_dir, fetch, locked  # noqa: E402
+from mcmoe_gguf.sources import source_hash  # noqa: E402
+
+SDIST_VERSION = "0.3.36"
+SDIST_URL = ("https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca"
+             "773a59fe7cf3/llama_cpp_python-0.3.36.tar.gz")
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+SDIST_DIR = f"llama_cpp_python-{SDIST_VERSION}"
+VENDOR = "vendor/llama.cpp"
+CPP_DEST = "mcmoe"            # cpp/ lands at vendor/llama.cpp/mcmoe
+HASH_HEADER = "mcmoe-gen/mcmoe-source-hash.h"
+DEV = REPO / ".dev"
+TOOLS = ["llama-quantize", "llama-imatrix", "llama-perplexity", "test-backend-ops"]
+# Only what the wheel installs plus the tools: the full tool set would double the build time.
+# (mtmd only because LLAMA_BUILD_TOOLS adds its install rule)
+TARGETS = ["llama", "llama-common", "ggml", "ggml-base", "ggml-cpu", "mtmd"] + TOOLS
+BUILD_SCRIPT_VERSION = 1      # bump when this file changes what it builds
+
+
+def cmake_args(cuda: bool, cuda_arch: str) -> list[str]:
+    args = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=ON",
+        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_TOOLS_INSTALL=OFF", "-DLLAMA_TESTS_INSTALL=OFF", "-DLLAMA_OPENSSL=OFF",
+        "-DGGML_NATIVE=ON",
+    ]
+    if cuda:
+        args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
+    return args
+
+
+def cpu_flags() -> str:
+    # -march=native bakes the host's ISA into the binary: a cache shared between machines must not mix them.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def runtime_key(args: list[str]) -> str:
+    ident = {"sdist": SDIST_SHA256, "sources": source_hash(REPO), "cmake": args, "targets": TARGETS,
+             "cpu": cpu_flags(), "script": BUILD_SCRIPT_VERSION, "python": sys.version_info[:2]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def unpack_sdist(dest_parent: Path) -> Path:
+    sdist = fetch(SDIST_URL, SDIST_SHA256)
+    with tarfile.open(sdist) as t:
+        t.extractall(dest_parent, filter="tar")
+    tree = dest_parent / SDIST_DIR
+    # The tarball carries the vendored .git; file timestamps changed on extraction, so refresh the index
+    # or `git apply`/`git diff` would see every file as modified.
+    run(["git", "-C", str(tree / VENDOR), "update-index", "-q", "--refresh"])
+    return tree
+
+
+def patch_files() -> list[Path]:
+    return sorted((REPO / "patches").glob("*.patch"))
+
+
+def apply_patches(vendor: Path, check_only: bool = False) -> None:
+    for p in patch_files():
+        run(["git", "-C", str(vendor), "apply", "--whitespace=nowarn"] + (["--check"] if check_only else []) + [str(p)])
+
+
+def write_hash_header(vendor: Path) -> None:
+    h = vendor / HASH_HEADER
+    text = f'#pragma once\n#define MCMOE_SOURCE_HASH "{source_hash(REPO)}"\n'
+    h.parent.mkdir(exist_ok=True)
+    if not h.exists() or h.read_text() != text:   # untouched header = no needless recompile
+        h.write_text(text)
+
+
+def build_cached(cuda: bool, cuda_arch: str, venv_python: str) -> Path:
+    args = cmake_args(cuda, cuda_arch)
+    key = runtime_key(args)
+    out = cache_dir("runtime") / key
+    with locked("runtime-" + key):
+        if not (out / "ok").exists():
+            build(args, key, out)
+        else:
+            print(f"runtime {key}: cached in {out}")
+    install(out, key, venv_python)
+    return out
+
+
+def build(args: list[str], key: str, out: Path) -> None:
+    # Fixed paths per key: after a failed or killed build, the rerun reuses the CMake tree and only
+    # recompiles what is missing (extraction keeps the archive's mtimes).
+    work = cache_dir("work") / f"src-{key}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    tree = unpack_sdist(work)
+    vendor = tree / VENDOR
+    shutil.copytree(REPO / "cpp", vendor / CPP_DEST)
+    write_hash_header(vendor)
+    apply_patches(vendor)
+    build_dir = cache_dir("work") / f"build-{key}"
+    env = dict(os.environ, CMAKE_ARGS=" ".join(args),
+               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    wheel_dir = work / "wheel"
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
+         "-C", f"build-dir={build_dir}", "-C", "build.verbose=false", "-C", "logging.level=WARNING",
+         "-C", "build.targets=" + ";".join(TARGETS), str(tree)], env=env)
+    stage = Path(str(out) + ".tmp")
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "bin").mkdir(parents=True)
+    for whl in wheel_dir.glob("*.whl"):
+        shutil.copy2(whl, stage)
+    # Tools run straight from the cache: copy them with the shared libraries they link against.
+    for f in (build_dir / "bin").iterdir():
+        if f.name in TOOLS or ".so" in f.name:
+            shutil.copy2(f, stage / "bin" / f.name, follow_symlinks=False)
+    (stage / "ok").write_text(json.dumps({"key": key, "cmake": args, "source_hash": source_hash(REPO)}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(stage, out)
+    shutil.rmtree(build_dir, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def install(out: Path, key: str, venv_python: str) -> None:
+    marker = Path(subprocess.check_output([venv_python, "-c", "import sys; print(sys.prefix)"], text=True).strip())
+    marker = marker / "mcmoe-runtime.json"
+    info = {"key": key, "tools": str(out / "bin")}
+    if marker.exists() and json.loads(marker.read_text()) == info:
+        print(f"runtime {key}: already installed")
+        return
+    wheel = next(out.glob("*.whl"))
+    run([venv_python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)])
+    marker.write_text(json.dumps(info))
+
+
+# ---------------------------------------------------------------- development tree
+
+def dev_tree() -> Path:
+    tree = DEV / SDIST_DIR
+    if not tree.exists():
+        DEV.mkdir(exist_ok=True)
+        unpack_sdist(DEV)
+        vendor = tree / VENDOR
+        (vendor / CPP_DEST).symlink_to(REPO / "cpp")   # edits in cpp/ are live in the dev build
+        apply_patches(vendor)
+    return tree
+
+
+def dev_build(cuda: bool, cuda_arch: str) -> None:
+    tree = dev_tree()
+    write_hash_header(tree / VENDOR)
+    build_dir = DEV / "build"
+    if not (build_dir / "CMakeCache.txt").exists():
+        run(["cmake", "-S", str(tree), "-B", str(build_dir), "-G", "Ninja"] + cmake_args(cuda, cuda_arch))
+    run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2), "--target"] + TARGETS)
+    print(f"\nexport LLAMA_CPP_LIB_PATH={build_dir / 'bin'} MCMOE_TOOLS_DIR={build_dir / 'bin'}")
+
+
+def dev_diff() -> str:
+    vendor = DEV / SDIST_DIR / VENDOR
+    run(["git", "-C", str(vendor), "update-index", "-q", "--refresh"])
+    return subprocess.check_output(["git", "-C", str(vendor), "diff", "--no-color", "--no-ext-diff"], text=True)
+
+
+def save_patches() -> None:
+    diff = dev_diff()
+    for p in patch_files():
+        p.unlink()
+    if diff:
+        (REPO / "patches" / "0001-mcmoe-hooks.patch").write_text(diff)
+    print(f"patches/ regenerated from {DEV / SDIST_DIR / VENDOR} ({len(diff.splitlines())} lines)")
+
+
+def check_patches() -> int:
+    with tempfile.TemporaryDirectory(dir=cache_dir("work")) as tmp:
+        vendor = unpack_sdist(Path(tmp)) / VENDOR
+        apply_patches(vendor, check_only=True)
+    print(f"ok: {len(patch_files())} patch file(s) apply cleanly to pristine llama.cpp of the {SDIST_VERSION} sdist")
+    if (DEV / SDIST_DIR).exists():
+        saved = "".join(p.read_text() for p in patch_files())
+        if dev_diff() != saved:
+            print(f"error: {DEV / SDIST_DIR / VENDOR} holds edits that patches/ lacks (or the reverse); "
+                  "run `make save-patches` and commit", file=sys.stderr)
+            return 1
+        print("ok: the .dev tree has no edit missing from patches/")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cuda", action="store_true", help="build with GGML_CUDA=ON")
+    ap.add_argument("--cuda-arch", default="86", help="CMAKE_CUDA_ARCHITECTURES (default 86 = RTX 3090)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter of the venv to install into")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--dev", action="store_true", help="incremental build of the .dev tree")
+    mode.add_argument("--check-patches", action="store_true", help="verify patches/ against pristine sources")
+    mode.add_argument("--save-patches", action="store_true", help="regenerate patches/ from the .dev tree")
+    a = ap.parse_args()
+    if a.check_patches:
+        return check_patches()
+    if a.save_patches:
+        save_patches()
+    elif a.dev:
+        dev_build(a.cuda, a.cuda_arch)
+    else:
+        build_cached(a.cuda, a.cuda_arch, a.python)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
