@@ -93,3 +93,14 @@ def tools_dir() -> Path:
     if not marker.exists():
         raise RuntimeMismatch(f"no patched runtime recorded in {sys.prefix}; {REBUILD_HINT}")
     return Path(json.loads(marker.read_text())["tools"])
+
+
+def run_tool(name: str, *args: str, **kw):
+    """Run a llama.cpp tool of the patched build (its shared libraries sit beside it)."""
+    import subprocess
+    d = tools_dir()
+    exe = d / name
+    if not exe.exists():
+        raise RuntimeMismatch(f"{exe} not found; {REBUILD_HINT}")
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(d), os.environ.get("LD_LIBRARY_PATH")])))
+    return subprocess.run([str(exe), *map(str, args)], env=env, **kw)

@@ -68,7 +68,7 @@ def _add_gpt2(writer: gguf.GGUFWriter, tj: dict, n_vocab: int) -> str:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")   # llama.cpp's name for the GPT-2 regex
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     return "gpt2"
