@@ -1,0 +1,284 @@
+"""PMQ bit allocation: the integer program of MC-MoE (ICLR 2025), Sec. 3.2.2, Eq. (4).
+
+For MoE layer l, expert i and width j in {1, 2, 3} bits:
+
+    minimise    sum_{l,i,j} phi[l,i]^alpha * w[l,i]^beta * eps[l,i,j]^gamma * x[l,i,j]
+    subject to  sum_j x[l,i,j] = 1                      exactly one width per expert
+                sum_i x[l,i,3] >= 1, sum_i x[l,i,2] >= 1  per layer (the paper's accuracy guard)
+                sum n[l,i] * REAL_BPW[j] * x[l,i,j]  <=  target * sum n[l,i]     (the budget)
+                x binary
+
+phi = access frequency, w = mean routing weight (Sec. 3.2.1), eps[l,i,j] = Frobenius norm of the
+layer-output change when only expert i is quantized to j bits (Eq. 3), n = weights per expert.
+
+Where we differ from the paper, and why:
+  * The budget counts REAL bits: every 128 weights carry an fp16 scale and an fp16 min, so a b-bit
+    expert costs b + 0.25 bits per weight. The paper states the budget in nominal bits.
+  * The budget is "<=" (the paper writes "= n*k"): an exact equality is often unreachable with
+    unequal expert sizes, and "<=" lets the solver stop spending where spending does not help.
+  * Among allocations with the optimal objective we take the one with the fewest bytes (a second
+    program), so experts whose error does not depend on the width (e.g. never-routed ones) do not
+    soak up the surplus budget.
+  * Because of ">= 1 expert at 2 bits", "everything at 3 bits" is never an allocation. The most a
+    layer can use is all experts at 3 bits except its smallest at 2 (3.125 real bpw for 8 equal
+    experts). Larger budgets are still feasible; the surplus is just not used.
+  * scope="model" solves one program over all layers sharing one budget (the paper: scope="layer",
+    one program per layer, each layer's average <= target).
+  * The paper writes (eps * x)^gamma; for binary x and gamma > 0 that is eps^gamma * x, the linear
+    form used here (for gamma = 0 the paper's form would charge every unchosen width 0^0 = 1).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+WIDTHS = (1, 2, 3)
+GROUP = 128  # weights per quantization group (one fp16 scale + one fp16 min)
+
+# Real bits per weight of a b-bit expert: b + 2 * 16 / 128 (scale + min per group of 128).
+# Must equal formats.bpw(b); a test elsewhere cross-checks the two tables.
+REAL_BPW = {1: 1.25, 2: 2.25, 3: 3.25}
+
+# The paper gives no values in the main text. Its only stated setting is Appendix A.6 / Table 10
+# (Mixtral 8x7b, 2 bit, WikiText2): gamma fixed at 2, alpha and beta swept over {1, 1.5, 2}; all
+# nine PPLs lie in 5.91-5.96 and the authors note a slight decline once alpha + beta exceeds gamma.
+# We take alpha = beta = 1 (PPL 5.92 there) with gamma = 2 (eps^2: squared Frobenius norm).
+DEFAULT_ALPHA = 1.0
+DEFAULT_BETA = 1.0
+DEFAULT_GAMMA = 2.0
+
+# Budget in integer "quarter bits" (4 * real bits): 5, 9, 13 per weight. Integers keep the budget
+# test exact: n * 1.25 / 8 bytes is a whole number for n a multiple of 128.
+_QBITS = np.array([round(4 * REAL_BPW[b]) for b in WIDTHS], dtype=np.int64)
+assert all(4 * REAL_BPW[b] == q for b, q in zip(WIDTHS, _QBITS))
+
+
+class InfeasibleBudget(ValueError):
+    """The budget is below the cheapest allocation allowed by the per-layer constraints."""
+
+    def __init__(self, message, minimum, maximum, unit):
+        super().__init__(message)
+        self.minimum, self.maximum, self.unit = minimum, maximum, unit
+
+
+# ------------------------------------------------------------------------------------------------
+# budgets
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget for the expert weights: unit "bpw" (real bits per weight, scales counted) or "bytes"."""
+    unit: str
+    value: Fraction
+
+    def __str__(self):
+        return f"{float(self.value):g} real bpw" if self.unit == "bpw" else f"{int(self.value)} bytes"
+
+
+# Decimal (SI) and binary (IEC) byte multiples; "GB" = 1e9 bytes, "GiB" = 2^30 bytes. Units are
+# case-insensitive and always mean bytes (there are no bit units besides "bpw").
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([A-Za-z]*)\s*$")
+_MAX_BPW = 32  # a larger "bpw" is almost surely a byte count typed without its unit
+
+
+def parse_budget(text) -> Budget:
+    """"2.5" or "2.5bpw" -> real bpw; "22GB" (1e9), "22GiB" (2^30), "900MB", "123456B" -> bytes."""
+    if isinstance(text, Budget):
+        return text
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        text = repr(text)
+    if not isinstance(text, str):
+        raise TypeError(f"budget must be a string, a number (bpw) or a Budget, not {type(text).__name__}")
+    m = _BUDGET_RE.match(text)
+    unit = m.group(3).lower() if m else None
+    if m is None or (unit not in _BYTE_UNITS and unit not in ("", "bpw")):
+        raise ValueError(f"cannot parse budget {text!r}: expected e.g. '2.5', '2.5bpw', '22GB', '20GiB', "
+                         f"'900MB' or '123456B' (units: bpw, B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    # Fraction of the decimal text, not of a float: "1.625" stays exactly 13/8
+    value = Fraction(m.group(1)) * Fraction(10) ** int(m.group(2) or 0)
+    if value <= 0:
+        raise ValueError(f"budget {text!r} must be positive")
+    if unit in ("", "bpw"):
+        if value > _MAX_BPW:
+            raise ValueError(f"budget {text!r} as bits per weight is implausible (> {_MAX_BPW}); "
+                             f"for bytes add a unit, e.g. '{m.group(1)}B' or 'GB'")
+        return Budget("bpw", value)
+    nbytes = value * _BYTE_UNITS[unit]
+    if unit == "b" and nbytes.denominator != 1:
+        raise ValueError(f"budget {text!r}: a byte count must be whole (did you mean '{m.group(1)}bpw'?)")
+    return Budget("bytes", Fraction(math.floor(nbytes)))
+
+
+def expert_bytes(bits, n_params) -> int:
+    """Bytes of the expert weights at these widths (scales counted): sum n * REAL_BPW[b] / 8."""
+    bits = np.asarray(bits)
+    n = np.broadcast_to(np.asarray(n_params, dtype=np.int64), bits.shape)
+    qbits = int((n * _QBITS[bits - 1]).sum())
+    return int(Fraction(qbits, 32))  # quarter bits -> bytes; whole for n a multiple of 128
+
+
+# ------------------------------------------------------------------------------------------------
+# the program
+
+@dataclass
+class Allocation:
+    bits: np.ndarray            # int [L, E], each in {1, 2, 3}
+    objective: float            # sum phi^alpha * w^beta * eps^gamma at the chosen widths
+    layer_objective: np.ndarray  # float [L], the same sum per layer
+    bpw: float                  # real bits per expert weight achieved (scales counted)
+    expert_bytes: int           # bytes of all expert weights achieved
+    scope: str                  # "layer" (the paper) or "model"
+    alpha: float
+    beta: float
+    gamma: float
+
+
+def importance(phi, w, alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA):
+    """Expert significance phi^alpha * w^beta (Sec. 3.2.1).
+
+    A never-routed expert (phi = 0 or w = 0) has importance 0: its cost is 0 at every width, so the
+    program gives it 1 bit unless a per-layer constraint needs it. numpy's 0**0 = 1, so alpha = 0
+    means "ignore phi" even for phi = 0 (no NaN: inputs are checked finite and >= 0)."""
+    return np.power(phi, alpha) * np.power(w, beta)
+
+
+def allocate(phi, w, eps, n_params, budget, scope="layer",
+             alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, gamma=DEFAULT_GAMMA) -> Allocation:
+    """Per-expert widths in {1, 2, 3} minimising the MC-MoE objective under a real-bit budget.
+
+    phi, w: [L, E]; eps: [L, E, 3] (widths 1, 2, 3); n_params: [L, E] or a scalar, multiples of 128;
+    budget: a Budget, a string for parse_budget, or a number (real bpw).
+    scope="layer": every layer's real bpw <= target (a byte budget becomes target = 8 * bytes / N);
+    scope="model": the total over all layers <= target. Raises InfeasibleBudget below the minimum.
+    """
+    phi, w, eps, n = _check_inputs(phi, w, eps, n_params, alpha, beta, gamma)
+    if scope not in ("layer", "model"):
+        raise ValueError(f"scope must be 'layer' or 'model', not {scope!r}")
+    budget = parse_budget(budget)
+    L, E = phi.shape
+
+    imp = importance(phi, w, alpha, beta)
+    # imp == 0 -> cost 0 whatever eps^gamma is (avoids 0 * inf)
+    cost = np.where(imp[..., None] > 0, imp[..., None] * np.power(eps, gamma), 0.0)
+    if not np.isfinite(cost).all():
+        raise ValueError("phi^alpha * w^beta * eps^gamma overflows; rescale eps")
+
+    # Everything as an exact target in real bpw over the expert weights.
+    N = int(n.sum())
+    target = budget.value if budget.unit == "bpw" else Fraction(8) * budget.value / N
+    programs = [[l] for l in range(L)] if scope == "layer" else [list(range(L))]
+    _check_feasible(n, programs, target, budget, scope)
+
+    bits = np.zeros((L, E), dtype=np.int64)
+    for layers in programs:
+        cap = math.floor(4 * target * int(n[layers].sum()))  # quarter bits, floor keeps "<=" exact
+        bits[layers] = _solve(cost[layers], n[layers], cap)
+
+    layer_obj = np.take_along_axis(cost, bits[..., None] - 1, axis=2)[..., 0].sum(axis=1)
+    nbytes = expert_bytes(bits, n)
+    return Allocation(bits=bits, objective=float(layer_obj.sum()), layer_objective=layer_obj,
+                      bpw=8 * nbytes / N, expert_bytes=nbytes, scope=scope,
+                      alpha=float(alpha), beta=float(beta), gamma=float(gamma))
+
+
+def _check_inputs(phi, w, eps, n_params, alpha, beta, gamma):
+    phi, w, eps = (np.asarray(a, dtype=np.float64) for a in (phi, w, eps))
+    if phi.ndim != 2 or w.shape != phi.shape or eps.shape != phi.shape + (3,):
+        raise ValueError(f"expected phi, w of shape [L, E] and eps of [L, E, 3]; got {phi.shape}, {w.shape}, {eps.shape}")
+    if phi.shape[1] < 2:
+        raise ValueError("need >= 2 experts per layer (one at 3 bits and one at 2 bits)")
+    for name, a in (("phi", phi), ("w", w), ("eps", eps)):
+        if not (np.isfinite(a).all() and (a >= 0).all()):
+            raise ValueError(f"{name} must be finite and >= 0")
+    for name, p in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        if not (math.isfinite(p) and p >= 0):
+            raise ValueError(f"{name} must be finite and >= 0 (a negative power of a 0 is inf), got {p}")
+    n = np.asarray(n_params)
+    if not np.issubdtype(n.dtype, np.integer):
+        raise ValueError("n_params must be integers")
+    n = np.broadcast_to(n.astype(np.int64), phi.shape).copy()
+    if (n <= 0).any() or (n % GROUP).any():
+        raise ValueError(f"n_params must be positive multiples of {GROUP} (the quantization group)")
+    return phi, w, eps, n
+
+
+def _min_qbits(n_layer):
+    """Fewest quarter bits for one layer: its smallest expert at 3 bits, the next at 2, the rest at 1."""
+    s = np.sort(n_layer)
+    return int(_QBITS[0] * s.sum() + (_QBITS[2] - _QBITS[0]) * s[0] + (_QBITS[1] - _QBITS[0]) * s[1])
+
+
+def _max_qbits(n_layer):
+    """Most quarter bits one layer can use: all at 3 bits but its smallest expert at 2 (>= 1 at 2 bits)."""
+    return int(_QBITS[2] * n_layer.sum() - (_QBITS[2] - _QBITS[1]) * n_layer.min())
+
+
+def _check_feasible(n, programs, target, budget, scope):
+    """Raise InfeasibleBudget, naming the useful range in the user's unit, if a program cannot be met."""
+    N = int(n.sum())
+
+    def bpw_over(layers, qbits_of):  # real bpw of one program at its extreme
+        return Fraction(sum(qbits_of(n[l]) for l in layers), 4 * int(n[layers].sum()))
+
+    # the smallest target every program can meet, and the target above which none can spend more
+    need = max(bpw_over(layers, _min_qbits) for layers in programs)
+    full = max(bpw_over(layers, _max_qbits) for layers in programs)
+    if target >= need:
+        return
+    why_lo = "one expert at 3 bits, one at 2, the rest at 1 in every layer, scales counted"
+    why_hi = ("every expert at 3 bits except the smallest of each layer at 2, as the constraint requires; "
+              "any larger budget is feasible, the surplus unused")
+    if budget.unit == "bpw":
+        # rounded outwards so that the printed numbers are themselves feasible / saturating
+        lo, hi, unit = math.ceil(need * 10**6) / 10**6, math.ceil(full * 10**6) / 10**6, "real bpw"
+        msg = (f"budget {float(budget.value):g} real bpw is infeasible (scope={scope}); the useful range is "
+               f"{lo:.10g} to {hi:.10g} real bpw: {lo:.10g} = {why_lo}; {hi:.10g} = {why_hi}")
+    else:
+        lo, hi, unit = math.ceil(need * N / 8), math.ceil(full * N / 8), "bytes"
+        msg = (f"budget {int(budget.value)} bytes is infeasible (scope={scope}); the useful range is "
+               f"{lo} to {hi} bytes ({lo / 1e9:.4g} to {hi / 1e9:.4g} GB): {lo} = {why_lo}; {hi} = {why_hi}")
+    raise InfeasibleBudget(msg, lo, hi, unit)
+
+
+def _solve(cost, n, cap):
+    """One program over layers cost[L', E, 3] with quarter-bit cap; returns bits [L', E]."""
+    L, E, _ = cost.shape
+    K = L * E * 3  # variable x[l, i, j] at index (l * E + i) * 3 + (j - 1)
+    one_hot = np.kron(np.eye(L * E), np.ones((1, 3)))
+    at = lambda j: np.kron(np.eye(L), np.kron(np.ones((1, E)), np.eye(3)[j - 1][None]))  # noqa: E731
+    qbits = (n[..., None] * _QBITS).reshape(-1)
+    g = math.gcd(*qbits.tolist())
+    size = (qbits // g).astype(np.float64)  # small integers when experts are equal: 5, 9, 13
+    cap_g = cap // g                       # exact: every feasible total is a multiple of g
+    # normalise the cost (max 1) so HiGHS's absolute tolerances mean the same at every scale
+    scale = cost.max() if cost.max() > 0 else 1.0
+    c = cost.reshape(-1) / scale
+    rows = [LinearConstraint(one_hot, 1, 1), LinearConstraint(at(3), 1, np.inf),
+            LinearConstraint(at(2), 1, np.inf), LinearConstraint(size[None], -np.inf, cap_g)]
+    opts = {"disp": False, "mip_rel_gap": 0.0}
+
+    def run(objective, constraints):
+        r = milp(objective, constraints=constraints, integrality=np.ones(K), bounds=Bounds(0, 1), options=opts)
+        if r.status != 0:
+            raise RuntimeError(f"HiGHS failed on a feasible program: {r.message}")
+        return np.round(r.x).astype(np.int64)
+
+    x = run(c, rows)
+    # second program: the fewest bytes among (numerically) optimal allocations
+    best = float(c @ x)
+    x2 = run(size, rows + [LinearConstraint(c[None], -np.inf, best + 1e-9)])
+    if c @ x2 <= best + 1e-6:
+        x = x2
+
+    xs = x.reshape(L, E, 3)
+    ok = ((xs.sum(2) == 1).all() and (xs[..., 2].sum(1) >= 1).all() and (xs[..., 1].sum(1) >= 1).all()
+          and int((x * qbits).sum()) <= cap)
+    if not ok:
+        raise RuntimeError("HiGHS returned an allocation that violates the constraints")
+    return xs.argmax(2) + 1
