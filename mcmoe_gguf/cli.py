@@ -47,6 +47,33 @@ def cmd_ppl(a) -> int:
     return 0
 
 
+def cmd_quantize(a) -> int:
+    from .pmq import PMQConfig, quantize
+    cfg = PMQConfig(budget=a.bits, scope=a.scope, strategy=a.strategy, method=a.method, alpha=a.alpha,
+                    beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
+                    act_order=a.act_order)
+    r = quantize(a.model_dir, a.output, cfg)
+    print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
+          f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")
+    return 0
+
+
+def cmd_ppl_torch(a) -> int:
+    from .evaluate import ppl_fake_quant
+    text = Path(a.text).read_text(encoding="utf-8") if a.text else None
+    r = ppl_fake_quant(a.outdir, text, ctx=a.ctx, max_chunks=a.max_chunks)
+    print(f"perplexity {r['ppl']:.4f} over {r['tokens']} tokens (ctx {r['ctx']}, torch fake-quant of {a.outdir})")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .report import describe, heatmap
+    print(describe(a.outdir))
+    png = heatmap(a.outdir, Path(a.png) if a.png else Path(a.outdir) / "bits_heatmap.png")
+    print(f"heatmap: {png}")
+    return 0
+
+
 def cmd_runtime(a) -> int:
     from .runtime import check_runtime, tools_dir
     info = check_runtime()
@@ -100,6 +127,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-chunks", type=int, default=None, help="score only the first N chunks")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=cmd_ppl)
+
+    from .allocate import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_GAMMA
+    s = sub.add_parser("quantize", help="PMQ: calibrate, allocate 1/2/3 bits per expert, GPTQ (resumable)",
+                       description="Writes a resumable work directory: a killed run continues after its last "
+                       "finished layer with identical results.")
+    s.add_argument("model_dir")
+    s.add_argument("-o", "--output", required=True, help="work directory for the quantized state")
+    s.add_argument("--bits", default="2.5", help="budget: real expert bpw (scales counted, e.g. 2.5) or expert "
+                   "bytes (e.g. 13GB = 13e9, 12GiB); default 2.5")
+    s.add_argument("--scope", choices=["layer", "model"], default="layer",
+                   help="one integer program per layer (paper) or one for the whole model")
+    s.add_argument("--strategy", default="pmq", help="pmq | uniform:B | random:SEED | frequency | weight | eps")
+    s.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    s.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"exponent of phi (default {DEFAULT_ALPHA})")
+    s.add_argument("--beta", type=float, default=DEFAULT_BETA, help=f"exponent of w (default {DEFAULT_BETA})")
+    s.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help=f"exponent of eps (default {DEFAULT_GAMMA})")
+    s.add_argument("--n-seq", type=int, default=128, help="calibration sequences (default 128)")
+    s.add_argument("--seq-len", type=int, default=2048, help="calibration sequence length (default 2048)")
+    s.add_argument("--calib-text", help="calibration text (default MODEL_DIR/calib.txt)")
+    s.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    s.set_defaults(fn=cmd_quantize)
+
+    s = sub.add_parser("ppl-torch", help="held-out perplexity of a quantized work directory (torch fake-quant)")
+    s.add_argument("outdir")
+    s.add_argument("--text", help="text to score (default MODEL_DIR/eval.txt)")
+    s.add_argument("--ctx", type=int, default=256)
+    s.add_argument("--max-chunks", type=int, default=None)
+    s.set_defaults(fn=cmd_ppl_torch)
+
+    s = sub.add_parser("inspect", help="allocation table and heatmap of a quantized work directory")
+    s.add_argument("outdir")
+    s.add_argument("--png", help="heatmap path (default OUTDIR/bits_heatmap.png)")
+    s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("runtime", help="check that the patched runtime is installed and current")
     s.set_defaults(fn=cmd_runtime)

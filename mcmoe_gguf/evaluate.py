@@ -66,3 +66,43 @@ def ppl_torch(model_dir: str | Path, text: str, ctx: int = 256, max_chunks: int 
                                                      reduction="sum").item()
             count += x[:, 1:].numel()
     return {"ppl": math.exp(nll / count), "tokens": count, "ctx": ctx}
+
+
+def fake_quant_model(outdir: str | Path):
+    """The compact torch model of a PMQ work directory: original weights, quantized tensors replaced by
+    their dequantized stored bytes (what llama.cpp will compute with, up to float rounding)."""
+    import json
+
+    from .arch import mixtral as mx
+    from .checkpoint import Checkpoint
+    from .pmq import dequantized_state
+    manifest = json.loads((Path(outdir) / "manifest.json").read_text())
+    ck = Checkpoint(manifest["model_dir"])
+    model = mx.CompactMixtral(ck.hp)
+    sd = {k: ck.get(v).float() for k, v in mx.GLOBAL_KEYS.items() if ck.has(v)}
+    model.model.embed_tokens.weight.data.copy_(sd["embed"])
+    model.model.norm.weight.data.copy_(sd["norm"])
+    model.lm_head.weight.data.copy_(sd.get("lm_head", sd["embed"]))
+    quantized = dequantized_state(outdir)
+    for i in range(ck.hp.num_hidden_layers):
+        layer = mx.decoder_layer_from(ck, i)
+        prefix = f"model.layers.{i}."
+        own = layer.state_dict()
+        for name in own:
+            if prefix + name in quantized:
+                own[name] = quantized[prefix + name]
+        layer.load_state_dict(own)
+        model.model.layers[i] = layer
+    return model.eval(), ck
+
+
+def ppl_fake_quant(outdir: str | Path, text: str | None = None, ctx: int = 256, max_chunks: int | None = None) -> dict:
+    import torch
+    from tokenizers import Tokenizer
+
+    from .tiny import eval_ppl
+    model, ck = fake_quant_model(outdir)
+    text = text if text is not None else (ck.dir / "eval.txt").read_text(encoding="utf-8")
+    ids = Tokenizer.from_file(str(ck.dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    n = len(chunked(ids, ctx, max_chunks)) * ctx
+    return {"ppl": eval_ppl(model, torch.tensor(ids[:n]), ctx), "tokens": n // ctx * (ctx - 1), "ctx": ctx}

@@ -252,3 +252,20 @@ class CompactMixtral(nn.Module):
             aux_total = aux_total + aux
             counts.append(c)
         return self.lm_head(self.model.norm(x)), aux_total / len(self.model.layers), torch.stack(counts)
+
+
+# --------------------------------------------------------------------- one layer from a checkpoint
+def decoder_layer_from(ck, i: int, dtype=torch.float32) -> DecoderLayer:
+    """Decoder layer i of a Checkpoint as a compact torch module (the only layer in memory)."""
+    layer = DecoderLayer(ck.hp)
+    k = attn_keys(i)
+    sd = {"input_layernorm.weight": ck.get(k["attn_norm"]), "post_attention_layernorm.weight": ck.get(k["ffn_norm"]),
+          "self_attn.q_proj.weight": ck.get(k["q"]), "self_attn.k_proj.weight": ck.get(k["k"]),
+          "self_attn.v_proj.weight": ck.get(k["v"]), "self_attn.o_proj.weight": ck.get(k["o"]),
+          "block_sparse_moe.gate.weight": ck.router(i)}
+    for proj in ("w1", "w2", "w3"):
+        stacked = ck.experts(i, proj)
+        for e in range(ck.hp.num_local_experts):
+            sd[f"block_sparse_moe.experts.{e}.{proj}.weight"] = stacked[e]
+    layer.load_state_dict({n: t.to(dtype) for n, t in sd.items()})
+    return layer.eval()

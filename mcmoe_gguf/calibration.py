@@ -1,0 +1,90 @@
+"""Calibration: token batches from a text corpus, and per-MoE-layer statistics on the layer's real inputs.
+
+For MoE layer l and expert i (paper section 3.2):
+  phi_i   access frequency: share of the layer's routed (token, slot) pairs that go to expert i;
+  w_i     mean routing weight of expert i over the tokens routed to it (top-k weights after the router's
+          renormalisation, as the model uses them);
+  eps_ij  ||MoE(x) - MoE_i->j(x)||_F over the calibration tokens when only expert i is quantized to j bits
+          (round-to-nearest on our stored grid by default; only tokens routed to i change, each by its
+          routing weight times the expert's output change);
+  mu_l    ODP threshold: median over tokens of w_second / w_first.
+An expert that receives no token has phi = w = eps = 0: the allocation sees zero importance and gives it
+the cheapest width (nothing measured says more bits would help it).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import formats
+from .arch.mixtral import SparseMoeBlock, route
+
+BITS = (1, 2, 3)
+
+
+def calibration_tokens(tokenizer_json: str, text: str, n_seq: int, seq_len: int) -> torch.Tensor:
+    """[n, seq_len] token windows, non-overlapping and spread evenly over the text (deterministic)."""
+    from tokenizers import Tokenizer
+    ids = Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids
+    n_avail = len(ids) // seq_len
+    if n_avail == 0:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    n = min(n_seq, n_avail)
+    starts = np.linspace(0, (n_avail - 1) * seq_len, n).astype(int) // seq_len * seq_len
+    return torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.long)
+
+
+def rtn_dequant(W: torch.Tensor, bits: int, method: str = "mse") -> torch.Tensor:
+    scale, mn = formats.fit_params(W, bits, method=method)
+    return formats.dequantize_codes(formats.quantize_codes(W, scale, mn, bits), scale, mn)
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    counts: list[int]          # routed (token, slot) pairs per expert
+    phi: list[float]
+    w: list[float]
+    eps: list[list[float]]     # [expert][bits-1]
+    mu: float
+    n_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expert_forward(w1, w2, w3, x):
+    return torch.nn.functional.linear(torch.nn.functional.silu(x @ w1.t()) * (x @ w3.t()), w2)
+
+
+@torch.no_grad()
+def moe_stats(layer_idx: int, moe: SparseMoeBlock, x: torch.Tensor,
+              quantize: Callable[[torch.Tensor, int], torch.Tensor] = rtn_dequant) -> LayerStats:
+    """Statistics of one MoE block on its real inputs x [tokens, d]."""
+    hp = moe.hp
+    _, wts, ids = route(moe.gate(x), hp.num_experts_per_tok)
+    counts = torch.bincount(ids.reshape(-1), minlength=hp.num_local_experts)
+    total = ids.numel()
+    phi, w_mean, eps = [], [], []
+    for e in range(hp.num_local_experts):
+        tok, slot = torch.where(ids == e)
+        phi.append(counts[e].item() / total)
+        if len(tok) == 0:
+            w_mean.append(0.0)
+            eps.append([0.0] * len(BITS))
+            continue
+        g = wts[tok, slot].to(x.dtype)[:, None]
+        w_mean.append(g.mean().item())
+        ex = moe.experts[e]
+        xe = x[tok]
+        ref = expert_forward(ex.w1.weight, ex.w2.weight, ex.w3.weight, xe)
+        row = []
+        for b in BITS:
+            q = expert_forward(quantize(ex.w1.weight, b), quantize(ex.w2.weight, b), quantize(ex.w3.weight, b), xe)
+            row.append(torch.linalg.norm(g * (ref - q)).item())
+        eps.append(row)
+    ratio = (wts[:, 1] / wts[:, 0]) if hp.num_experts_per_tok >= 2 else torch.zeros(1)
+    return LayerStats(layer_idx, counts.tolist(), phi, w_mean, eps, float(ratio.median().item()), x.shape[0])

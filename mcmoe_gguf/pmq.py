@@ -1,0 +1,339 @@
+"""PMQ (paper section 3.2): calibrate, allocate 1/2/3 bits per expert, GPTQ every expert at its width.
+
+`quantize(model_dir, outdir, cfg)` streams the checkpoint one decoder layer at a time and writes a
+resumable work directory:
+
+    OUTDIR/manifest.json        settings + source; a resumed run must use the same ones
+    OUTDIR/stats/layer_XX.json  calibration statistics of layer XX (phi, w, eps, mu)
+    OUTDIR/layers/layer_XX.pt   quantized tensors of layer XX (packed bytes as stored in GGUF, + bits)
+    OUTDIR/state/h_XX.pt        hidden states entering layer XX (outputs of the quantized layer XX-1)
+    OUTDIR/allocation.json      bits [layer][expert] and the real-byte accounting (written at the end)
+
+Sequential, as GPTQ is: layer l is calibrated and quantized on the outputs of the already quantized
+layers before it, so each layer compensates the error upstream. With scope="model" the integer program
+needs every layer's statistics before the first layer is quantized, so a first streamed pass computes
+them on the unquantized model (documented deviation; scope="layer" is the paper's sequential setting).
+Each file is written atomically; a killed run resumes after the last finished layer and, computation
+being deterministic, produces identical files.
+
+Widths outside the experts: attention projections are GPTQ'd to 4 bits on the same grid (mcq4,
+4.25 real bpw: the same kernels as the expert types and ~0.07 real bpw of Mixtral's total, where a
+stock Q8_0 would cost twice the bytes for a loss nobody could measure at 2.5-bit experts); the router
+and norms stay F32 (8 x 4096 values per layer that decide routing); embeddings and output stay F16
+(what the GGUF export writes; a later issue adds the usual k-quant mixes for them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import allocate, formats
+from .arch import mixtral as mx
+from .calibration import LayerStats, calibration_tokens, expert_forward, moe_stats
+from .checkpoint import Checkpoint
+from .gptq import GPTQ, rtn
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class PMQConfig:
+    budget: str = "2.5"                 # real expert bpw ("2.5") or expert bytes ("13GB")
+    scope: str = "layer"                # "layer" (paper) or "model" (one program for all layers)
+    strategy: str = "pmq"               # pmq | uniform:<bits> | random:<seed> | frequency | weight | eps
+    alpha: float = allocate.DEFAULT_ALPHA
+    beta: float = allocate.DEFAULT_BETA
+    gamma: float = allocate.DEFAULT_GAMMA
+    method: str = "gptq"                # gptq | rtn
+    attn_bits: int = 4
+    n_seq: int = 128
+    seq_len: int = 2048
+    calib_text: str | None = None       # default: MODEL_DIR/calib.txt
+    act_order: bool = False
+    percdamp: float = 0.01
+    param_method: str = "mse"
+    extra: dict = field(default_factory=dict)
+
+
+class WorkdirMismatch(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ I/O
+def _atomic_save(obj, path: Path, as_json: bool = False) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if as_json:
+        tmp.write_text(json.dumps(obj, indent=1))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _packed(res, bits: int) -> dict:
+    return {"bits": bits, "shape": list(res.codes.shape),
+            "data": torch.from_numpy(formats.pack(res.codes, res.scale, res.mn, bits))}
+
+
+def dequantize_entry(entry: dict) -> torch.Tensor:
+    out, n = entry["shape"]
+    return torch.from_numpy(formats.dequantize(entry["data"].numpy(), entry["bits"], n)).reshape(out, n)
+
+
+# ------------------------------------------------------------------------------------- allocation
+def _synthetic_eps(stats: list[LayerStats]) -> np.ndarray:
+    # frequency-/weight-only baselines: every expert's error falls the same way with bits (RTN error ~ 2^-b)
+    return np.broadcast_to(np.array([2.0 ** -b for b in (1, 2, 3)]), (len(stats), len(stats[0].phi), 3)).copy()
+
+
+def choose_bits(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig) -> allocate.Allocation | np.ndarray:
+    phi = np.array([s.phi for s in stats])
+    w = np.array([s.w for s in stats])
+    eps = np.array([s.eps for s in stats])
+    kind, _, arg = cfg.strategy.partition(":")
+    if kind == "uniform":
+        return np.full(phi.shape, int(arg), dtype=int)
+    if kind == "pmq":
+        return allocate.allocate(phi, w, eps, n_params, cfg.budget, scope=cfg.scope,
+                                 alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
+    if kind == "frequency":
+        return allocate.allocate(phi, w, _synthetic_eps(stats), n_params, cfg.budget, cfg.scope, 1.0, 0.0, 1.0)
+    if kind == "weight":
+        return allocate.allocate(phi, w, _synthetic_eps(stats), n_params, cfg.budget, cfg.scope, 0.0, 1.0, 1.0)
+    if kind == "eps":
+        return allocate.allocate(phi, w, eps, n_params, cfg.budget, cfg.scope, 0.0, 0.0, cfg.gamma)
+    if kind == "random":
+        # the same widths PMQ would use (so exactly the same bytes), shuffled among each layer's experts
+        base = allocate.allocate(phi, w, eps, n_params, cfg.budget, scope=cfg.scope).bits.copy()
+        rng = random.Random(int(arg or 0))
+        for row in base:
+            vals = row.tolist()
+            rng.shuffle(vals)
+            row[:] = vals
+        return base
+    raise ValueError(f"unknown allocation strategy {cfg.strategy!r}")
+
+
+def _bits_of(choice) -> np.ndarray:
+    return choice.bits if isinstance(choice, allocate.Allocation) else choice
+
+
+# ------------------------------------------------------------------------------------- the layers
+@torch.no_grad()
+def _attention_inputs(layer: mx.DecoderLayer, h: torch.Tensor, cos, sin, chunk: int):
+    """Inputs of q/k/v (normed h) and of o_proj (attention output), over the calibration batch."""
+    captured = []
+    hook = layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+    try:
+        xa = []
+        for s in range(0, h.shape[0], chunk):
+            x = layer.input_layernorm(h[s:s + chunk])
+            xa.append(x)
+            layer.self_attn(x, cos, sin)
+    finally:
+        hook.remove()
+    return torch.cat(xa), torch.cat(captured)
+
+
+def _gptq_or_rtn(H: GPTQ | None, W, bits, cfg: PMQConfig):
+    if cfg.method == "rtn" or H is None:
+        return rtn(W, bits, cfg.param_method)
+    return H.quantize(W, bits, percdamp=cfg.percdamp, act_order=cfg.act_order, param_method=cfg.param_method)
+
+
+@torch.no_grad()
+def quantize_attention(layer: mx.DecoderLayer, h, cos, sin, cfg: PMQConfig, chunk: int) -> dict:
+    att = layer.self_attn
+    xa, _ = _attention_inputs(layer, h, cos, sin, chunk)
+    H = GPTQ(xa.shape[-1])
+    H.add_batch(xa)
+    out = {}
+    for name in ("q_proj", "k_proj", "v_proj"):
+        lin = getattr(att, name)
+        res = _gptq_or_rtn(H, lin.weight, cfg.attn_bits, cfg)
+        lin.weight.copy_(res.dequantized)
+        out[name] = _packed(res, cfg.attn_bits)
+    _, xo = _attention_inputs(layer, h, cos, sin, chunk)    # o_proj sees the quantized q/k/v's output
+    Ho = GPTQ(xo.shape[-1])
+    Ho.add_batch(xo)
+    res = _gptq_or_rtn(Ho, att.o_proj.weight, cfg.attn_bits, cfg)
+    att.o_proj.weight.copy_(res.dequantized)
+    out["o_proj"] = _packed(res, cfg.attn_bits)
+    return out
+
+
+@torch.no_grad()
+def moe_input(layer: mx.DecoderLayer, h, cos, sin, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mids = [h[s:s + chunk] + layer.self_attn(layer.input_layernorm(h[s:s + chunk]), cos, sin)
+            for s in range(0, h.shape[0], chunk)]
+    h_mid = torch.cat(mids)
+    return h_mid, layer.post_attention_layernorm(h_mid).reshape(-1, h.shape[-1])
+
+
+@torch.no_grad()
+def quantize_experts(moe: mx.SparseMoeBlock, x: torch.Tensor, bits: np.ndarray, cfg: PMQConfig, desc: str) -> dict:
+    """GPTQ each expert at its width on the tokens routed to it; w2's Hessian from the quantized w1/w3."""
+    _, _, ids = mx.route(moe.gate(x), moe.hp.num_experts_per_tok)
+    out = {}
+    for e in tqdm(range(moe.hp.num_local_experts), desc=desc, unit="expert", leave=False):
+        ex, b = moe.experts[e], int(bits[e])
+        tok = torch.where((ids == e).any(-1))[0]
+        xe = x[tok]
+        H = GPTQ(x.shape[-1])
+        H.add_batch(xe)
+        for name in ("w1", "w3"):
+            res = _gptq_or_rtn(H, getattr(ex, name).weight, b, cfg)
+            getattr(ex, name).weight.copy_(res.dequantized)
+            out[name + f".{e}"] = _packed(res, b)
+        inner = torch.nn.functional.silu(xe @ ex.w1.weight.t()) * (xe @ ex.w3.weight.t())
+        H2 = GPTQ(inner.shape[-1])
+        H2.add_batch(inner)
+        res = _gptq_or_rtn(H2, ex.w2.weight, b, cfg)
+        ex.w2.weight.copy_(res.dequantized)
+        out[f"w2.{e}"] = _packed(res, b)
+    return out
+
+
+@torch.no_grad()
+def layer_forward(layer: mx.DecoderLayer, h, cos, sin, chunk: int) -> torch.Tensor:
+    return torch.cat([layer(h[s:s + chunk], cos, sin)[0] for s in range(0, h.shape[0], chunk)])
+
+
+# ------------------------------------------------------------------------------------- the driver
+def _manifest(model_dir: Path, cfg: PMQConfig) -> dict:
+    return {"model_dir": str(Path(model_dir).resolve()), "config": asdict(cfg), "format": 1}
+
+
+def _open_workdir(outdir: Path, manifest: dict) -> None:
+    for sub in ("stats", "layers", "state"):
+        (outdir / sub).mkdir(parents=True, exist_ok=True)
+    mpath = outdir / "manifest.json"
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        if old != manifest:
+            raise WorkdirMismatch(f"{outdir} holds a run with other settings or another model; "
+                                  "use a new output directory (or delete this one)")
+    else:
+        _atomic_save(manifest, mpath, as_json=True)
+
+
+def _stats_pass(ck: Checkpoint, tokens, cfg, outdir: Path, cos, sin, chunk) -> list[LayerStats]:
+    """scope='model': statistics of every layer on the unquantized model (resumable per layer)."""
+    hp = ck.hp
+    h = None
+    stats = []
+    for l in tqdm(range(hp.num_hidden_layers), desc="calibrate (fp)", unit="layer"):
+        path = outdir / "stats" / f"fp_layer_{l:02d}.json"
+        if path.exists() and l < hp.num_hidden_layers - 1 and (outdir / "state" / f"fp_h_{l + 1:02d}.pt").exists():
+            stats.append(LayerStats(**json.loads(path.read_text())))
+            h = None
+            continue
+        if h is None:
+            h = _embed(ck, tokens) if l == 0 else torch.load(outdir / "state" / f"fp_h_{l:02d}.pt")
+        layer = mx.decoder_layer_from(ck, l)
+        _, x = moe_input(layer, h, cos, sin, chunk)
+        s = moe_stats(l, layer.block_sparse_moe, x)
+        _atomic_save(s.to_dict(), path, as_json=True)
+        stats.append(s)
+        if l < hp.num_hidden_layers - 1:
+            h = layer_forward(layer, h, cos, sin, chunk)
+            _atomic_save(h, outdir / "state" / f"fp_h_{l + 1:02d}.pt")
+            prev = outdir / "state" / f"fp_h_{l:02d}.pt"
+            if prev.exists():
+                prev.unlink()
+    return stats
+
+
+def _embed(ck: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.embedding(tokens, ck.get(mx.GLOBAL_KEYS["embed"]).float())
+
+
+def expert_params(hp: mx.MixtralHParams) -> np.ndarray:
+    return np.full((hp.num_hidden_layers, hp.num_local_experts), 3 * hp.hidden_size * hp.intermediate_size)
+
+
+def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress: bool = True) -> dict:
+    ck = Checkpoint(model_dir)
+    hp = ck.hp
+    outdir = Path(outdir)
+    _open_workdir(outdir, _manifest(model_dir, cfg))
+    text_path = Path(cfg.calib_text) if cfg.calib_text else Path(model_dir) / "calib.txt"
+    if not text_path.exists():
+        raise FileNotFoundError(f"{text_path}: calibration text not found (pass --calib-text)")
+    tokens = calibration_tokens(Path(model_dir) / "tokenizer.json", text_path.read_text(encoding="utf-8"),
+                                cfg.n_seq, cfg.seq_len)
+    cos, sin = mx.rope_tables(hp, tokens.shape[1])
+    chunk = max(1, 16384 // tokens.shape[1])
+    n_params = expert_params(hp)
+    L = hp.num_hidden_layers
+
+    global_bits = None
+    if cfg.scope == "model" and not cfg.strategy.startswith("uniform"):
+        global_bits = _bits_of(choose_bits(_stats_pass(ck, tokens, cfg, outdir, cos, sin, chunk), n_params, cfg))
+
+    start = 0
+    while start < L and (outdir / "layers" / f"layer_{start:02d}.pt").exists() and \
+            (start == L - 1 or (outdir / "state" / f"h_{start + 1:02d}.pt").exists()):
+        start += 1
+    h = _embed(ck, tokens) if start == 0 else (torch.load(outdir / "state" / f"h_{start:02d}.pt") if start < L else None)
+    for l in tqdm(range(start, L), desc="PMQ", unit="layer", initial=start, total=L, disable=not progress):
+        layer = mx.decoder_layer_from(ck, l)
+        tensors = {f"self_attn.{k}": v for k, v in quantize_attention(layer, h, cos, sin, cfg, chunk).items()}
+        _, x = moe_input(layer, h, cos, sin, chunk)
+        s = moe_stats(l, layer.block_sparse_moe, x)
+        _atomic_save(s.to_dict(), outdir / "stats" / f"layer_{l:02d}.json", as_json=True)
+        bits = global_bits[l] if global_bits is not None else _bits_of(choose_bits([s], n_params[l:l + 1], cfg))[0]
+        for k, v in quantize_experts(layer.block_sparse_moe, x, bits, cfg, f"layer {l} experts").items():
+            proj, e = k.split(".")
+            tensors[f"block_sparse_moe.experts.{e}.{proj}"] = v
+        _atomic_save({"layer": l, "bits": [int(b) for b in bits], "tensors": tensors},
+                     outdir / "layers" / f"layer_{l:02d}.pt")
+        if l < L - 1:
+            h = layer_forward(layer, h, cos, sin, chunk)
+            _atomic_save(h, outdir / "state" / f"h_{l + 1:02d}.pt")
+        prev = outdir / "state" / f"h_{l:02d}.pt"
+        if prev.exists():
+            prev.unlink()
+    return finish(outdir, ck)
+
+
+def finish(outdir: Path, ck: Checkpoint) -> dict:
+    hp = ck.hp
+    bits = np.array([torch.load(outdir / "layers" / f"layer_{l:02d}.pt")["bits"] for l in range(hp.num_hidden_layers)])
+    stats = [json.loads((outdir / "stats" / f"layer_{l:02d}.json").read_text()) for l in range(hp.num_hidden_layers)]
+    report = {"bits": bits.tolist(), "mu": [s["mu"] for s in stats], **size_report(ck, bits)}
+    _atomic_save(report, outdir / "allocation.json", as_json=True)
+    return report
+
+
+def size_report(ck: Checkpoint, bits: np.ndarray, attn_bits: int = 4) -> dict:
+    """Real bytes of the file this quantized state becomes (scales counted), experts and whole model."""
+    hp = ck.hp
+    n_exp = expert_params(hp)
+    exp_bytes = int(sum(int(n) * formats.block_bytes(int(b)) // formats.GROUP_SIZE
+                        for n, b in zip(n_exp.ravel(), bits.ravel())))
+    d, dh = hp.hidden_size, hp.d_head
+    attn_params = hp.num_hidden_layers * d * dh * (2 * hp.num_attention_heads + 2 * hp.num_key_value_heads)
+    attn_bytes = attn_params * formats.block_bytes(attn_bits) // formats.GROUP_SIZE
+    f32_params = hp.num_hidden_layers * (hp.num_local_experts * d + 2 * d) + d      # router + norms
+    f16_params = hp.vocab_size * d * (1 if hp.tie_word_embeddings else 2)
+    total_bytes = exp_bytes + attn_bytes + 4 * f32_params + 2 * f16_params
+    total_params = int(n_exp.sum()) + attn_params + f32_params + f16_params
+    return {"expert_bytes": exp_bytes, "expert_bpw": 8 * exp_bytes / int(n_exp.sum()),
+            "total_bytes": total_bytes, "total_bpw": 8 * total_bytes / total_params}
+
+
+def dequantized_state(outdir: Path) -> dict[str, torch.Tensor]:
+    """HF-key state dict of every quantized tensor, dequantized (torch fake-quant of the stored bytes)."""
+    sd = {}
+    for f in sorted((Path(outdir) / "layers").glob("layer_*.pt")):
+        d = torch.load(f)
+        for name, entry in d["tensors"].items():
+            sd[f"model.layers.{d['layer']}.{name}.weight"] = dequantize_entry(entry)
+    return sd

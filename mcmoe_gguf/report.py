@@ -1,0 +1,58 @@
+"""`mcmoe-gguf inspect OUTDIR`: the allocation at a glance (table + heatmap like the paper's Fig. 10)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def load_workdir(outdir: Path) -> tuple[dict, list[dict], dict]:
+    outdir = Path(outdir)
+    alloc_path = outdir / "allocation.json"
+    if not alloc_path.exists():
+        raise FileNotFoundError(f"{outdir}: no allocation.json (run `mcmoe-gguf quantize` to completion first)")
+    alloc = json.loads(alloc_path.read_text())
+    stats = [json.loads(p.read_text()) for p in sorted((outdir / "stats").glob("layer_*.json"))]
+    return alloc, stats, json.loads((outdir / "manifest.json").read_text())
+
+
+def describe(outdir: Path) -> str:
+    alloc, stats, manifest = load_workdir(outdir)
+    cfg = manifest["config"]
+    bits = np.array(alloc["bits"])
+    lines = [f"{outdir}: PMQ of {manifest['model_dir']}",
+             f"  budget {cfg['budget']} ({cfg['scope']} scope, strategy {cfg['strategy']}, {cfg['method']}), "
+             f"alpha={cfg['alpha']} beta={cfg['beta']} gamma={cfg['gamma']}",
+             f"  experts: {alloc['expert_bytes']:,} bytes = {alloc['expert_bpw']:.4f} real bpw; "
+             f"whole model: {alloc['total_bytes']:,} bytes = {alloc['total_bpw']:.4f} real bpw",
+             f"  bits per expert (rows: layers; columns: experts); share of 1/2/3-bit experts: "
+             + " / ".join(f"{(bits == b).mean():.0%}" for b in (1, 2, 3)),
+             "  layer | " + " ".join(f"e{e:<2d}" for e in range(bits.shape[1])) + " |   mu   | phi min..max   | eps(2b) min..max"]
+    for l, row in enumerate(bits):
+        s = stats[l]
+        eps2 = [e[1] for e in s["eps"]]
+        lines.append(f"  {l:5d} | " + " ".join(f"{b:<3d}" for b in row) +
+                     f" | {alloc['mu'][l]:.3f} | {min(s['phi']):.3f}..{max(s['phi']):.3f} | "
+                     f"{min(eps2):.3g}..{max(eps2):.3g}")
+    return "\n".join(lines)
+
+
+def heatmap(outdir: Path, png: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    alloc, _, manifest = load_workdir(outdir)
+    bits = np.array(alloc["bits"])
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * bits.shape[1], 1 + 0.35 * bits.shape[0]))
+    im = ax.imshow(bits, cmap=plt.get_cmap("viridis", 3), vmin=0.5, vmax=3.5, aspect="auto")
+    for (l, e), b in np.ndenumerate(bits):
+        ax.text(e, l, str(b), ha="center", va="center", color="white" if b == 1 else "black", fontsize=8)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(f"PMQ bits, {alloc['expert_bpw']:.3f} real expert bpw ({manifest['config']['scope']} scope)")
+    fig.colorbar(im, ticks=[1, 2, 3], label="bits")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png

@@ -1,0 +1,154 @@
+"""PMQ: calibration statistics against a hand computation, the resumable pipeline, the stored state."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import random_state, save_checkpoint, small_config
+from mcmoe_gguf import allocate, calibration, formats, pmq
+from mcmoe_gguf.arch import mixtral as mx
+
+
+def test_allocation_bytes_table_matches_formats():
+    assert allocate.REAL_BPW == {b: formats.bpw(b) for b in (1, 2, 3)}
+
+
+def _toy_moe(seed=0):
+    hp = mx.MixtralHParams(vocab_size=16, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(seed)
+    moe = mx.SparseMoeBlock(hp)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    with torch.no_grad():
+        moe.gate.weight[3] = -10.0 * moe.gate.weight[3].sign()   # expert 3: pushed away from most tokens
+    return moe
+
+
+def test_layer_stats_equal_a_hand_computation():
+    moe = _toy_moe()
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(1))
+    s = calibration.moe_stats(0, moe, x)
+    E = 4
+    counts = [0] * E
+    wsum = [0.0] * E
+    err = np.zeros((E, 3))
+    ratios = []
+    for t in range(x.shape[0]):                       # token by token, expert by expert
+        p = torch.softmax(moe.gate.weight @ x[t], -1)
+        top = torch.topk(p, 2)
+        w = top.values / top.values.sum()
+        ratios.append((w[1] / w[0]).item())
+        for slot in range(2):
+            e = top.indices[slot].item()
+            counts[e] += 1
+            wsum[e] += w[slot].item()
+            ex = moe.experts[e]
+            y = ex(x[t])
+            for j, b in enumerate((1, 2, 3)):
+                q = [calibration.rtn_dequant(getattr(ex, n).weight, b) for n in ("w1", "w2", "w3")]
+                yq = q[1] @ (torch.nn.functional.silu(q[0] @ x[t]) * (q[2] @ x[t]))
+                err[e, j] += (w[slot] * (y - yq)).pow(2).sum().item()
+    assert s.counts == counts and sum(counts) == 80
+    np.testing.assert_allclose(s.phi, np.array(counts) / 80)
+    np.testing.assert_allclose(s.w, [wsum[e] / counts[e] if counts[e] else 0.0 for e in range(E)], rtol=1e-5)
+    np.testing.assert_allclose(s.eps, np.sqrt(err), rtol=1e-4)
+    assert s.mu == pytest.approx(float(torch.tensor(ratios).median()))
+    assert all(e[0] >= e[1] >= e[2] for e in np.asarray(s.eps)[np.array(counts) > 0])
+
+
+def test_never_routed_expert_gives_zero_stats_not_nan():
+    moe = _toy_moe()
+    x = torch.randn(30, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        moe.gate.weight[3] = -1e3 * (x.mean(0) / x.mean(0).norm())   # far below every other logit
+    s = calibration.moe_stats(0, moe, x)
+    assert s.counts[3] == 0 and s.phi[3] == 0 and s.w[3] == 0 and s.eps[3] == [0.0, 0.0, 0.0]
+    assert np.isfinite(np.asarray(s.eps)).all()
+
+
+@pytest.fixture(scope="module")
+def micro_checkpoint(tmp_path_factory, small_tokenizer_dir):
+    from mcmoe_gguf.tiny import PRESETS, corpus_splits
+    cfg = small_config(n_layers=2, hidden=256, ff=256, vocab=512)
+    d = save_checkpoint(tmp_path_factory.mktemp("pmq") / "m", cfg, random_state(cfg, seed=3, dtype=torch.float32),
+                        small_tokenizer_dir)
+    (d / "calib.txt").write_text(corpus_splits(PRESETS["default"])["calib"][:30_000])
+    return d
+
+
+CFG = dict(budget="2.25", n_seq=8, seq_len=64)
+
+
+def _layer_files(outdir):
+    return {p.name: torch.load(p) for p in sorted((outdir / "layers").glob("*.pt"))}
+
+
+def _assert_same_state(a, b):
+    fa, fb = _layer_files(a), _layer_files(b)
+    assert fa.keys() == fb.keys() and len(fa) == 2
+    for k in fa:
+        assert fa[k]["bits"] == fb[k]["bits"]
+        assert fa[k]["tensors"].keys() == fb[k]["tensors"].keys()
+        for name, ea in fa[k]["tensors"].items():
+            assert torch.equal(ea["data"], fb[k]["tensors"][name]["data"]), name
+    assert json.loads((a / "allocation.json").read_text()) == json.loads((b / "allocation.json").read_text())
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_resume_after_crash_gives_identical_state(micro_checkpoint, tmp_path, monkeypatch, scope):
+    cfg = pmq.PMQConfig(scope=scope, **CFG)
+    pmq.quantize(micro_checkpoint, tmp_path / "straight", cfg, progress=False)
+
+    real = pmq.quantize_experts
+    calls = []
+
+    def crash_on_second_layer(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pmq, "quantize_experts", crash_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        pmq.quantize(micro_checkpoint, tmp_path / "crashed", cfg, progress=False)
+    assert (tmp_path / "crashed" / "layers" / "layer_00.pt").exists()
+    assert not (tmp_path / "crashed" / "layers" / "layer_01.pt").exists()
+    monkeypatch.setattr(pmq, "quantize_experts", real)
+    pmq.quantize(micro_checkpoint, tmp_path / "crashed", cfg, progress=False)
+    _assert_same_state(tmp_path / "straight", tmp_path / "crashed")
+
+
+def test_stored_state_meets_budget_and_constraints(micro_checkpoint, tmp_path):
+    r = pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
+    bits = np.array(r["bits"])
+    assert ((bits == 3).sum(1) >= 1).all() and ((bits == 2).sum(1) >= 1).all()
+    # bytes recomputed from the stored blobs themselves
+    stored = sum(e["data"].numel() for f in _layer_files(tmp_path / "q").values()
+                 for n, e in f["tensors"].items() if "experts" in n)
+    assert stored == r["expert_bytes"] and 8 * stored / (2 * 8 * 3 * 256 * 256) <= 2.25
+    # every stored tensor decodes to its declared width's grid
+    for f in _layer_files(tmp_path / "q").values():
+        for name, e in f["tensors"].items():
+            q, d, m = formats.unpack(e["data"].numpy(), e["bits"], e["shape"][1])
+            assert q.max() <= 2 ** e["bits"] - 1 and q.shape == tuple(e["shape"])
+
+
+def test_other_settings_in_same_workdir_are_refused(micro_checkpoint, tmp_path):
+    pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
+    with pytest.raises(pmq.WorkdirMismatch, match="other settings"):
+        pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**{**CFG, "budget": "2.0"}), progress=False)
+
+
+def test_fake_quant_model_uses_the_stored_bytes(micro_checkpoint, tmp_path):
+    from mcmoe_gguf.evaluate import fake_quant_model
+    pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
+    model, _ = fake_quant_model(tmp_path / "q")
+    f = torch.load(tmp_path / "q" / "layers" / "layer_01.pt")
+    e = f["tensors"]["block_sparse_moe.experts.5.w2"]
+    want = formats.dequantize(e["data"].numpy(), e["bits"], e["shape"][1])
+    got = model.model.layers[1].block_sparse_moe.experts[5].w2.weight.detach().numpy()
+    np.testing.assert_array_equal(got, want)
