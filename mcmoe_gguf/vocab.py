@@ -35,7 +35,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> str
     tj = json.loads(tj_path.read_text(encoding="utf-8"))
     model = tj.get("model", {})
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        kind = _add_llama(writer, model_dir, n_vocab)
+        kind = _add_llama(writer, tj, n_vocab)
     elif model.get("type") == "BPE" and (tj.get("decoder") or {}).get("type") == "ByteLevel":
         if not _is_gpt2_regex_bytelevel(tj.get("pre_tokenizer")):
             raise TokenizerError(f"{tj_path}: byte-level BPE with a pre-tokenizer other than GPT-2's "
@@ -74,22 +74,48 @@ def _add_gpt2(writer: gguf.GGUFWriter, tj: dict, n_vocab: int) -> str:
     return "gpt2"
 
 
-def _add_llama(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> str:
-    try:
-        v = gguf.vocab.LlamaHfVocab(model_dir)
-    except (FileNotFoundError, TypeError) as e:
-        raise TokenizerError(f"{model_dir}: cannot read the Llama tokenizer ({e})") from None
+def _merge_ranks(model: dict) -> dict[str, int]:
+    """token -> rank of the merge that creates it (merges are "a b" strings or [a, b] pairs)."""
+    ranks: dict[str, int] = {}
+    for r, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        ranks.setdefault(a + b, r)
+    return ranks
+
+
+def _add_llama(writer: gguf.GGUFWriter, tj: dict, n_vocab: int) -> str:
+    """SentencePiece-style BPE (Llama, Mistral, Mixtral): llama.cpp's "llama" model merges the adjacent
+    pair whose result has the highest score, so a token's score is minus the rank of the merge that
+    creates it (earlier merge = higher score). gguf's LlamaHfVocab writes -1000 for every token, which
+    makes llama.cpp merge in the wrong order (tests/test_vocab.py shows the difference)."""
+    model = tj["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    for i, a in added.items():
+        vocab.setdefault(a["content"], i)
+    if max(vocab.values()) >= n_vocab:
+        raise TokenizerError(f"tokenizer has id {max(vocab.values())} but config.json vocab_size is {n_vocab}")
+    ranks = _merge_ranks(model)
+    by_id = {i: t for t, i in vocab.items()}
     tokens, scores, types = [], [], []
-    for text, score, ttype in v.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(ttype)
-    if len(tokens) > n_vocab:
-        raise TokenizerError(f"tokenizer has {len(tokens)} tokens but config.json vocab_size is {n_vocab}")
-    for i in range(len(tokens), n_vocab):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
+    for i in range(n_vocab):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1e9)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(t)
+        if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):     # byte fallback, even if "added"
+            scores.append(0.0)
+            types.append(gguf.TokenType.BYTE)
+        elif i in added:
+            scores.append(0.0)
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            # single symbols are never a merge result; other tokens without a merge come last
+            scores.append(-float(ranks[t]) if t in ranks else (0.0 if len(t) == 1 else -1e6))
+            types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
