@@ -13,9 +13,10 @@ def test_splits_are_deterministic_and_disjoint():
     r = tiny.PRESETS["default"]
     a, b = tiny.corpus_splits(r), tiny.corpus_splits(r)
     assert a == b
-    lines = {k: {ln.strip() for ln in v.splitlines() if len(ln.strip()) > 60} for k, v in a.items()}
-    # long lines are effectively unique to their work; whole works per split means no shared long line
-    assert len(lines["eval"]) > 500 and len(lines["calib"]) > 500
+    lines = {k: {ln.strip() for ln in v.splitlines() if len(ln.strip()) > 40} for k, v in a.items()}
+    # long lines are nearly unique to their work (a few stock phrases recur across plays): whole works
+    # per split leave almost no long line shared
+    assert len(lines["eval"]) > 1000 and len(lines["calib"]) > 1000
     shared = (lines["eval"] & lines["train"]) | (lines["calib"] & lines["train"]) | (lines["eval"] & lines["calib"])
     assert len(shared) < 0.01 * len(lines["eval"]), sorted(shared)[:5]
 
