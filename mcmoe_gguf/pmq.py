@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,7 @@ class PMQConfig:
     act_order: bool = False
     percdamp: float = 0.01
     param_method: str = "mse"
-    extra: dict = field(default_factory=dict)
+    device: str = "cpu"                 # torch device for calibration and GPTQ ("cuda" on a GPU machine)
 
 
 class WorkdirMismatch(ValueError):
@@ -151,7 +151,7 @@ def _gptq_or_rtn(H: GPTQ | None, W, bits, cfg: PMQConfig):
 def quantize_attention(layer: mx.DecoderLayer, h, cos, sin, cfg: PMQConfig, chunk: int) -> dict:
     att = layer.self_attn
     xa, _ = _attention_inputs(layer, h, cos, sin, chunk)
-    H = GPTQ(xa.shape[-1])
+    H = GPTQ(xa.shape[-1], device=xa.device)
     H.add_batch(xa)
     out = {}
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -160,7 +160,7 @@ def quantize_attention(layer: mx.DecoderLayer, h, cos, sin, cfg: PMQConfig, chun
         lin.weight.copy_(res.dequantized)
         out[name] = _packed(res, cfg.attn_bits)
     _, xo = _attention_inputs(layer, h, cos, sin, chunk)    # o_proj sees the quantized q/k/v's output
-    Ho = GPTQ(xo.shape[-1])
+    Ho = GPTQ(xo.shape[-1], device=xo.device)
     Ho.add_batch(xo)
     res = _gptq_or_rtn(Ho, att.o_proj.weight, cfg.attn_bits, cfg)
     att.o_proj.weight.copy_(res.dequantized)
@@ -185,14 +185,14 @@ def quantize_experts(moe: mx.SparseMoeBlock, x: torch.Tensor, bits: np.ndarray, 
         ex, b = moe.experts[e], int(bits[e])
         tok = torch.where((ids == e).any(-1))[0]
         xe = x[tok]
-        H = GPTQ(x.shape[-1])
+        H = GPTQ(x.shape[-1], device=x.device)
         H.add_batch(xe)
         for name in ("w1", "w3"):
             res = _gptq_or_rtn(H, getattr(ex, name).weight, b, cfg)
             getattr(ex, name).weight.copy_(res.dequantized)
             out[name + f".{e}"] = _packed(res, b)
         inner = torch.nn.functional.silu(xe @ ex.w1.weight.t()) * (xe @ ex.w3.weight.t())
-        H2 = GPTQ(inner.shape[-1])
+        H2 = GPTQ(inner.shape[-1], device=x.device)
         H2.add_batch(inner)
         res = _gptq_or_rtn(H2, ex.w2.weight, b, cfg)
         ex.w2.weight.copy_(res.dequantized)
@@ -235,23 +235,27 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, outdir: Path, cos, sin, chunk) -> l
             h = None
             continue
         if h is None:
-            h = _embed(ck, tokens) if l == 0 else torch.load(outdir / "state" / f"fp_h_{l:02d}.pt")
-        layer = mx.decoder_layer_from(ck, l)
+            h = _embed(ck, tokens, cfg.device) if l == 0 else _load_state(outdir / "state" / f"fp_h_{l:02d}.pt", cfg)
+        layer = mx.decoder_layer_from(ck, l).to(cfg.device)
         _, x = moe_input(layer, h, cos, sin, chunk)
         s = moe_stats(l, layer.block_sparse_moe, x)
         _atomic_save(s.to_dict(), path, as_json=True)
         stats.append(s)
         if l < hp.num_hidden_layers - 1:
             h = layer_forward(layer, h, cos, sin, chunk)
-            _atomic_save(h, outdir / "state" / f"fp_h_{l + 1:02d}.pt")
+            _atomic_save(h.cpu(), outdir / "state" / f"fp_h_{l + 1:02d}.pt")
             prev = outdir / "state" / f"fp_h_{l:02d}.pt"
             if prev.exists():
                 prev.unlink()
     return stats
 
 
-def _embed(ck: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.embedding(tokens, ck.get(mx.GLOBAL_KEYS["embed"]).float())
+def _embed(ck: Checkpoint, tokens: torch.Tensor, device: str) -> torch.Tensor:
+    return torch.nn.functional.embedding(tokens, ck.get(mx.GLOBAL_KEYS["embed"]).float()).to(device)
+
+
+def _load_state(path: Path, cfg: PMQConfig) -> torch.Tensor:
+    return torch.load(path).to(cfg.device)
 
 
 def expert_params(hp: mx.MixtralHParams) -> np.ndarray:
@@ -268,7 +272,7 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
         raise FileNotFoundError(f"{text_path}: calibration text not found (pass --calib-text)")
     tokens = calibration_tokens(Path(model_dir) / "tokenizer.json", text_path.read_text(encoding="utf-8"),
                                 cfg.n_seq, cfg.seq_len)
-    cos, sin = mx.rope_tables(hp, tokens.shape[1])
+    cos, sin = mx.rope_tables(hp, tokens.shape[1], cfg.device)
     chunk = max(1, 16384 // tokens.shape[1])
     n_params = expert_params(hp)
     L = hp.num_hidden_layers
@@ -281,9 +285,10 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     while start < L and (outdir / "layers" / f"layer_{start:02d}.pt").exists() and \
             (start == L - 1 or (outdir / "state" / f"h_{start + 1:02d}.pt").exists()):
         start += 1
-    h = _embed(ck, tokens) if start == 0 else (torch.load(outdir / "state" / f"h_{start:02d}.pt") if start < L else None)
+    h = _embed(ck, tokens, cfg.device) if start == 0 else \
+        (_load_state(outdir / "state" / f"h_{start:02d}.pt", cfg) if start < L else None)
     for l in tqdm(range(start, L), desc="PMQ", unit="layer", initial=start, total=L, disable=not progress):
-        layer = mx.decoder_layer_from(ck, l)
+        layer = mx.decoder_layer_from(ck, l).to(cfg.device)
         tensors = {f"self_attn.{k}": v for k, v in quantize_attention(layer, h, cos, sin, cfg, chunk).items()}
         _, x = moe_input(layer, h, cos, sin, chunk)
         s = moe_stats(l, layer.block_sparse_moe, x)
@@ -296,7 +301,7 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
                      outdir / "layers" / f"layer_{l:02d}.pt")
         if l < L - 1:
             h = layer_forward(layer, h, cos, sin, chunk)
-            _atomic_save(h, outdir / "state" / f"h_{l + 1:02d}.pt")
+            _atomic_save(h.cpu(), outdir / "state" / f"h_{l + 1:02d}.pt")
         prev = outdir / "state" / f"h_{l:02d}.pt"
         if prev.exists():
             prev.unlink()

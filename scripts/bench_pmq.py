@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from mcmoe_gguf.cache import cache_dir  # noqa: E402
 from mcmoe_gguf.evaluate import ppl_fake_quant  # noqa: E402
-from mcmoe_gguf.pmq import PMQConfig, quantize  # noqa: E402
+from mcmoe_gguf.pmq import PMQConfig, WorkdirMismatch, quantize  # noqa: E402
 from mcmoe_gguf.tiny import eval_ppl, tiny_model  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- bench_pmq:begin -->", "<!-- bench_pmq:end -->"
@@ -44,7 +45,11 @@ def run(model: Path, name: str, kw: dict, calib: dict, max_chunks: int) -> dict:
     key = "-".join(f"{k}={v}" for k, v in sorted(kw.items())).replace(":", "_").replace("/", "_") or "default"
     out = cache_dir("bench", model.name, f"pmq-n{calib['n_seq']}x{calib['seq_len']}", key)
     t0 = time.time()
-    r = quantize(model, out, cfg, progress=False)
+    try:
+        r = quantize(model, out, cfg, progress=False)
+    except WorkdirMismatch:        # the bench owns its cache: settings changed since, start over
+        shutil.rmtree(out)
+        r = quantize(model, out, cfg, progress=False)
     t1 = time.time()
     p = ppl_fake_quant(out, ctx=256, max_chunks=max_chunks)
     return {"name": name, "expert_bpw": r["expert_bpw"], "total_bpw": r["total_bpw"], "bytes": r["total_bytes"],
