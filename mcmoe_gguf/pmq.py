@@ -270,8 +270,9 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     text_path = Path(cfg.calib_text) if cfg.calib_text else Path(model_dir) / "calib.txt"
     if not text_path.exists():
         raise FileNotFoundError(f"{text_path}: calibration text not found (pass --calib-text)")
+    # sequences never longer than the model's context (the tiny model's is 1024, Mixtral's 32k)
     tokens = calibration_tokens(Path(model_dir) / "tokenizer.json", text_path.read_text(encoding="utf-8"),
-                                cfg.n_seq, cfg.seq_len)
+                                cfg.n_seq, min(cfg.seq_len, hp.max_position_embeddings))
     cos, sin = mx.rope_tables(hp, tokens.shape[1], cfg.device)
     chunk = max(1, 16384 // tokens.shape[1])
     n_params = expert_params(hp)
