@@ -25,8 +25,17 @@ def cmd_tiny(a) -> int:
 
 
 def cmd_convert(a) -> int:
-    from .export import convert
-    out = convert(a.model_dir, a.output, outtype=a.outtype, force=a.force, name=a.name)
+    from .export import convert, export_pmq
+    if a.from_workdir:
+        out = export_pmq(a.model_dir, a.output, force=a.force, name=a.name)
+    elif a.bits:
+        from .pmq import PMQConfig, quantize
+        workdir = Path(a.workdir or f"{a.output}.pmq")
+        quantize(a.model_dir, workdir, PMQConfig(budget=a.bits, scope=a.scope, n_seq=a.n_seq, seq_len=a.seq_len,
+                                                 calib_text=a.calib_text, device=a.device))
+        out = export_pmq(workdir, a.output, force=a.force, name=a.name)
+    else:
+        out = convert(a.model_dir, a.output, outtype=a.outtype, force=a.force, name=a.name)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -108,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outtype", default="f16", help="f32, f16 or bf16 (as llama.cpp's convert_hf_to_gguf)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
     s.add_argument("--name", help="general.name in the file (default: the model directory's name)")
+    s.add_argument("--bits", help="run PMQ at this budget (real expert bpw like 2.5, or bytes like 13GB) and write "
+                   "per-expert 1/2/3-bit tensors (mcq types; needs the patched runtime to run)")
+    s.add_argument("--workdir", help="PMQ work directory (default OUT.gguf.pmq; resumable)")
+    s.add_argument("--scope", choices=["layer", "model"], default="layer", help="PMQ allocation scope")
+    s.add_argument("--n-seq", type=int, default=128, help="PMQ calibration sequences (default 128)")
+    s.add_argument("--seq-len", type=int, default=2048, help="PMQ calibration sequence length (default 2048)")
+    s.add_argument("--calib-text", help="PMQ calibration text (default MODEL_DIR/calib.txt)")
+    s.add_argument("--device", default="cpu", help="torch device for PMQ")
+    s.add_argument("--from-workdir", action="store_true",
+                   help="MODEL_DIR is a finished `mcmoe-gguf quantize` work directory: only write the GGUF")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("generate", help="generate text with the patched llama.cpp")

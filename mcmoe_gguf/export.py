@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import formats
 from .checkpoint import Checkpoint
 from .arch import mixtral as mx
 from .vocab import add_tokenizer
@@ -37,13 +38,23 @@ class ExportError(ValueError):
 @dataclass
 class Planned:
     name: str
-    shape: tuple[int, ...]                   # numpy order (ggml's ne reversed)
-    qtype: gguf.GGMLQuantizationType
-    load: Callable[[], torch.Tensor]
+    shape: tuple[int, ...]                   # elements, numpy order (ggml's ne reversed)
+    qtype: int                               # ggml type id (upstream or ours, see gguf_types)
+    load: Callable[[], torch.Tensor | np.ndarray]   # float tensor, or uint8 [rows, row_bytes] of blocks
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return gguf.GGML_QUANT_SIZES[self.qtype]
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * {gguf.GGMLQuantizationType.F32: 4}.get(self.qtype, 2)
+        block, size = self.block
+        return int(np.prod(self.shape)) // block * size
+
+    @property
+    def is_float(self) -> bool:
+        return self.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                              gguf.GGMLQuantizationType.BF16)
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -143,9 +154,19 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
     w = gguf.GGUFWriter(path=None, arch="llama")
     add_metadata(w, ck, name or ck.dir.resolve().name, outtype)
     add_tokenizer(w, ck.dir, ck.hp.vocab_size)
+    return write_gguf(w, tensors, out, progress)
+
+
+def write_gguf(w: gguf.GGUFWriter, tensors: list[Planned], out: Path, progress: bool) -> Path:
+    """Tensor infos, then the tensors one at a time, into a temporary file renamed to `out` at the end."""
     for t in tensors:
-        w.add_tensor_info(t.name, t.shape, np.float32 if t.qtype == gguf.GGMLQuantizationType.F32 else np.float16,
-                          t.nbytes, raw_dtype=t.qtype)
+        if t.is_float:
+            w.add_tensor_info(t.name, t.shape, np.float32 if t.qtype == gguf.GGMLQuantizationType.F32
+                              else np.float16, t.nbytes, raw_dtype=t.qtype)
+        else:
+            block, size = t.block
+            byte_shape = (*t.shape[:-1], t.shape[-1] // block * size)
+            w.add_tensor_info(t.name, byte_shape, np.uint8, t.nbytes, raw_dtype=t.qtype)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
     os.close(fd)
     try:
@@ -154,11 +175,11 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
         w.write_ti_data_to_file()
         for t in tqdm(tensors, desc=f"convert -> {out.name}", unit="tensor", disable=not progress):
             try:
-                arr = to_numpy(t.load(), t.qtype)
+                arr = to_numpy(t.load(), t.qtype) if t.is_float else np.ascontiguousarray(t.load(), np.uint8)
             except ExportError as e:
                 raise ExportError(f"{t.name}: {e}") from None
-            if arr.shape != t.shape:
-                raise ExportError(f"{t.name}: got shape {arr.shape}, planned {t.shape}")
+            if arr.nbytes != t.nbytes or (t.is_float and arr.shape != t.shape):
+                raise ExportError(f"{t.name}: got {arr.shape} ({arr.nbytes} bytes), planned {t.shape}")
             w.write_tensor_data(arr)
         w.close()
         os.replace(tmp, out)
@@ -177,3 +198,102 @@ def _check_destination(ck: Checkpoint, out: Path, force: bool) -> None:
         raise ExportError(f"{out}: refusing to overwrite an input file of the checkpoint")
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to overwrite it")
+
+
+# ------------------------------------------------------------------------------- PMQ files
+EXPERT_TENSORS = (("w1", "ffn_gate"), ("w3", "ffn_up"), ("w2", "ffn_down"))
+
+
+def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
+    """Tensors of a PMQ file: attention in mcq4, one tensor per expert in its own width
+    (blk.N.ffn_{gate,up,down}.E.weight), experts of one width written next to each other (widest first,
+    then by expert id) so the loader can group them into one 3-D tensor without copying; router, norms
+    F32; embeddings and output F16."""
+    hp = ck.hp
+    f16 = plan(ck, "f16")
+    by_name = {t.name: t for t in f16}
+    layer_cache: dict[int, dict] = {}
+
+    def layer(i: int) -> dict:
+        if i not in layer_cache:
+            layer_cache.clear()         # one layer file in memory at a time
+            path = workdir / "layers" / f"layer_{i:02d}.pt"
+            if not path.exists():
+                raise ExportError(f"{workdir}: layer {i} is not quantized yet (resume `mcmoe-gguf quantize`)")
+            layer_cache[i] = torch.load(path)
+        return layer_cache[i]
+
+    def packed(i: int, key: str, n_head: int | None = None) -> Planned:
+        entry = layer(i)["tensors"][key]
+        spec = formats.TYPES[entry["bits"]]
+        out_rows, n_in = entry["shape"]
+
+        def load(i=i, key=key, n_head=n_head):
+            data = layer(i)["tensors"][key]["data"].numpy().reshape(out_rows, -1)
+            # q/k rows are interleaved for llama.cpp's RoPE; rows are quantized independently, so
+            # permuting the packed rows equals quantizing the permuted matrix
+            return permute_qk(torch.from_numpy(data), n_head).numpy() if n_head else data
+        return Planned("", (out_rows, n_in), spec.type_id, load)
+
+    bits = np.array([layer(i)["bits"] for i in range(hp.num_hidden_layers)])
+    out = [by_name["token_embd.weight"]]
+    for i in range(hp.num_hidden_layers):
+        out.append(by_name[f"blk.{i}.attn_norm.weight"])
+        for gname, key, nh in (("attn_q", "q_proj", hp.num_attention_heads), ("attn_k", "k_proj", hp.num_key_value_heads),
+                               ("attn_v", "v_proj", None), ("attn_output", "o_proj", None)):
+            t = packed(i, f"self_attn.{key}", nh)
+            t.name = f"blk.{i}.{gname}.weight"
+            out.append(t)
+        out.append(by_name[f"blk.{i}.ffn_norm.weight"])
+        out.append(by_name[f"blk.{i}.ffn_gate_inp.weight"])
+        order = sorted(range(hp.num_local_experts), key=lambda e: (-bits[i][e], e))
+        for proj, gname in EXPERT_TENSORS:
+            for e in order:
+                t = packed(i, f"block_sparse_moe.experts.{e}.{proj}")
+                t.name = f"blk.{i}.{gname}.{e}.weight"
+                out.append(t)
+    out.append(by_name["output_norm.weight"])
+    if "output.weight" in by_name:
+        out.append(by_name["output.weight"])
+    return out, bits
+
+
+def add_pmq_metadata(w: gguf.GGUFWriter, workdir: Path, bits: np.ndarray) -> None:
+    import json
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    alloc = json.loads((workdir / "allocation.json").read_text())
+    cfg = manifest["config"]
+    w.add_uint32("mcmoe.version", 1)
+    w.add_array("mcmoe.expert_bits", [int(b) for b in bits.ravel()])           # layer-major, E per layer
+    w.add_array("mcmoe.odp.mu", [float(m) for m in alloc["mu"]])
+    w.add_string("mcmoe.pmq.budget", str(cfg["budget"]))
+    w.add_string("mcmoe.pmq.scope", cfg["scope"])
+    w.add_string("mcmoe.pmq.strategy", cfg["strategy"])
+    w.add_string("mcmoe.pmq.method", cfg["method"])
+    for k in ("alpha", "beta", "gamma"):
+        w.add_float32(f"mcmoe.pmq.{k}", float(cfg[k]))
+    w.add_string("mcmoe.calibration", f"{cfg['n_seq']} x {cfg['seq_len']} tokens of "
+                 f"{Path(cfg['calib_text']).name if cfg['calib_text'] else 'calib.txt'}")
+    w.add_float32("mcmoe.expert_bpw", float(alloc["expert_bpw"]))
+    w.add_float32("mcmoe.file_bpw", float(alloc["total_bpw"]))
+
+
+def export_pmq(workdir: str | Path, out: str | Path, force: bool = False, name: str | None = None,
+               progress: bool = True) -> Path:
+    """GGUF of a finished PMQ work directory (see pmq.py), written atomically."""
+    import json
+
+    from .gguf_types import register
+    register()
+    workdir = Path(workdir)
+    if not (workdir / "allocation.json").exists():
+        raise ExportError(f"{workdir}: not a finished PMQ work directory (no allocation.json)")
+    ck = Checkpoint(json.loads((workdir / "manifest.json").read_text())["model_dir"])
+    out = Path(out)
+    _check_destination(ck, out, force)
+    tensors, bits = plan_pmq(ck, workdir)
+    w = gguf.GGUFWriter(path=None, arch="llama")
+    add_metadata(w, ck, name or ck.dir.resolve().name, "f16")
+    add_pmq_metadata(w, workdir, bits)
+    add_tokenizer(w, ck.dir, ck.hp.vocab_size)
+    return write_gguf(w, tensors, out, progress)

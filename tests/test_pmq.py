@@ -152,3 +152,34 @@ def test_fake_quant_model_uses_the_stored_bytes(micro_checkpoint, tmp_path):
     want = formats.dequantize(e["data"].numpy(), e["bits"], e["shape"][1])
     got = model.model.layers[1].block_sparse_moe.experts[5].w2.weight.detach().numpy()
     np.testing.assert_array_equal(got, want)
+
+
+def test_pmq_gguf_holds_the_stored_bytes(micro_checkpoint, tmp_path):
+    import gguf
+
+    from mcmoe_gguf.export import export_pmq, permute_qk
+    from mcmoe_gguf.gguf_types import register
+    pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
+    path = export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False)
+    register()
+    rd = gguf.GGUFReader(path)
+    kv = {f.name: f.contents() for f in rd.fields.values()}
+    tensors = {t.name: t for t in rd.tensors}
+    layers = _layer_files(tmp_path / "q")
+    bits = [layers[f"layer_{i:02d}.pt"]["bits"] for i in range(2)]
+    assert kv["mcmoe.expert_bits"] == [b for row in bits for b in row]
+    assert len(kv["mcmoe.odp.mu"]) == 2 and 0 < kv["mcmoe.odp.mu"][0] <= 1
+    for i in range(2):
+        f = layers[f"layer_{i:02d}.pt"]["tensors"]
+        for e in range(8):
+            for proj, gname in (("w1", "ffn_gate"), ("w3", "ffn_up"), ("w2", "ffn_down")):
+                t = tensors[f"blk.{i}.{gname}.{e}.weight"]
+                assert int(t.tensor_type) == formats.TYPES[bits[i][e]].type_id
+                assert t.data.tobytes() == f[f"block_sparse_moe.experts.{e}.{proj}"]["data"].numpy().tobytes()
+        # experts of one width are adjacent in the file, widest first: the loader groups them without copying
+        gate = sorted((tensors[f"blk.{i}.ffn_gate.{e}.weight"] for e in range(8)), key=lambda t: t.data_offset)
+        assert [formats.TYPES_BY_ID[int(t.tensor_type)].bits for t in gate] == sorted(bits[i], reverse=True)
+        assert all(a.data_offset + a.n_bytes == b.data_offset for a, b in zip(gate, gate[1:]))
+        q = f["self_attn.q_proj"]
+        rows = q["data"].numpy().reshape(q["shape"][0], -1)
+        assert tensors[f"blk.{i}.attn_q.weight"].data.tobytes() == permute_qk(torch.from_numpy(rows), 8).numpy().tobytes()

@@ -1,0 +1,36 @@
+"""Teach the `gguf` package our tensor types (mcq1-4, ids 100-103), so it can write and read our files.
+
+The stock package only knows upstream ids: its writer looks block sizes up in GGML_QUANT_SIZES, and its
+reader turns every type id into a GGMLQuantizationType member (an unknown id raises). We add the sizes
+and give the reader an enum that also has our members; upstream members keep their values, so every
+comparison elsewhere in the package still holds.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+import gguf
+import gguf.constants
+import gguf.gguf_reader
+
+from . import formats
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    members = {m.name: m.value for m in gguf.GGMLQuantizationType}
+    members.update({s.name.upper(): s.type_id for s in formats.TYPES.values()})
+    extended = IntEnum("GGMLQuantizationType", members)
+    for s in formats.TYPES.values():
+        gguf.constants.GGML_QUANT_SIZES[extended(s.type_id)] = (formats.GROUP_SIZE, s.block_bytes)
+    gguf.gguf_reader.GGMLQuantizationType = extended
+    _registered = True
+
+
+def type_name(type_id: int) -> str:
+    register()
+    return gguf.gguf_reader.GGMLQuantizationType(type_id).name
