@@ -76,7 +76,10 @@ def cmd_ppl_torch(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .report import describe, heatmap
+    from .report import describe, describe_gguf, heatmap
+    if Path(a.outdir).is_file():
+        print(describe_gguf(Path(a.outdir)))
+        return 0
     print(describe(a.outdir))
     png = heatmap(a.outdir, Path(a.png) if a.png else Path(a.outdir) / "bits_heatmap.png")
     print(f"heatmap: {png}")
@@ -176,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-chunks", type=int, default=None)
     s.set_defaults(fn=cmd_ppl_torch)
 
-    s = sub.add_parser("inspect", help="allocation table and heatmap of a quantized work directory")
-    s.add_argument("outdir")
+    s = sub.add_parser("inspect", help="allocation table and heatmap of a quantized work directory, or the "
+                       "tensor types of a GGUF file")
+    s.add_argument("outdir", help="PMQ work directory or .gguf file")
     s.add_argument("--png", help="heatmap path (default OUTDIR/bits_heatmap.png)")
     s.set_defaults(fn=cmd_inspect)
 

@@ -56,3 +56,39 @@ def heatmap(outdir: Path, png: Path) -> Path:
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return png
+
+
+def describe_gguf(path: Path) -> str:
+    """Tensor types per layer and expert of a GGUF file (ours or stock), with real bytes."""
+    import re
+
+    import gguf
+
+    from .gguf_types import register
+    register()
+    try:
+        rd = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+    kv = {f.name: f.contents() for f in rd.fields.values()}
+    total_bytes = sum(int(t.n_bytes) for t in rd.tensors)
+    total_params = sum(int(t.n_elements) for t in rd.tensors)
+    lines = [f"{path}: {kv.get('general.architecture')} '{kv.get('general.name')}', {len(rd.tensors)} tensors, "
+             f"{total_bytes:,} tensor bytes = {8 * total_bytes / total_params:.4f} real bpw"]
+    experts: dict[int, dict[int, str]] = {}
+    exp_bytes = exp_params = 0
+    for t in rd.tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)(?:\.(\d+)|_exps)\.weight", t.name)
+        if m:
+            exp_bytes += int(t.n_bytes)
+            exp_params += int(t.n_elements)
+            if m.group(3) is not None and m.group(2) == "gate":
+                experts.setdefault(int(m.group(1)), {})[int(m.group(3))] = t.tensor_type.name
+    if exp_params:
+        lines.append(f"  experts: {exp_bytes:,} bytes = {8 * exp_bytes / exp_params:.4f} real bpw")
+    for l in sorted(experts):
+        row = experts[l]
+        lines.append(f"  layer {l:3d}: " + " ".join(f"{row[e]:<5s}" for e in sorted(row)))
+    if "mcmoe.odp.mu" in kv:
+        lines.append("  ODP mu per layer: " + " ".join(f"{m:.3f}" for m in kv["mcmoe.odp.mu"]))
+    return "\n".join(lines)
