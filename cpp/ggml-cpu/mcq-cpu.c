@@ -1,0 +1,276 @@
+// mcmoe-gguf: CPU vec_dot of the mcq types against Q8_1 activations (see mcq-cpu.h).
+//
+// ggml_vec_dot_mcqN_q8_1_generic is the scalar reference (any CPU, the tests, and the CPU backend in
+// reference mode); ggml_vec_dot_mcqN_q8_1 is the kernel of type_traits_cpu: AVX2 (+FMA) where this file
+// is compiled with __AVX2__, otherwise the generic one under that name, following the scheme of
+// ggml-cpu/arch-fallback.h (kept here because only this file defines and uses these names; a NEON or
+// AVX-512 kernel would be added below beside the AVX2 one).
+#define GGML_COMMON_DECL_C
+#include "ggml-common.h"
+
+#include "mcq-cpu.h"
+
+#include "ggml-cpu-impl.h"
+#include "simd-mappings.h"
+
+#include <assert.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__F16C__) && !defined(GGML_CPU_GENERIC)
+#    define MCQ_CPU_AVX2 1
+#    include <immintrin.h>
+#    if defined(_MSC_VER)
+#        define MCQ_FORCE_INLINE __forceinline
+#    else
+#        define MCQ_FORCE_INLINE inline __attribute__((always_inline))
+#    endif
+#else
+// arch fallback: no SIMD kernel for this target, the generic one is the kernel
+#    define ggml_vec_dot_mcq1_q8_1_generic ggml_vec_dot_mcq1_q8_1
+#    define ggml_vec_dot_mcq2_q8_1_generic ggml_vec_dot_mcq2_q8_1
+#    define ggml_vec_dot_mcq3_q8_1_generic ggml_vec_dot_mcq3_q8_1
+#    define ggml_vec_dot_mcq4_q8_1_generic ggml_vec_dot_mcq4_q8_1
+#endif
+
+void ggml_vec_dot_mcq1_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq2_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq3_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq4_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+
+// ---------------------------------------------------------------- scalar reference
+
+// code n (0..127) of a block whose planes start at c (right after d and m)
+static inline int mcq_code_at(int bits, const uint8_t * c, int n) {
+    switch (bits) {
+        case 1:  return (c[n >> 3] >> (n & 7)) & 1;
+        case 2:  return (c[n & 31] >> (2*(n >> 5))) & 3;
+        case 3:  return ((c[n & 31] >> (2*(n >> 5))) & 3) | (((c[QK_MCQ/4 + (n >> 3)] >> (n & 7)) & 1) << 2);
+        default: return (c[n & 63] >> (4*(n >> 6))) & 15;
+    }
+}
+
+static inline void mcq_vec_dot_generic_impl(int bits, int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
+                                            const void * GGML_RESTRICT vy) {
+    assert(n % QK_MCQ == 0);
+    const size_t       bb = 4 + (size_t) bits*QK_MCQ/8;
+    const uint8_t    * x  = (const uint8_t *) vx;
+    const block_q8_1 * y  = (const block_q8_1 *) vy;
+
+    float sumf = 0.0f;
+    for (int ib = 0; ib < n / QK_MCQ; ++ib) {
+        const uint8_t * blk = x + ib*bb;
+        uint16_t d16, m16;
+        memcpy(&d16, blk, 2);
+        memcpy(&m16, blk + 2, 2);
+        const float d = GGML_CPU_FP16_TO_FP32(d16);
+        const float m = GGML_CPU_FP16_TO_FP32(m16);
+        for (int j = 0; j < QK_MCQ/QK8_1; ++j) {
+            const block_q8_1 * yb = y + ib*(QK_MCQ/QK8_1) + j;
+            int sumi = 0;
+            for (int i = 0; i < QK8_1; ++i) {
+                sumi += mcq_code_at(bits, blk + 4, j*QK8_1 + i) * yb->qs[i];
+            }
+            sumf += (d*GGML_CPU_FP16_TO_FP32(yb->d))*(float) sumi + m*GGML_CPU_FP16_TO_FP32(yb->s);
+        }
+    }
+    *s = sumf;
+}
+
+#define MCQ_GENERIC(bits)                                                                                   \
+void ggml_vec_dot_mcq##bits##_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
+                                           size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {   \
+    assert(nrc == 1);                                                                                       \
+    (void) bs; (void) bx; (void) by; (void) nrc;                                                            \
+    mcq_vec_dot_generic_impl(bits, n, s, vx, vy);                                                           \
+}
+MCQ_GENERIC(1)
+MCQ_GENERIC(2)
+MCQ_GENERIC(3)
+MCQ_GENERIC(4)
+
+// ---------------------------------------------------------------- AVX2
+
+#if defined(MCQ_CPU_AVX2)
+
+static inline float mcq_hsum_float_8(const __m256 x) {
+    __m128 res = _mm256_extractf128_ps(x, 1);
+    res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+    res = _mm_add_ss(res, _mm_movehdup_ps(res));
+    return _mm_cvtss_f32(res);
+}
+
+// Elements 32j..32j+31 of a bit plane (bit i of byte i >> 3 is element i), one byte each: bit (i & 7) of the
+// byte (0 or a power of two). `plane` holds the 16-byte plane in both 128-bit lanes.
+static inline __m256i mcq_plane_bits(const __m256i plane, const int j) {
+    const __m256i shuf  = _mm256_add_epi8(
+        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000),
+        _mm256_set1_epi8((char) (4*j)));
+    const __m256i bmask = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_shuffle_epi8(plane, shuf), bmask);
+}
+
+// ... as 0 / 1 bytes
+static inline __m256i mcq_bits_to_bytes(const __m256i plane, const int j) {
+    return _mm256_min_epu8(mcq_plane_bits(plane, j), _mm256_set1_epi8(1));
+}
+
+// ... as 0 / `val` bytes
+static inline __m256i mcq_bits_to_val(const __m256i plane, const int j, const __m256i val) {
+    const __m256i bmask = _mm256_set1_epi64x((long long) 0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(mcq_plane_bits(plane, j), bmask), val);
+}
+
+static inline __m256 mcq_madd(__m256 a, __m256 b, __m256 c) {
+#if defined(__FMA__)
+    return _mm256_fmadd_ps(a, b, c);
+#else
+    return _mm256_add_ps(_mm256_mul_ps(a, b), c);
+#endif
+}
+
+static inline uint32_t mcq_ld32(const void * p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+// bits is a literal at every call site: the compiler specializes this per type
+static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
+        const int bits, const int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
+    assert(n % QK_MCQ == 0);
+    const int          nb = n / QK_MCQ;
+    const size_t       bb = 4 + (size_t) bits*QK_MCQ/8;
+    const uint8_t    * x  = (const uint8_t *) vx;
+    const block_q8_1 * y  = (const block_q8_1 *) vy;
+
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m256i mask2  = _mm256_set1_epi8(3);
+    const __m256i mask4  = _mm256_set1_epi8(15);
+    const __m256i four8  = _mm256_set1_epi8(4);
+    // lane j of the 8 converted halves (d_y,0 s_0 d_y,1 s_1 ... d_y,3 s_3) of the 4 Q8_1 headers
+    const __m256i bcast[4] = { _mm256_set1_epi32(0), _mm256_set1_epi32(2), _mm256_set1_epi32(4), _mm256_set1_epi32(6) };
+
+    // one accumulator per Q8_1 sub-block (no FMA latency chain inside a block); m * (d_y, s) pairs in accm,
+    // of which the odd lanes (m * s_j) are summed at the end
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    __m256 accm = _mm256_setzero_ps();
+
+    for (int ib = 0; ib < nb; ++ib) {
+        const uint8_t    * blk = x + ib*bb;
+        const uint8_t    * c   = blk + 4;
+        const block_q8_1 * yb  = y + 4*ib;
+
+        const __m128 dm  = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));              // d, m
+        const __m256 hy  = _mm256_cvtph_ps(_mm_set_epi32((int) mcq_ld32(&yb[3]), (int) mcq_ld32(&yb[2]),
+                                                         (int) mcq_ld32(&yb[1]), (int) mcq_ld32(&yb[0])));
+        const __m256 dhy = _mm256_mul_ps(_mm256_broadcastss_ps(dm), hy);                       // d * (d_y,j, s_j)
+        accm = mcq_madd(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), hy, accm);                 // m * (d_y,j, s_j)
+
+        // 4 vectors of 32 consecutive codes (elements 0-31, 32-63, 64-95, 96-127)
+        __m256i q[4];
+        if (bits == 1) {
+            const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) c));
+            for (int j = 0; j < 4; ++j) {
+                q[j] = mcq_bits_to_bytes(plane, j);
+            }
+        } else if (bits == 2 || bits == 3) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *) c);
+            q[0] = _mm256_and_si256(v, mask2);
+            q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask2);
+            q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask2);
+            q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask2);
+            if (bits == 3) {
+                const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) (c + QK_MCQ/4)));
+                for (int j = 0; j < 4; ++j) {
+                    q[j] = _mm256_or_si256(q[j], mcq_bits_to_val(plane, j, four8));
+                }
+            }
+        } else {
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *) c);
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *) (c + 32));
+            q[0] = _mm256_and_si256(v0, mask4);
+            q[1] = _mm256_and_si256(v1, mask4);
+            q[2] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask4);
+            q[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask4);
+        }
+
+        for (int j = 0; j < 4; ++j) {
+            const __m256i yv  = _mm256_loadu_si256((const __m256i *) yb[j].qs);
+            // u8 codes (<= 15) x s8 activations, pairs summed in int16: |sum| <= 2 * 15 * 128, no saturation
+            const __m256i p16 = _mm256_maddubs_epi16(q[j], yv);
+            const __m256i p32 = _mm256_madd_epi16(p16, ones16);
+            acc[j] = mcq_madd(_mm256_permutevar8x32_ps(dhy, bcast[j]), _mm256_cvtepi32_ps(p32), acc[j]);
+        }
+    }
+
+    const __m256 total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    // odd lanes of accm: sum_j m * s_j
+    const __m256 msum = _mm256_and_ps(accm, _mm256_castsi256_ps(_mm256_set_epi32(-1, 0, -1, 0, -1, 0, -1, 0)));
+    *s = mcq_hsum_float_8(_mm256_add_ps(total, msum));
+}
+
+#define MCQ_AVX2(bits)                                                                                      \
+void ggml_vec_dot_mcq##bits##_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
+                                   size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {           \
+    assert(nrc == 1);                                                                                       \
+    (void) bs; (void) bx; (void) by; (void) nrc;                                                            \
+    mcq_vec_dot_avx2_impl(bits, n, s, vx, vy);                                                              \
+}
+MCQ_AVX2(1)
+MCQ_AVX2(2)
+MCQ_AVX2(3)
+MCQ_AVX2(4)
+
+#endif // MCQ_CPU_AVX2
+
+// ---------------------------------------------------------------- selection, test entry points
+
+static ggml_vec_dot_t mcq_generic_of(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_MCQ1: return ggml_vec_dot_mcq1_q8_1_generic;
+        case GGML_TYPE_MCQ2: return ggml_vec_dot_mcq2_q8_1_generic;
+        case GGML_TYPE_MCQ3: return ggml_vec_dot_mcq3_q8_1_generic;
+        case GGML_TYPE_MCQ4: return ggml_vec_dot_mcq4_q8_1_generic;
+        default:             return NULL;
+    }
+}
+
+static ggml_vec_dot_t mcq_kernel_of(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_MCQ1: return ggml_vec_dot_mcq1_q8_1;
+        case GGML_TYPE_MCQ2: return ggml_vec_dot_mcq2_q8_1;
+        case GGML_TYPE_MCQ3: return ggml_vec_dot_mcq3_q8_1;
+        case GGML_TYPE_MCQ4: return ggml_vec_dot_mcq4_q8_1;
+        default:             return NULL;
+    }
+}
+
+ggml_vec_dot_t mcq_cpu_select_vec_dot(enum ggml_type type, bool use_ref, ggml_vec_dot_t dflt) {
+    ggml_vec_dot_t ref = use_ref ? mcq_generic_of(type) : NULL;
+    return ref ? ref : dflt;
+}
+
+float mcq_vec_dot_ref(enum ggml_type type, int n, const void * x, const void * y) {
+    ggml_vec_dot_t f = mcq_generic_of(type);
+    GGML_ASSERT(f != NULL && n % QK_MCQ == 0);
+    float s = 0.0f;
+    f(n, &s, 0, x, 0, y, 0, 1);
+    return s;
+}
+
+float mcq_vec_dot(enum ggml_type type, int n, const void * x, const void * y) {
+    ggml_vec_dot_t f = mcq_kernel_of(type);
+    GGML_ASSERT(f != NULL && n % QK_MCQ == 0);
+    float s = 0.0f;
+    f(n, &s, 0, x, 0, y, 0, 1);
+    return s;
+}
+
+const char * mcq_cpu_simd(void) {
+#if defined(MCQ_CPU_AVX2)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
