@@ -60,7 +60,7 @@ def cmd_quantize(a) -> int:
     from .pmq import PMQConfig, quantize
     cfg = PMQConfig(budget=a.bits, scope=a.scope, strategy=a.strategy, method=a.method, alpha=a.alpha,
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
-                    act_order=a.act_order, device=a.device)
+                    act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type)
     r = quantize(a.model_dir, a.output, cfg)
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-text", help="calibration text (default MODEL_DIR/calib.txt)")
     s.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
     s.add_argument("--device", default="cpu", help="torch device for calibration and GPTQ (cpu, cuda, cuda:1)")
+    s.add_argument("--embed-type", choices=["q8_0", "f16"], default="q8_0", help="token embeddings (default q8_0)")
+    s.add_argument("--output-type", choices=["q8_0", "f16"], default="q8_0", help="output projection (default q8_0)")
     s.set_defaults(fn=cmd_quantize)
 
     s = sub.add_parser("ppl-torch", help="held-out perplexity of a quantized work directory (torch fake-quant)")

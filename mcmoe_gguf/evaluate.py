@@ -73,16 +73,22 @@ def fake_quant_model(outdir: str | Path):
     their dequantized stored bytes (what llama.cpp will compute with, up to float rounding)."""
     import json
 
+    import torch
+
     from .arch import mixtral as mx
     from .checkpoint import Checkpoint
     from .pmq import dequantized_state
     manifest = json.loads((Path(outdir) / "manifest.json").read_text())
     ck = Checkpoint(manifest["model_dir"])
     model = mx.CompactMixtral(ck.hp)
+    from .formats import stock_quantize
+    cfg = manifest["config"]
     sd = {k: ck.get(v).float() for k, v in mx.GLOBAL_KEYS.items() if ck.has(v)}
-    model.model.embed_tokens.weight.data.copy_(sd["embed"])
+    emb = torch.from_numpy(stock_quantize(sd["embed"], cfg["embed_type"])[1])
+    model.model.embed_tokens.weight.data.copy_(emb)
     model.model.norm.weight.data.copy_(sd["norm"])
-    model.lm_head.weight.data.copy_(sd.get("lm_head", sd["embed"]))
+    out = torch.from_numpy(stock_quantize(sd["lm_head"], cfg["output_type"])[1]) if "lm_head" in sd else emb
+    model.lm_head.weight.data.copy_(out)
     quantized = dequantized_state(outdir)
     for i in range(ck.hp.num_hidden_layers):
         layer = mx.decoder_layer_from(ck, i)

@@ -208,7 +208,7 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
     """Tensors of a PMQ file: attention in mcq4, one tensor per expert in its own width
     (blk.N.ffn_{gate,up,down}.E.weight), experts of one width written next to each other (widest first,
     then by expert id) so the loader can group them into one 3-D tensor without copying; router, norms
-    F32; embeddings and output F16."""
+    F32; embeddings and output in the work directory's embed_type/output_type (Q8_0 by default)."""
     hp = ck.hp
     f16 = plan(ck, "f16")
     by_name = {t.name: t for t in f16}
@@ -235,8 +235,17 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
             return permute_qk(torch.from_numpy(data), n_head).numpy() if n_head else data
         return Planned("", (out_rows, n_in), spec.type_id, load)
 
+    import json
+    cfg = json.loads((workdir / "manifest.json").read_text())["config"]
+
+    def stock(t: Planned, type_name: str) -> Planned:
+        if type_name == "f16":
+            return t
+        qt = gguf.GGMLQuantizationType[type_name.upper()]
+        return Planned(t.name, t.shape, qt, lambda t=t: formats.stock_quantize(t.load(), type_name)[0])
+
     bits = np.array([layer(i)["bits"] for i in range(hp.num_hidden_layers)])
-    out = [by_name["token_embd.weight"]]
+    out = [stock(by_name["token_embd.weight"], cfg["embed_type"])]
     for i in range(hp.num_hidden_layers):
         out.append(by_name[f"blk.{i}.attn_norm.weight"])
         for gname, key, nh in (("attn_q", "q_proj", hp.num_attention_heads), ("attn_k", "k_proj", hp.num_key_value_heads),
@@ -254,7 +263,7 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
                 out.append(t)
     out.append(by_name["output_norm.weight"])
     if "output.weight" in by_name:
-        out.append(by_name["output.weight"])
+        out.append(stock(by_name["output.weight"], cfg["output_type"]))
     return out, bits
 
 

@@ -19,8 +19,10 @@ being deterministic, produces identical files.
 Widths outside the experts: attention projections are GPTQ'd to 4 bits on the same grid (mcq4,
 4.25 real bpw: the same kernels as the expert types and ~0.07 real bpw of Mixtral's total, where a
 stock Q8_0 would cost twice the bytes for a loss nobody could measure at 2.5-bit experts); the router
-and norms stay F32 (8 x 4096 values per layer that decide routing); embeddings and output stay F16
-(what the GGUF export writes; a later issue adds the usual k-quant mixes for them).
+and norms stay F32 (8 x 4096 values per layer that decide routing); embeddings and output default to
+Q8_0 (8.5 bpw, within noise of F16; `embed_type`/`output_type` = "f16" keeps them exact). llama.cpp's
+own low-bit mixes use Q2_K..Q6_K there; gguf-py cannot write k-quants, and these two tensors are 3%
+of Mixtral.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class PMQConfig:
     percdamp: float = 0.01
     param_method: str = "mse"
     device: str = "cpu"                 # torch device for calibration and GPTQ ("cuda" on a GPU machine)
+    embed_type: str = "q8_0"            # token embeddings in the file: f16 or q8_0 (8.5 bpw, ~lossless)
+    output_type: str = "q8_0"           # output projection: f16 or q8_0
 
 
 class WorkdirMismatch(ValueError):
@@ -313,12 +317,19 @@ def finish(outdir: Path, ck: Checkpoint) -> dict:
     hp = ck.hp
     bits = np.array([torch.load(outdir / "layers" / f"layer_{l:02d}.pt")["bits"] for l in range(hp.num_hidden_layers)])
     stats = [json.loads((outdir / "stats" / f"layer_{l:02d}.json").read_text()) for l in range(hp.num_hidden_layers)]
-    report = {"bits": bits.tolist(), "mu": [s["mu"] for s in stats], **size_report(ck, bits)}
+    cfg = json.loads((outdir / "manifest.json").read_text())["config"]
+    report = {"bits": bits.tolist(), "mu": [s["mu"] for s in stats],
+              **size_report(ck, bits, cfg["attn_bits"], cfg["embed_type"], cfg["output_type"])}
     _atomic_save(report, outdir / "allocation.json", as_json=True)
     return report
 
 
-def size_report(ck: Checkpoint, bits: np.ndarray, attn_bits: int = 4) -> dict:
+def _stock_bytes(n_params: int, name: str) -> int:
+    return n_params * 2 if name == "f16" else n_params // 32 * 34          # q8_0: fp16 d + 32 int8
+
+
+def size_report(ck: Checkpoint, bits: np.ndarray, attn_bits: int = 4, embed_type: str = "q8_0",
+                output_type: str = "q8_0") -> dict:
     """Real bytes of the file this quantized state becomes (scales counted), experts and whole model."""
     hp = ck.hp
     n_exp = expert_params(hp)
@@ -328,9 +339,10 @@ def size_report(ck: Checkpoint, bits: np.ndarray, attn_bits: int = 4) -> dict:
     attn_params = hp.num_hidden_layers * d * dh * (2 * hp.num_attention_heads + 2 * hp.num_key_value_heads)
     attn_bytes = attn_params * formats.block_bytes(attn_bits) // formats.GROUP_SIZE
     f32_params = hp.num_hidden_layers * (hp.num_local_experts * d + 2 * d) + d      # router + norms
-    f16_params = hp.vocab_size * d * (1 if hp.tie_word_embeddings else 2)
-    total_bytes = exp_bytes + attn_bytes + 4 * f32_params + 2 * f16_params
-    total_params = int(n_exp.sum()) + attn_params + f32_params + f16_params
+    vd = hp.vocab_size * d
+    emb_bytes = _stock_bytes(vd, embed_type) + (0 if hp.tie_word_embeddings else _stock_bytes(vd, output_type))
+    total_bytes = exp_bytes + attn_bytes + 4 * f32_params + emb_bytes
+    total_params = int(n_exp.sum()) + attn_params + f32_params + vd * (1 if hp.tie_word_embeddings else 2)
     return {"expert_bytes": exp_bytes, "expert_bpw": 8 * exp_bytes / int(n_exp.sum()),
             "total_bytes": total_bytes, "total_bpw": 8 * total_bytes / total_params}
 

@@ -183,3 +183,20 @@ def test_pmq_gguf_holds_the_stored_bytes(micro_checkpoint, tmp_path):
         q = f["self_attn.q_proj"]
         rows = q["data"].numpy().reshape(q["shape"][0], -1)
         assert tensors[f"blk.{i}.attn_q.weight"].data.tobytes() == permute_qk(torch.from_numpy(rows), 8).numpy().tobytes()
+
+
+def test_file_bytes_equal_the_size_report_and_embeddings_match_fake_quant(micro_checkpoint, tmp_path):
+    import gguf
+
+    from mcmoe_gguf.evaluate import fake_quant_model
+    from mcmoe_gguf.export import export_pmq
+    from mcmoe_gguf.gguf_types import register
+    r = pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
+    register()
+    rd = gguf.GGUFReader(export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False))
+    assert sum(int(t.n_bytes) for t in rd.tensors) == r["total_bytes"]
+    emb = next(t for t in rd.tensors if t.name == "token_embd.weight")
+    assert emb.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    model, _ = fake_quant_model(tmp_path / "q")
+    want = gguf.quants.dequantize(emb.data, gguf.GGMLQuantizationType.Q8_0).reshape(512, 256)
+    np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), want)
