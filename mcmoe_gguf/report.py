@@ -58,34 +58,46 @@ def heatmap(outdir: Path, png: Path) -> Path:
     return png
 
 
-def describe_gguf(path: Path) -> str:
-    """Tensor types per layer and expert of a GGUF file (ours or stock), with real bytes."""
-    import re
+_EXPERT = r"blk\.(\d+)\.ffn_(gate|up|down)(?:\.(\d+)|_exps)\.weight"
 
+
+def read_gguf(path: Path):
     import gguf
 
     from .gguf_types import register
     register()
     try:
-        rd = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def gguf_sizes(path: Path) -> dict:
+    """Real bytes and parameter counts of a GGUF's tensors, for the whole file and for the experts."""
+    import re
+    rd = read_gguf(path)
+    exp = [t for t in rd.tensors if re.fullmatch(_EXPERT, t.name)]
+    total_b, total_p = sum(int(t.n_bytes) for t in rd.tensors), sum(int(t.n_elements) for t in rd.tensors)
+    exp_b, exp_p = sum(int(t.n_bytes) for t in exp), sum(int(t.n_elements) for t in exp)
+    return {"bytes": total_b, "params": total_p, "bpw": 8 * total_b / total_p, "expert_bytes": exp_b,
+            "expert_params": exp_p, "expert_bpw": 8 * exp_b / exp_p if exp_p else float("nan")}
+
+
+def describe_gguf(path: Path) -> str:
+    """Tensor types per layer and expert of a GGUF file (ours or stock), with real bytes."""
+    import re
+    rd = read_gguf(path)
     kv = {f.name: f.contents() for f in rd.fields.values()}
-    total_bytes = sum(int(t.n_bytes) for t in rd.tensors)
-    total_params = sum(int(t.n_elements) for t in rd.tensors)
+    z = gguf_sizes(path)
     lines = [f"{path}: {kv.get('general.architecture')} '{kv.get('general.name')}', {len(rd.tensors)} tensors, "
-             f"{total_bytes:,} tensor bytes = {8 * total_bytes / total_params:.4f} real bpw"]
+             f"{z['bytes']:,} tensor bytes = {z['bpw']:.4f} real bpw"]
+    if z["expert_params"]:
+        lines.append(f"  experts: {z['expert_bytes']:,} bytes = {z['expert_bpw']:.4f} real bpw")
     experts: dict[int, dict[int, str]] = {}
-    exp_bytes = exp_params = 0
     for t in rd.tensors:
-        m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)(?:\.(\d+)|_exps)\.weight", t.name)
-        if m:
-            exp_bytes += int(t.n_bytes)
-            exp_params += int(t.n_elements)
-            if m.group(3) is not None and m.group(2) == "gate":
-                experts.setdefault(int(m.group(1)), {})[int(m.group(3))] = t.tensor_type.name
-    if exp_params:
-        lines.append(f"  experts: {exp_bytes:,} bytes = {8 * exp_bytes / exp_params:.4f} real bpw")
+        m = re.fullmatch(_EXPERT, t.name)
+        if m and m.group(3) is not None and m.group(2) == "gate":
+            experts.setdefault(int(m.group(1)), {})[int(m.group(3))] = t.tensor_type.name
     for l in sorted(experts):
         row = experts[l]
         lines.append(f"  layer {l:3d}: " + " ".join(f"{row[e]:<5s}" for e in sorted(row)))
