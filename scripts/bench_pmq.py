@@ -23,12 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mcmoe_gguf.cache import cache_dir  # noqa: E402
+from results_md import replace_section  # noqa: E402
 from mcmoe_gguf.evaluate import ppl_fake_quant  # noqa: E402
 from mcmoe_gguf.pmq import PMQConfig, WorkdirMismatch, quantize  # noqa: E402
 from mcmoe_gguf.tiny import eval_ppl, tiny_model  # noqa: E402
-
-MARK_BEGIN, MARK_END = "<!-- bench_pmq:begin -->", "<!-- bench_pmq:end -->"
-
 
 def variants(budget: str):
     yield "PMQ per-layer", dict(budget=budget)
@@ -127,20 +125,13 @@ def plot(rows, png: Path) -> None:
 
 
 def write_results(table: str, a) -> None:
-    path = REPO / "docs" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Results\n"
-    block = (f"{MARK_BEGIN}\n## PMQ allocation vs alternatives (tiny model, torch fake-quant)\n\n"
+    block = (f"## PMQ allocation vs alternatives (tiny model, torch fake-quant)\n\n"
              f"`.venv/bin/python scripts/bench_pmq.py --budgets {a.budgets} --n-seq {a.n_seq} --seq-len {a.seq_len} "
              f"--max-chunks {a.max_chunks} --write-results` on {platform.machine()}, "
              f"{platform.processor() or 'CPU'}, 2 cores; calibration: {a.n_seq} x {a.seq_len} tokens of the "
              f"calibration split; PPL: {a.max_chunks} chunks of 256 tokens of the held-out split.\n\n"
-             f"{table}\n\n![PMQ bench](pmq_bench.png)\n{MARK_END}")
-    if MARK_BEGIN in text:
-        pre, rest = text.split(MARK_BEGIN, 1)
-        text = pre + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+             f"{table}\n\n![PMQ bench](pmq_bench.png)")
+    replace_section("bench_pmq", block)
 
 
 if __name__ == "__main__":
