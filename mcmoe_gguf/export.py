@@ -193,8 +193,10 @@ def write_gguf(w: gguf.GGUFWriter, tensors: list[Planned], out: Path, progress: 
 def _check_destination(ck: Checkpoint, out: Path, force: bool) -> None:
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: output directory does not exist")
-    inputs = {r.path.resolve() for r in ck.tensors.values()} | {(ck.dir / "config.json").resolve()}
-    if out.resolve() in inputs or (out.exists() and out.resolve().parent == ck.dir.resolve() and out.suffix != ".gguf"):
+    # every file of the model directory (weights, config, tokenizer, texts) is input; shards may live elsewhere
+    inputs = {r.path.resolve() for r in ck.tensors.values()}
+    inputs |= {p.resolve() for p in ck.dir.iterdir() if p.is_file() and p.suffix != ".gguf"}
+    if out.resolve() in inputs:
         raise ExportError(f"{out}: refusing to overwrite an input file of the checkpoint")
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to overwrite it")
