@@ -13,5 +13,8 @@
 
 extern "C" const char * mcmoe_runtime_info(void) {
     // One line, "key=value" pairs: stable enough for Python to parse, readable in a debugger.
-    return "mcmoe-runtime abi=1 source_hash=" MCMOE_SOURCE_HASH;
+    // features: what tests can ask for before relying on it (a stale build lacks them)
+    //   mmid-skip       mul_mat_id skips ids < 0 or >= n_as and zeroes their rows (mcmoe/ggml/mcmoe-ids.h)
+    //   split-experts   per-expert MoE tensors grouped by type at load (mcmoe/runtime/mcmoe-moe.h)
+    return "mcmoe-runtime abi=1 source_hash=" MCMOE_SOURCE_HASH " features=mmid-skip,split-experts";
 }
