@@ -16,12 +16,12 @@ def run_demo(preset: str = "default", max_chunks: int = 64, threads: int | None 
     from .tiny import describe, tiny_model
 
     info = check_runtime()
-    print(f"[1/4] patched runtime: {info['lib']} (sources {info['source_hash'][:12]})")
+    print(f"[1/5] patched runtime: {info['lib']} (sources {info['source_hash'][:12]})")
     model = tiny_model(preset)
-    print(f"[2/4] {describe(model)}")
+    print(f"[2/5] {describe(model)}")
     out_dir = cache_dir("demo", model.name)
     gguf_path = convert(model, out_dir / "tiny-f16.gguf", outtype="f16", force=True, progress=False)
-    print(f"[3/4] converted -> {gguf_path} ({gguf_path.stat().st_size / 2**20:.2f} MiB)")
+    print(f"[3/5] converted -> {gguf_path} ({gguf_path.stat().st_size / 2**20:.2f} MiB)")
     llm = load(gguf_path, n_ctx=256, n_threads=threads)
     text = llm(PROMPT, max_tokens=40, temperature=0.0, echo=True)["choices"][0]["text"]
     print("      generated (greedy):\n        " + text.replace("\n", "\n        "))
@@ -32,9 +32,36 @@ def run_demo(preset: str = "default", max_chunks: int = 64, threads: int | None 
     t1 = time.time()
     got = ppl_llama(gguf_path, eval_text, ctx=256, max_chunks=max_chunks, n_threads=threads, progress=False)
     t2 = time.time()
-    print(f"[4/4] held-out perplexity ({ref['tokens']} tokens, ctx 256):")
+    print(f"[4/5] held-out perplexity ({ref['tokens']} tokens, ctx 256):")
     print(f"      {'engine':<28}{'PPL':>10}{'seconds':>10}")
     print(f"      {'transformers (fp32)':<28}{ref['ppl']:>10.4f}{t1 - t0:>10.1f}")
     print(f"      {'llama.cpp F16 GGUF':<28}{got['ppl']:>10.4f}{t2 - t1:>10.1f}")
     print(f"      relative difference: {100 * (got['ppl'] / ref['ppl'] - 1):+.3f}%")
+    compare_low_bit(model, gguf_path, eval_text, max_chunks, threads)
     return 0
+
+
+def compare_low_bit(model: Path, f16: Path, eval_text: str, max_chunks: int, threads: int | None) -> None:
+    """Our PMQ file at ~2.5 real expert bpw beside F16 and llama.cpp's Q2_K (imatrix from the same
+    calibration text), all through the patched llama.cpp on the same held-out chunks."""
+    from .baselines import imatrix, stock_quantize
+    from .evaluate import ppl_llama
+    from .export import export_pmq
+    from .pmq import PMQConfig, quantize
+
+    out_dir = f16.parent
+    work = out_dir / "pmq-2.5"
+    print("[5/5] PMQ at 2.5 real expert bpw vs llama.cpp Q2_K (imatrix), same held-out chunks:")
+    quantize(model, work, PMQConfig(budget="2.5", n_seq=64, seq_len=256), progress=False)
+    ours = export_pmq(work, out_dir / "tiny-pmq2.5.gguf", force=True, progress=False)
+    im = imatrix(f16, model / "calib.txt", out_dir / "imatrix.gguf", chunks=64)
+    q2k = stock_quantize(f16, "Q2_K", out_dir / "tiny-q2_k.gguf", im)
+    from .report import gguf_sizes
+    print(f"      {'file':<26}{'MiB':>8}{'bpw':>8}{'expert bpw':>12}{'PPL':>10}{'x F16':>8}")
+    base = None
+    for name, path in (("F16", f16), ("mcmoe PMQ 2.5", ours), ("llama.cpp Q2_K + imatrix", q2k)):
+        r = ppl_llama(path, eval_text, ctx=256, max_chunks=max_chunks, n_threads=threads, progress=False)
+        base = base or r["ppl"]
+        z = gguf_sizes(path)
+        print(f"      {name:<26}{path.stat().st_size / 2**20:>8.2f}{z['bpw']:>8.3f}{z['expert_bpw']:>12.3f}"
+              f"{r['ppl']:>10.4f}{r['ppl'] / base:>8.3f}")

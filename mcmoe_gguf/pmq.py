@@ -181,11 +181,12 @@ def moe_input(layer: mx.DecoderLayer, h, cos, sin, chunk: int) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def quantize_experts(moe: mx.SparseMoeBlock, x: torch.Tensor, bits: np.ndarray, cfg: PMQConfig, desc: str) -> dict:
+def quantize_experts(moe: mx.SparseMoeBlock, x: torch.Tensor, bits: np.ndarray, cfg: PMQConfig, desc: str,
+                     progress: bool = True) -> dict:
     """GPTQ each expert at its width on the tokens routed to it; w2's Hessian from the quantized w1/w3."""
     _, _, ids = mx.route(moe.gate(x), moe.hp.num_experts_per_tok)
     out = {}
-    for e in tqdm(range(moe.hp.num_local_experts), desc=desc, unit="expert", leave=False):
+    for e in tqdm(range(moe.hp.num_local_experts), desc=desc, unit="expert", leave=False, disable=not progress):
         ex, b = moe.experts[e], int(bits[e])
         tok = torch.where((ids == e).any(-1))[0]
         xe = x[tok]
@@ -299,7 +300,7 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
         s = moe_stats(l, layer.block_sparse_moe, x)
         _atomic_save(s.to_dict(), outdir / "stats" / f"layer_{l:02d}.json", as_json=True)
         bits = global_bits[l] if global_bits is not None else _bits_of(choose_bits([s], n_params[l:l + 1], cfg))[0]
-        for k, v in quantize_experts(layer.block_sparse_moe, x, bits, cfg, f"layer {l} experts").items():
+        for k, v in quantize_experts(layer.block_sparse_moe, x, bits, cfg, f"layer {l} experts", progress).items():
             proj, e = k.split(".")
             tensors[f"block_sparse_moe.experts.{e}.{proj}"] = v
         _atomic_save({"layer": l, "bits": [int(b) for b in bits], "tensors": tensors},
