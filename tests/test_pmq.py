@@ -200,3 +200,17 @@ def test_file_bytes_equal_the_size_report_and_embeddings_match_fake_quant(micro_
     model, _ = fake_quant_model(tmp_path / "q")
     want = gguf.quants.dequantize(emb.data, gguf.GGMLQuantizationType.Q8_0).reshape(512, 256)
     np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), want)
+
+
+def test_llama_cpp_perplexity_of_pmq_file_equals_fake_quant(micro_checkpoint, tmp_path):
+    """The engine computes what the quantized state means: llama.cpp PPL of the PMQ GGUF within 0.5% of
+    the torch fake-quant model's (the gap is the engine's 8-bit activation rounding, Q8_0/Q8_1)."""
+    from mcmoe_gguf.evaluate import ppl_fake_quant, ppl_llama
+    from mcmoe_gguf.export import export_pmq
+    pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
+    path = export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False)
+    text = (micro_checkpoint / "calib.txt").read_text()
+    ref = ppl_fake_quant(tmp_path / "q", text, ctx=64, max_chunks=16)
+    got = ppl_llama(path, text, ctx=64, max_chunks=16, n_threads=2, progress=False)
+    assert got["tokens"] == ref["tokens"]
+    assert abs(got["ppl"] / ref["ppl"] - 1) < 0.005, (got, ref)
