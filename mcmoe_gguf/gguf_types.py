@@ -15,6 +15,10 @@ import gguf.gguf_reader
 
 from . import formats
 
+# Upstream types of the pinned llama.cpp that the installed gguf package may predate (gguf 0.19 stops at
+# Q1_0 = 41): name -> (id, block size, bytes per block), from the vendored ggml.h / ggml-common.h.
+_UPSTREAM_EXTRA = {"Q2_0": (42, 64, 2 + 64 // 4)}
+
 _registered = False
 
 
@@ -24,9 +28,13 @@ def register() -> None:
         return
     members = {m.name: m.value for m in gguf.GGMLQuantizationType}
     members.update({s.name.upper(): s.type_id for s in formats.TYPES.values()})
+    extra = {n: v for n, v in _UPSTREAM_EXTRA.items() if n not in members}
+    members.update({n: v[0] for n, v in extra.items()})
     extended = IntEnum("GGMLQuantizationType", members)
     for s in formats.TYPES.values():
         gguf.constants.GGML_QUANT_SIZES[extended(s.type_id)] = (formats.GROUP_SIZE, s.block_bytes)
+    for n, (tid, block, size) in extra.items():
+        gguf.constants.GGML_QUANT_SIZES[extended(tid)] = (block, size)
     gguf.gguf_reader.GGMLQuantizationType = extended
     _registered = True
 
