@@ -77,12 +77,12 @@ def fake_quant_model(outdir: str | Path):
 
     from .arch import mixtral as mx
     from .checkpoint import Checkpoint
+    from .formats import stock_quantize
     from .pmq import dequantized_state
     manifest = json.loads((Path(outdir) / "manifest.json").read_text())
+    cfg = manifest["config"]
     ck = Checkpoint(manifest["model_dir"])
     model = mx.CompactMixtral(ck.hp)
-    from .formats import stock_quantize
-    cfg = manifest["config"]
     sd = {k: ck.get(v).float() for k, v in mx.GLOBAL_KEYS.items() if ck.has(v)}
     emb = torch.from_numpy(stock_quantize(sd["embed"], cfg["embed_type"])[1])
     model.model.embed_tokens.weight.data.copy_(emb)

@@ -8,6 +8,7 @@ half-written OUT.gguf, and an existing file is only replaced with force=True.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -237,7 +238,6 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
             return permute_qk(torch.from_numpy(data), n_head).numpy() if n_head else data
         return Planned("", (out_rows, n_in), spec.type_id, load)
 
-    import json
     cfg = json.loads((workdir / "manifest.json").read_text())["config"]
 
     def stock(t: Planned, type_name: str) -> Planned:
@@ -246,7 +246,8 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
         qt = gguf.GGMLQuantizationType[type_name.upper()]
         return Planned(t.name, t.shape, qt, lambda t=t: formats.stock_quantize(t.load(), type_name)[0])
 
-    bits = np.array([layer(i)["bits"] for i in range(hp.num_hidden_layers)])
+    # the widths are in allocation.json: no extra pass over the (large) layer files just to read them
+    bits = np.array(json.loads((workdir / "allocation.json").read_text())["bits"])
     out = [stock(by_name["token_embd.weight"], cfg["embed_type"])]
     for i in range(hp.num_hidden_layers):
         out.append(by_name[f"blk.{i}.attn_norm.weight"])
@@ -270,7 +271,6 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
 
 
 def add_pmq_metadata(w: gguf.GGUFWriter, workdir: Path, bits: np.ndarray) -> None:
-    import json
     manifest = json.loads((workdir / "manifest.json").read_text())
     alloc = json.loads((workdir / "allocation.json").read_text())
     cfg = manifest["config"]
@@ -292,8 +292,6 @@ def add_pmq_metadata(w: gguf.GGUFWriter, workdir: Path, bits: np.ndarray) -> Non
 def export_pmq(workdir: str | Path, out: str | Path, force: bool = False, name: str | None = None,
                progress: bool = True) -> Path:
     """GGUF of a finished PMQ work directory (see pmq.py), written atomically."""
-    import json
-
     from .gguf_types import register
     register()
     workdir = Path(workdir)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import allocate, formats
 from .arch import mixtral as mx
-from .calibration import LayerStats, calibration_tokens, expert_forward, moe_stats
+from .calibration import LayerStats, calibration_tokens, moe_stats
 from .checkpoint import Checkpoint
 from .gptq import GPTQ, rtn
 

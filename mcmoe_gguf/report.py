@@ -26,7 +26,7 @@ def describe(outdir: Path) -> str:
              f"alpha={cfg['alpha']} beta={cfg['beta']} gamma={cfg['gamma']}",
              f"  experts: {alloc['expert_bytes']:,} bytes = {alloc['expert_bpw']:.4f} real bpw; "
              f"whole model: {alloc['total_bytes']:,} bytes = {alloc['total_bpw']:.4f} real bpw",
-             f"  bits per expert (rows: layers; columns: experts); share of 1/2/3-bit experts: "
+             "  bits per expert (rows: layers; columns: experts); share of 1/2/3-bit experts: "
              + " / ".join(f"{(bits == b).mean():.0%}" for b in (1, 2, 3)),
              "  layer | " + " ".join(f"e{e:<2d}" for e in range(bits.shape[1])) + " |   mu   | phi min..max   | eps(2b) min..max"]
     for l, row in enumerate(bits):

@@ -87,7 +87,7 @@ def main() -> int:
             rows[-1]["budget"] = budget
             print(rows[-1], flush=True)
 
-    lines = [f"| allocation | budget | expert bpw (real) | file bpw (real) | held-out PPL | x unquantized |",
+    lines = ["| allocation | budget | expert bpw (real) | file bpw (real) | held-out PPL | x unquantized |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r.get('budget', '')} | {r['expert_bpw']:.3f} | {r['total_bpw']:.3f} | "
