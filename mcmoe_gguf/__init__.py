@@ -1,4 +1,5 @@
 """mcmoe-gguf: Mixture-of-Experts checkpoints -> per-expert mixed-bit GGUF for a patched llama.cpp."""
+from .odp import odp_reset, odp_stats
 from .runtime import RuntimeMismatch, check_runtime, load
 
-__all__ = ["load", "check_runtime", "RuntimeMismatch"]
+__all__ = ["load", "odp_stats", "odp_reset", "check_runtime", "RuntimeMismatch"]

@@ -35,24 +35,67 @@ def cmd_convert(a) -> int:
                                                  calib_text=a.calib_text, device=a.device))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
-        out = convert(a.model_dir, a.output, outtype=a.outtype, force=a.force, name=a.name)
+        mu = None
+        if a.odp_calibrate:
+            from .pmq import odp_thresholds
+            text = Path(a.calib_text or Path(a.model_dir) / "calib.txt")
+            if not text.exists():
+                raise FileNotFoundError(f"{text}: calibration text not found (pass --calib-text)")
+            mu = odp_thresholds(a.model_dir, text.read_text(encoding="utf-8"), n_seq=min(a.n_seq, 32),
+                                seq_len=min(a.seq_len, 256))
+        out = convert(a.model_dir, a.output, outtype=a.outtype, force=a.force, name=a.name, odp_mu=mu)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
+def odp_kwargs(a) -> dict:
+    """load() arguments of the --odp/--no-odp, --mu, --mu-scale, --protect, --importance options"""
+    return {"odp": a.odp, "mu": a.mu, "mu_scale": a.mu_scale, "protect": a.protect, "importance": a.importance}
+
+
+def print_odp_stats() -> None:
+    from .odp import odp_stats, summary
+    stats = odp_stats()
+    if not stats:
+        print("ODP: off (or no MoE layer ran)")
+        return
+    total = summary(stats)
+    per_layer = " ".join(f"{100 * s.skipped_fraction:.0f}" for s in stats)
+    print(f"ODP: {100 * total['skipped_fraction']:.1f}% of expert evaluations skipped "
+          f"({total['pruned']} of {total['slots']}); per layer %: {per_layer}")
+
+
 def cmd_generate(a) -> int:
+    from .odp import odp_reset
     from .runtime import load
-    llm = load(a.file, n_ctx=a.ctx, seed=a.seed, n_threads=a.threads)
+    llm = load(a.file, n_ctx=a.ctx, seed=a.seed, n_threads=a.threads, **odp_kwargs(a))
+    odp_reset()
     out = llm(a.prompt, max_tokens=a.n, temperature=a.temp, echo=True)
     print(out["choices"][0]["text"])
+    if a.stats:
+        print_odp_stats()
     return 0
 
 
 def cmd_ppl(a) -> int:
     from .evaluate import ppl_llama
+    from .odp import odp_reset
+    odp_reset()
     r = ppl_llama(a.file, Path(a.text).read_text(encoding="utf-8"), ctx=a.ctx, max_chunks=a.max_chunks,
-                  n_threads=a.threads)
+                  n_threads=a.threads, **odp_kwargs(a))
     print(f"perplexity {r['ppl']:.4f} over {r['tokens']} tokens (ctx {r['ctx']}) of {a.text}")
+    print_odp_stats()
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .odp import odp_reset
+    from .speed import time_file
+    odp_reset()
+    pp, tg = time_file(a.file, a.threads, a.pp, a.tg, a.repeat, **odp_kwargs(a))
+    print(f"{Path(a.file).name}: pp {pp:.1f} tok/s ({a.pp}-token prompt), tg {tg:.1f} tok/s ({a.tg} tokens), "
+          f"{a.threads} threads, best of {a.repeat}")
+    print_odp_stats()
     return 0
 
 
@@ -102,6 +145,21 @@ def cmd_demo(a) -> int:
     return run_demo(preset=a.preset, max_chunks=a.max_chunks, threads=a.threads)
 
 
+def add_odp_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("online dynamic pruning (ODP: skip the second expert of unimportant tokens)")
+    g.add_argument("--odp", dest="odp", action="store_true", default=True,
+                   help="prune where the file has calibrated thresholds or --mu is given (default)")
+    g.add_argument("--no-odp", dest="odp", action="store_false", help="run every routed expert")
+    g.add_argument("--mu", type=float, default=None,
+                   help="threshold for every layer instead of the file's calibrated per-layer mu")
+    g.add_argument("--mu-scale", type=float, default=1.0, help="multiply the thresholds (default 1)")
+    g.add_argument("--protect", type=float, default=0.02,
+                   help="fraction of a prompt's tokens that keep both experts (default 0.02)")
+    g.add_argument("--importance", choices=["attn", "rowsum", "norm", "none"], default="attn",
+                   help="how protected tokens are chosen: attention received x norm (default), the reference "
+                   "code's row sums, the norm only, or no protection")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcmoe-gguf", description="Mixture-of-Experts checkpoints -> mixed-bit GGUF "
                                 "for a patched llama.cpp (MC: PMQ + ODP).", epilog=EPILOG,
@@ -128,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=2048, help="PMQ calibration sequence length (default 2048)")
     s.add_argument("--calib-text", help="PMQ calibration text (default MODEL_DIR/calib.txt)")
     s.add_argument("--device", default="cpu", help="torch device for PMQ")
+    s.add_argument("--odp-calibrate", action="store_true",
+                   help="without --bits: measure the per-layer ODP thresholds on calibration text and store them, "
+                   "so the engine can prune this float file too (PMQ files always carry them)")
     s.add_argument("--from-workdir", action="store_true",
                    help="MODEL_DIR is a finished `mcmoe-gguf quantize` work directory: only write the GGUF")
     s.set_defaults(fn=cmd_convert)
@@ -140,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--ctx", type=int, default=512)
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--stats", action="store_true", help="print ODP counters after generating")
+    add_odp_options(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("ppl", help="perplexity of a text through the patched llama.cpp")
@@ -148,7 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ctx", type=int, default=256, help="chunk length in tokens (default 256)")
     s.add_argument("--max-chunks", type=int, default=None, help="score only the first N chunks")
     s.add_argument("--threads", type=int, default=None)
+    add_odp_options(s)
     s.set_defaults(fn=cmd_ppl)
+
+    s = sub.add_parser("bench", help="prompt and decode tokens/s of a GGUF file (and ODP's skipped fraction)")
+    s.add_argument("file", help="GGUF file")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--pp", type=int, default=256, help="prompt tokens, evaluated as one batch (default 256)")
+    s.add_argument("--tg", type=int, default=64, help="tokens decoded one at a time after it (default 64)")
+    s.add_argument("--repeat", type=int, default=3, help="best of N runs (default 3)")
+    add_odp_options(s)
+    s.set_defaults(fn=cmd_bench)
 
     from .allocate import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_GAMMA
     s = sub.add_parser("quantize", help="PMQ: calibrate, allocate 1/2/3 bits per expert, GPTQ (resumable)",

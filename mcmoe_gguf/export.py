@@ -145,7 +145,9 @@ def add_metadata(w: gguf.GGUFWriter, ck: Checkpoint, name: str, outtype: str) ->
 
 
 def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force: bool = False,
-            name: str | None = None, progress: bool = True) -> Path:
+            name: str | None = None, progress: bool = True, odp_mu: list[float] | None = None) -> Path:
+    """HF checkpoint -> GGUF of float weights (`outtype`), written atomically. odp_mu: per-layer ODP
+    thresholds to store (pmq.odp_thresholds), so the engine can prune this file too."""
     if outtype not in OUTTYPES:
         raise ExportError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     ck = Checkpoint(model_dir)
@@ -154,6 +156,10 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
     tensors = plan(ck, outtype)
     w = gguf.GGUFWriter(path=None, arch="llama")
     add_metadata(w, ck, name or ck.dir.resolve().name, outtype)
+    if odp_mu is not None:
+        if len(odp_mu) != ck.hp.num_hidden_layers:
+            raise ExportError(f"odp_mu has {len(odp_mu)} values for {ck.hp.num_hidden_layers} layers")
+        add_odp_metadata(w, odp_mu)
     add_tokenizer(w, ck.dir, ck.hp.vocab_size)
     return write_gguf(w, tensors, out, progress)
 
@@ -270,13 +276,23 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
     return out, bits
 
 
+def add_odp_metadata(w: gguf.GGUFWriter, mu) -> None:
+    """ODP parameters (docs/FORMAT.md): on by default with the calibrated per-layer mu; every scalar can be
+    overridden at load (llama.cpp kv-overrides, mcmoe_gguf.load(odp=..., protect=..., ...))."""
+    w.add_bool("mcmoe.odp.enabled", True)
+    w.add_array("mcmoe.odp.mu", [float(m) for m in mu])
+    w.add_float32("mcmoe.odp.mu_scale", 1.0)
+    w.add_float32("mcmoe.odp.protect", 0.02)
+    w.add_string("mcmoe.odp.importance", "attn")
+
+
 def add_pmq_metadata(w: gguf.GGUFWriter, workdir: Path, bits: np.ndarray) -> None:
     manifest = json.loads((workdir / "manifest.json").read_text())
     alloc = json.loads((workdir / "allocation.json").read_text())
     cfg = manifest["config"]
     w.add_uint32("mcmoe.version", 1)
     w.add_array("mcmoe.expert_bits", [int(b) for b in bits.ravel()])           # layer-major, E per layer
-    w.add_array("mcmoe.odp.mu", [float(m) for m in alloc["mu"]])
+    add_odp_metadata(w, alloc["mu"])
     w.add_string("mcmoe.pmq.budget", str(cfg["budget"]))
     w.add_string("mcmoe.pmq.scope", cfg["scope"])
     w.add_string("mcmoe.pmq.strategy", cfg["strategy"])

@@ -255,6 +255,26 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, outdir: Path, cos, sin, chunk) -> l
     return stats
 
 
+def odp_thresholds(model_dir: str | Path, text: str, n_seq: int = 32, seq_len: int = 256,
+                   progress: bool = True) -> list[float]:
+    """Per-layer ODP threshold mu_l (median of w1/w0 over calibration tokens) of the unquantized model,
+    for files without a PMQ run (an F16 conversion with `convert --odp-calibrate`)."""
+    ck = Checkpoint(model_dir)
+    hp = ck.hp
+    tokens = calibration_tokens(Path(model_dir) / "tokenizer.json", text, n_seq, min(seq_len, hp.max_position_embeddings))
+    cos, sin = mx.rope_tables(hp, tokens.shape[1])
+    chunk = max(1, 16384 // tokens.shape[1])
+    h = _embed(ck, tokens, "cpu")
+    mu = []
+    with torch.no_grad():
+        for l in tqdm(range(hp.num_hidden_layers), desc="ODP thresholds", unit="layer", disable=not progress):
+            layer = mx.decoder_layer_from(ck, l)
+            _, x = moe_input(layer, h, cos, sin, chunk)
+            mu.append(float(moe_stats(l, layer.block_sparse_moe, x).mu))
+            h = layer_forward(layer, h, cos, sin, chunk)
+    return mu
+
+
 def _embed(ck: Checkpoint, tokens: torch.Tensor, device: str) -> torch.Tensor:
     return torch.nn.functional.embedding(tokens, ck.get(mx.GLOBAL_KEYS["embed"]).float()).to(device)
 
@@ -267,9 +287,21 @@ def expert_params(hp: mx.MixtralHParams) -> np.ndarray:
     return np.full((hp.num_hidden_layers, hp.num_local_experts), 3 * hp.hidden_size * hp.intermediate_size)
 
 
+def check_row_lengths(hp: mx.MixtralHParams) -> None:
+    """The engine's CPU kernels read activations per 256 (Q8_K, docs/FORMAT.md), so every row of an mcq
+    matrix (the input dimension of each projection) must be a multiple of 256: refuse before hours of work."""
+    dims = {"hidden_size": hp.hidden_size, "intermediate_size": hp.intermediate_size,
+            "num_attention_heads * head_dim": hp.num_attention_heads * hp.d_head}
+    bad = {k: v for k, v in dims.items() if v % 256}
+    if bad:
+        raise ValueError("the mcq types need input dimensions that are multiples of 256; this model has "
+                         + ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+
 def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress: bool = True) -> dict:
     ck = Checkpoint(model_dir)
     hp = ck.hp
+    check_row_lengths(hp)
     outdir = Path(outdir)
     _open_workdir(outdir, _manifest(model_dir, cfg))
     text_path = Path(cfg.calib_text) if cfg.calib_text else Path(model_dir) / "calib.txt"

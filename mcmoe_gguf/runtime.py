@@ -75,14 +75,23 @@ def check_runtime() -> dict[str, str]:
     return info
 
 
-def load(path: str | os.PathLike, verbose: bool = False, **llama_kwargs):
-    """A ``llama_cpp.Llama`` for ``path`` on the checked, patched runtime."""
+def load(path: str | os.PathLike, verbose: bool = False, odp: bool = True, protect: float = 0.02,
+         mu_scale: float = 1.0, mu: float | None = None, importance: str = "attn", **llama_kwargs):
+    """A ``llama_cpp.Llama`` for ``path`` on the checked, patched runtime.
+
+    ODP (online dynamic pruning of the second expert, mcmoe_gguf.odp): odp=True prunes where the file has
+    calibrated thresholds (our converter writes them) or `mu` gives one for every layer; `mu_scale`
+    scales them, `protect` is the fraction of a prompt's tokens kept whole, `importance` how they are
+    chosen (attn | rowsum | norm | none). Extra kv_overrides in llama_kwargs are merged (theirs win)."""
     if not _checked:
         check_runtime()
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
+    from .odp import overrides
+    kv = overrides(path, odp=odp, protect=protect, mu_scale=mu_scale, mu=mu, importance=importance)
+    kv.update(llama_kwargs.pop("kv_overrides", None) or {})
     import llama_cpp
-    return llama_cpp.Llama(model_path=str(path), verbose=verbose, **llama_kwargs)
+    return llama_cpp.Llama(model_path=str(path), verbose=verbose, kv_overrides=kv, **llama_kwargs)
 
 
 def tools_dir() -> Path:

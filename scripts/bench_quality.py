@@ -51,7 +51,7 @@ def main() -> int:
     text = (model / "eval.txt").read_text(encoding="utf-8")
     rows = []
     for name, path in files:
-        r = ppl_llama(path, text, ctx=256, max_chunks=a.max_chunks, n_threads=a.threads, progress=False)
+        r = ppl_llama(path, text, ctx=256, max_chunks=a.max_chunks, n_threads=a.threads, progress=False, odp=False)
         rows.append({"name": name, **gguf_sizes(path), "ppl": r["ppl"]})
         print(rows[-1], flush=True)
     base = rows[0]["ppl"]

@@ -30,10 +30,10 @@ from mcmoe_gguf.runtime import REBUILD_HINT, lib_path
 
 BITS = (1, 2, 3, 4)
 TYPE_ID = {b: F.TYPES[b].type_id for b in BITS}
-GGML_TYPE_F32, GGML_TYPE_I32, GGML_TYPE_Q8_1 = 0, 26, 9
+GGML_TYPE_F32, GGML_TYPE_I32, GGML_TYPE_Q8_K = 0, 26, 15
 GGML_TYPE_Q4_K, GGML_TYPE_Q6_K = 12, 14
-QK8_1 = 32
-Q8_1_BYTES = 36
+QK_K = 256
+Q8_K_BYTES = 4 + QK_K + QK_K // 16 * 2       # fp32 d, 256 int8, 16 int16 sums
 
 
 # ---------------------------------------------------------------- the libraries, through ctypes
@@ -154,11 +154,11 @@ class Ggml:
         TO_FLOAT(self.traits(TYPE_ID[bits]).to_float)(blob.ctypes.data, out.ctypes.data, out.size)
         return out.reshape(-1, n)
 
-    def q8_1(self, y: np.ndarray) -> np.ndarray:
-        """Activations [T, n] -> Q8_1 bytes [T, n/32*36], with the CPU backend's own quantizer."""
+    def q8_K(self, y: np.ndarray) -> np.ndarray:
+        """Activations [T, n] -> Q8_K bytes [T, n/256*292], with the CPU backend's own quantizer."""
         y = np.ascontiguousarray(y, np.float32)
-        out = np.zeros(y.size // QK8_1 * Q8_1_BYTES, np.uint8)
-        FROM_FLOAT(self.cpu.ggml_get_type_traits_cpu(GGML_TYPE_Q8_1).contents.from_float)(
+        out = np.zeros(y.size // QK_K * Q8_K_BYTES, np.uint8)
+        FROM_FLOAT(self.cpu.ggml_get_type_traits_cpu(GGML_TYPE_Q8_K).contents.from_float)(
             y.ctypes.data, out.ctypes.data, y.size)
         return out.reshape(y.shape[0], -1)
 
@@ -241,7 +241,7 @@ def test_type_table(ggml):
         assert ggml.base.ggml_row_size(t, 14336) == 14336 // 128 * F.block_bytes(bits)
         assert not ggml.base.ggml_quantize_requires_imatrix(t)
         ct = ggml.cpu.ggml_get_type_traits_cpu(t).contents
-        assert ct.vec_dot and ct.from_float and ct.vec_dot_type == GGML_TYPE_Q8_1 and ct.nrows == 1
+        assert ct.vec_dot and ct.from_float and ct.vec_dot_type == GGML_TYPE_Q8_K and ct.nrows == 1
 
 
 # ---------------------------------------------------------------- quantize / dequantize == formats.py
@@ -317,33 +317,36 @@ def test_validate_rejects_inf_and_nan_params(ggml, bits):
 
 # ---------------------------------------------------------------- vec_dot, mul_mat, mul_mat_id, get_rows
 
-def parse_q8_1(qy: np.ndarray):
-    """Q8_1 bytes [T, nb*36] -> (d [T, nb], s [T, nb], q int8 [T, nb*32])."""
+def parse_q8_K(qy: np.ndarray):
+    """Q8_K bytes [T, nb*292] -> (d [T, nb], q int8 [T, nb*256], bsums int16 [T, nb, 16])."""
     T = qy.shape[0]
-    b = np.ascontiguousarray(qy).reshape(T, -1, Q8_1_BYTES)
-    d = np.ascontiguousarray(b[..., 0:2]).view("<f2")[..., 0].astype(np.float64)
-    s = np.ascontiguousarray(b[..., 2:4]).view("<f2")[..., 0].astype(np.float64)
-    q = np.ascontiguousarray(b[..., 4:]).view(np.int8).reshape(T, -1).astype(np.int64)
-    return d, s, q
+    b = np.ascontiguousarray(qy).reshape(T, -1, Q8_K_BYTES)
+    d = np.ascontiguousarray(b[..., 0:4]).view("<f4")[..., 0].astype(np.float64)
+    q = np.ascontiguousarray(b[..., 4:4 + QK_K]).view(np.int8).reshape(T, -1).astype(np.int64)
+    bsums = np.ascontiguousarray(b[..., 4 + QK_K:]).view("<i2").astype(np.int64)
+    assert np.array_equal(bsums.reshape(T, -1), q.reshape(T, -1, 16).sum(-1)), "Q8_K bsums != sums of 16 codes"
+    return d, q, bsums
 
 
 def kernel_sum(blob: np.ndarray, bits: int, n: int, qy: np.ndarray):
-    """float64 value of what the kernels compute, out[r, t] = sum over blocks of
-    d * sum_j d_y,j * sum(q q_y) + m * sum_j s_j, and the sum of the absolute values of those terms."""
+    """float64 value of what the kernels compute, out[r, t] = sum over blocks b of 128 of
+    d_b d_y * sum(q q_y) + m_b d_y * sum(q_y) (d_y: the Q8_K scale of the 256 holding b), and the sum of the
+    absolute values of those terms."""
     q, d, m = F.unpack(blob, bits, n)
-    dy, sy, qv = parse_q8_1(qy)
-    R, T, J = q.shape[0], qy.shape[0], n // QK8_1
-    S = np.einsum("rji,tji->rtj", q.astype(np.int64).reshape(R, J, QK8_1), qv.reshape(T, J, QK8_1))
-    dj = np.repeat(d.astype(np.float64), 4, 1)                   # [R, J]
-    t1 = dj[:, None, :] * dy[None, :, :] * S                     # [R, T, J]
-    t2 = np.repeat(m.astype(np.float64), 4, 1)[:, None, :] * sy[None, :, :]
-    return (t1 + t2).sum(-1), (np.abs(t1) + np.abs(t2)).sum(-1), np.abs(t2).sum(-1)
+    dy, qv, _ = parse_q8_K(qy)
+    R, T, J = q.shape[0], qy.shape[0], n // 128
+    S = np.einsum("rji,tji->rtj", q.astype(np.int64).reshape(R, J, 128), qv.reshape(T, J, 128))
+    dyj = np.repeat(dy, 2, 1)                                    # [T, J]: one Q8_K scale per two mcq blocks
+    sy = qv.reshape(T, J, 128).sum(-1) * dyj                     # [T, J]
+    t1 = d.astype(np.float64)[:, None, :] * dyj[None, :, :] * S  # [R, T, J]
+    t2 = m.astype(np.float64)[:, None, :] * sy[None, :, :]
+    return (t1 + t2).sum(-1), (np.abs(t1) + np.abs(t2)).sum(-1)
 
 
 def dequant_dot(blob, bits, n, qy):
-    """float64 dot of formats.dequantize(x) with the dequantized Q8_1 activations."""
-    dy, _, qv = parse_q8_1(qy)
-    y = np.repeat(dy, QK8_1, 1) * qv
+    """float64 dot of formats.dequantize(x) with the dequantized Q8_K activations."""
+    dy, qv, _ = parse_q8_K(qy)
+    y = np.repeat(dy, QK_K, 1) * qv
     return F.dequantize(blob, bits, n).astype(np.float64) @ y.T
 
 
@@ -357,15 +360,15 @@ def test_simd_kernel_is_in_use(ggml):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("n", [128, 384, 4096, 14336])
+@pytest.mark.parametrize("n", [256, 768, 4096, 14336])
 def test_vec_dot_simd_vs_scalar_vs_float64(ggml, bits, n):
     rng = np.random.default_rng(n + bits)
     x = ggml.quantize_row(bits, weights("heavy", 4, n, seed=n), "minmax")
     x = np.concatenate([x, random_blocks(bits, 2, n, seed=n)])      # arbitrary d, m and codes too
     y = (rng.standard_normal((3, n)) * np.exp(rng.standard_normal((3, 1)))).astype(np.float32)
     y[0, :64] *= 30                                                  # an activation outlier
-    qy = ggml.q8_1(y)
-    want, abs_sum, abs_m = kernel_sum(x, bits, n, qy)
+    qy = ggml.q8_K(y)
+    want, abs_sum = kernel_sum(x, bits, n, qy)
     plain = dequant_dot(x, bits, n, qy)
     for r in range(x.shape[0]):
         for t in range(qy.shape[0]):
@@ -375,9 +378,9 @@ def test_vec_dot_simd_vs_scalar_vs_float64(ggml, bits, n):
             assert abs(simd - ref) <= tol, (r, t, simd, ref, tol)
             assert abs(simd - want[r, t]) <= tol, (r, t, simd, want[r, t])
             assert abs(ref - want[r, t]) <= tol, (r, t, ref, want[r, t])
-            # Q8_1 stores s = d_y * sum(q_y) rounded to fp16, which the kernels use for the m term: that
-            # rounding (<= 2^-11 relative) is the only difference from the plain dequantized dot product
-            assert abs(simd - plain[r, t]) <= tol + 2.0 ** -11 * abs_m[r, t], (r, t, simd, plain[r, t])
+            # Q8_K's bsums are exact integer sums, so the m term is exact too: the kernels compute the plain
+            # dot product of the dequantized weights and activations up to float rounding
+            assert abs(simd - plain[r, t]) <= tol, (r, t, simd, plain[r, t])
 
 
 class Graph:
@@ -435,7 +438,7 @@ def test_mul_mat(ggml, bits, T):
         a = g.tensor(TYPE_ID[bits], n, rows, data=blob)
         b = g.tensor(GGML_TYPE_F32, n, T, data=y)
         out = g.compute(ggml.base.ggml_mul_mat(g.ctx, a, b), (T, rows))
-    want, abs_sum, _ = kernel_sum(blob, bits, n, ggml.q8_1(y))      # the CPU quantizes y to Q8_1 the same way
+    want, abs_sum = kernel_sum(blob, bits, n, ggml.q8_K(y))         # the CPU quantizes y to Q8_K the same way
     np.testing.assert_array_less(np.abs(out - want.T), 1e-5 * abs_sum.T + 1e-30)
     # and close to the float product with the dequantized weights (activation rounding only)
     full = y.astype(np.float64) @ F.dequantize(blob, bits, n).astype(np.float64).T
@@ -455,7 +458,7 @@ def test_mul_mat_id(ggml, bits):
         out = g.compute(ggml.base.ggml_mul_mat_id(g.ctx, a, b, i), (T, n_used, rows))
     for t in range(T):
         for s in range(n_used):
-            want, abs_sum, _ = kernel_sum(blobs[ids[t, s]], bits, n, ggml.q8_1(y[t, s][None]))
+            want, abs_sum = kernel_sum(blobs[ids[t, s]], bits, n, ggml.q8_K(y[t, s][None]))
             assert np.all(np.abs(out[t, s] - want[:, 0]) <= 1e-5 * abs_sum[:, 0] + 1e-30), (t, s)
 
 

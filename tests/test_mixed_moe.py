@@ -4,7 +4,7 @@
   over a NaN-filled destination) and leaves every other row bit-identical;
 - a PMQ file whose layers mix mcq1/mcq2/mcq3 experts (and one layer without any 2-bit expert) gives the
   logits of the torch fake-quant model of the same work directory, for a prefill batch and for
-  token-by-token decode (tolerance from the Q8_1 activations, checked against a torch model that
+  token-by-token decode (tolerance from the Q8_K activations, checked against a torch model that
   emulates the kernels' roundings too);
 - the grouping itself is exact: the mixed file equals its experts re-encoded as mcq3 (same values) in
   stock merged ffn_*_exps tensors; a uniform PMQ file (one group of 8 per projection) equals the same
@@ -138,7 +138,7 @@ def micro(tmp_path_factory, small_tokenizer_dir):
     (ck / "calib.txt").write_text(corpus_splits(PRESETS["default"])["calib"][:20_000])
     wd = root / "wd-u2"
     # RTN (seconds); embeddings and output in F16, so the only activation quantization
-    # llama.cpp applies is the Q8_1 of the mcq matmuls (a Q8_0 output would add its own, in the logits)
+    # llama.cpp applies is the Q8_K of the mcq matmuls (a Q8_0 output would add its own, in the logits)
     cfg = pmq.PMQConfig(strategy="uniform:2", method="rtn", n_seq=4, seq_len=32,
                         embed_type="f16", output_type="f16")
     pmq.quantize(ck, wd, cfg, progress=False)
@@ -260,6 +260,7 @@ TOKENS = [int(t) for t in np.random.default_rng(5).integers(3, VOCAB, 40)]
 def llama_logits(path: Path, tokens=TOKENS, decode: bool = False, **kw) -> np.ndarray:
     """All positions' logits; prefill = one batch, decode = one token per llama_decode (KV cache)."""
     from mcmoe_gguf.runtime import load
+    kw.setdefault("odp", False)     # the quantized model itself (ODP: tests/test_odp.py)
     llm = load(path, n_ctx=128, n_batch=64, n_ubatch=64, logits_all=True, n_threads=2, seed=0, **kw)
     if decode:
         for t in tokens:
@@ -271,18 +272,19 @@ def llama_logits(path: Path, tokens=TOKENS, decode: bool = False, **kw) -> np.nd
     return out
 
 
-def q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU's Q8_1 of x (blocks of 32 along the last axis, ggml's quantize_row_q8_1): q = round(x / d)
-    with d = amax / 127 (x * (127 / amax), rounded to nearest even, as the AVX2 code); the vec_dot reads q * fp16(d) and, for the min term, s = fp16(d * sum(q)).
-    Returns (x as q * fp16(d), s - fp16(d) * sum(q) per block of 32)."""
-    b = x.float().reshape(-1, 32)
-    amax = b.abs().amax(-1, keepdim=True)
-    d = amax / 127
-    q = torch.round(b * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))   # x * id, id = 127 / amax
-    sq = q.sum(-1, keepdim=True)
-    s_err = (d * sq).half().float() - d.half().float() * sq
-    return ((q * d.half().float()).reshape(x.shape).to(x.dtype),
-            s_err.reshape(*x.shape[:-1], x.shape[-1] // 32).to(x.dtype))
+def q8_K(x: torch.Tensor) -> torch.Tensor:
+    """The CPU's Q8_K of x (blocks of 256 along the last axis, ggml's quantize_row_q8_K_ref, float32):
+    max = the value of largest magnitude, iscale = -127 / max, q = min(127, round(iscale * x)) (to nearest
+    even), d = 1 / iscale. Returns x as q * d; the min term of the mcq vec_dot uses the exact integer sums
+    of q (bsums), so nothing else to emulate."""
+    b = x.float().reshape(-1, 256)
+    idx = b.abs().argmax(-1, keepdim=True)           # first index of the largest |x|, as the C loop's strict >
+    mx = torch.gather(b, 1, idx)
+    safe = torch.where(mx != 0, mx, torch.ones_like(mx))
+    iscale = torch.tensor(-127.0, dtype=torch.float32) / safe
+    q = torch.clamp(torch.round(iscale * b), max=127)
+    d = torch.where(mx != 0, torch.tensor(1.0, dtype=torch.float32) / iscale, torch.zeros_like(mx))
+    return (q * d).reshape(x.shape).to(x.dtype)
 
 
 def attention_as_llama_cpu(self, x, cos, sin):
@@ -307,25 +309,14 @@ def attention_as_llama_cpu(self, x, cos, sin):
 def torch_logits(workdir: Path, tokens=TOKENS, emulate: bool = False) -> np.ndarray:
     """Logits of the fake-quant model of the work directory (evaluate.fake_quant_model), in float64.
     emulate=True also applies what the CPU kernels do to activations: every mcq matmul reads its input as
-    Q8_1 (and the min term m * sum(x) of each 128-block through Q8_1's fp16 block sums s), the F16 output
+    Q8_K (one fp32 scale per 256, exact integer block sums for the min term), the F16 output
     matmul reads fp16, and attention runs as llama.cpp's CPU graph does it (attention_as_llama_cpu)."""
     from mcmoe_gguf.evaluate import fake_quant_model
     model, _ = fake_quant_model(workdir)
     model = model.double()
     if emulate:
         def mcq_linear(lin, entry):
-            _, _, m = formats.unpack(entry["data"].numpy(), entry["bits"], entry["shape"][1])
-            M = torch.from_numpy(m.astype(np.float64))                       # [rows, n / 128]
-
-            def pre(mod, args):
-                xq, s_err = q8_1(args[0])
-                mod._s_err = s_err.reshape(*s_err.shape[:-1], -1, 4).sum(-1)  # per 128-block
-                return (xq,)
-
-            def post(mod, args, out):
-                return out + mod._s_err @ M.T
-            lin.register_forward_pre_hook(pre)
-            lin.register_forward_hook(post)
+            lin.register_forward_pre_hook(lambda mod, args: (q8_K(args[0]),))
 
         for i, layer in enumerate(model.model.layers):
             f = torch.load(Path(workdir) / "layers" / f"layer_{i:02d}.pt")["tensors"]
@@ -359,11 +350,11 @@ def test_mixed_layer_matches_torch_fake_quant(files, ref, decode):
     model of the same stored bytes (evaluate.fake_quant_model), 40 tokens as one prefill batch or one
     token per llama_decode.
 
-    Tolerance. llama.cpp is not bit-exact with a float reference: every mcq matmul reads its input as Q8_1
-    (8 bits per value, one fp16 scale per 32: ~0.5% relative per matmul), the min term through Q8_1's fp16
-    block sums, and attention through the F16 KV cache. Measured here: 0.75% of the largest logit at worst
+    Tolerance. llama.cpp is not bit-exact with a float reference: every mcq matmul reads its input as Q8_K
+    (8 bits per value, one fp32 scale per 256: ~0.5% relative per matmul), and attention goes through the
+    F16 KV cache. Measured here: 0.75% of the largest logit at worst
     (median 0.44%). With those roundings emulated in torch (torch_logits(emulate=True)) the first positions
-    agree to ~1e-7; the rest differ by ~0.1-0.3% because Q8_1 rounding is discontinuous: a float-level
+    agree to ~1e-7; the rest differ by ~0.1-0.3% because 8-bit rounding is discontinuous: a float-level
     difference that moves one activation across a rounding boundary changes it by a whole step, and
     attention spreads that to later positions. Bounds: 2% (plain) and 1% (emulated) of the largest logit,
     the emulated reference closer in median, and both far below what the widths change (the 3-bit model
@@ -496,14 +487,23 @@ def bad_bits_metadata(src, dst):
     return dst
 
 
-def bad_shape(src, dst):
+def _reshape_down3(src, dst, ne0, ne1):
     def fn(rd):
         t = next(x for x in rd.tensors if x.name == "blk.0.ffn_down.3.weight")
         dims = t.field.parts[3]
-        assert list(dims) == [FF, HIDDEN]
-        dims[0], dims[1] = FF // 2, HIDDEN * 2              # same bytes (GGUF offsets stay valid), wrong shape
+        assert list(dims) == [FF, HIDDEN] and ne0 * ne1 == FF * HIDDEN   # same bytes: GGUF offsets stay valid
+        dims[0], dims[1] = ne0, ne1
     _edit_gguf(_copy(src, dst), fn)
     return dst
+
+
+def bad_shape(src, dst):
+    return _reshape_down3(src, dst, FF * 2, HIDDEN // 2)
+
+
+def bad_rows_not_256(src, dst):
+    """rows of 128 weights: valid mcq blocks, but the CPU kernels read activations per 256 (Q8_K)"""
+    return _reshape_down3(src, dst, FF // 2, HIDDEN * 2)
 
 
 def bad_truncated(src, dst):
@@ -529,6 +529,7 @@ BAD = {
     "missing_expert": (bad_missing_expert, "expert tensor 'blk.1.ffn_up.5.weight' is missing"),
     "bits_disagree": (bad_bits_metadata, "disagree with the metadata"),
     "wrong_shape": (bad_shape, "'blk.0.ffn_down.3.weight' has wrong shape"),
+    "rows_not_256": (bad_rows_not_256, "has rows of 128 weights; the mcq types need a multiple of 256"),
     "truncated": (bad_truncated, "not within the file bounds"),
     "truncated_in_experts": (bad_truncated_in_experts, "not within the file bounds"),
 }

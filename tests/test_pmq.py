@@ -211,6 +211,17 @@ def test_llama_cpp_perplexity_of_pmq_file_equals_fake_quant(micro_checkpoint, tm
     path = export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False)
     text = (micro_checkpoint / "calib.txt").read_text()
     ref = ppl_fake_quant(tmp_path / "q", text, ctx=64, max_chunks=16)
-    got = ppl_llama(path, text, ctx=64, max_chunks=16, n_threads=2, progress=False)
+    got = ppl_llama(path, text, ctx=64, max_chunks=16, n_threads=2, progress=False, odp=False)
     assert got["tokens"] == ref["tokens"]
     assert abs(got["ppl"] / ref["ppl"] - 1) < 0.005, (got, ref)
+
+
+def test_dimensions_not_multiple_of_256_are_refused_before_work(tmp_path, small_tokenizer_dir):
+    """The engine reads activations per 256 (Q8_K): a model with ffn 384 cannot run as mcq, so quantize
+    refuses at once, naming the dimension, and creates no work directory."""
+    cfg = small_config(n_layers=1, hidden=256, ff=384, vocab=512)
+    d = save_checkpoint(tmp_path / "m", cfg, random_state(cfg, seed=3, dtype=torch.float32), small_tokenizer_dir)
+    (d / "calib.txt").write_text("some calibration text " * 200)
+    with pytest.raises(ValueError, match=r"multiples of 256.*intermediate_size=384"):
+        pmq.quantize(d, tmp_path / "wd", pmq.PMQConfig(budget="2.25", n_seq=2, seq_len=16), progress=False)
+    assert not (tmp_path / "wd").exists()

@@ -1,7 +1,7 @@
-// mcmoe-gguf: CPU vec_dot of the mcq types against Q8_1 activations (see mcq-cpu.h).
+// mcmoe-gguf: CPU vec_dot of the mcq types against Q8_K activations (see mcq-cpu.h).
 //
-// ggml_vec_dot_mcqN_q8_1_generic is the scalar reference (any CPU, the tests, and the CPU backend in
-// reference mode); ggml_vec_dot_mcqN_q8_1 is the kernel of type_traits_cpu: AVX2 (+FMA) where this file
+// ggml_vec_dot_mcqN_q8_K_generic is the scalar reference (any CPU, the tests, and the CPU backend in
+// reference mode); ggml_vec_dot_mcqN_q8_K is the kernel of type_traits_cpu: AVX2 (+FMA) where this file
 // is compiled with __AVX2__, otherwise the generic one under that name, following the scheme of
 // ggml-cpu/arch-fallback.h (kept here because only this file defines and uses these names; a NEON or
 // AVX-512 kernel would be added below beside the AVX2 one).
@@ -26,16 +26,16 @@
 #    endif
 #else
 // arch fallback: no SIMD kernel for this target, the generic one is the kernel
-#    define ggml_vec_dot_mcq1_q8_1_generic ggml_vec_dot_mcq1_q8_1
-#    define ggml_vec_dot_mcq2_q8_1_generic ggml_vec_dot_mcq2_q8_1
-#    define ggml_vec_dot_mcq3_q8_1_generic ggml_vec_dot_mcq3_q8_1
-#    define ggml_vec_dot_mcq4_q8_1_generic ggml_vec_dot_mcq4_q8_1
+#    define ggml_vec_dot_mcq1_q8_K_generic ggml_vec_dot_mcq1_q8_K
+#    define ggml_vec_dot_mcq2_q8_K_generic ggml_vec_dot_mcq2_q8_K
+#    define ggml_vec_dot_mcq3_q8_K_generic ggml_vec_dot_mcq3_q8_K
+#    define ggml_vec_dot_mcq4_q8_K_generic ggml_vec_dot_mcq4_q8_K
 #endif
 
-void ggml_vec_dot_mcq1_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
-void ggml_vec_dot_mcq2_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
-void ggml_vec_dot_mcq3_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
-void ggml_vec_dot_mcq4_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq1_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq2_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq3_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq4_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 
 // ---------------------------------------------------------------- scalar reference
 
@@ -51,33 +51,36 @@ static inline int mcq_code_at(int bits, const uint8_t * c, int n) {
 
 static inline void mcq_vec_dot_generic_impl(int bits, int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
                                             const void * GGML_RESTRICT vy) {
-    assert(n % QK_MCQ == 0);
+    assert(n % QK_K == 0);
     const size_t       bb = 4 + (size_t) bits*QK_MCQ/8;
     const uint8_t    * x  = (const uint8_t *) vx;
-    const block_q8_1 * y  = (const block_q8_1 *) vy;
+    const block_q8_K * y  = (const block_q8_K *) vy;
 
     float sumf = 0.0f;
     for (int ib = 0; ib < n / QK_MCQ; ++ib) {
-        const uint8_t * blk = x + ib*bb;
+        const uint8_t    * blk  = x + ib*bb;
+        const block_q8_K * yb   = y + ib/2;
+        const int          half = ib % 2;         // which 128 of the Q8_K block of 256
         uint16_t d16, m16;
         memcpy(&d16, blk, 2);
         memcpy(&m16, blk + 2, 2);
         const float d = GGML_CPU_FP16_TO_FP32(d16);
         const float m = GGML_CPU_FP16_TO_FP32(m16);
-        for (int j = 0; j < QK_MCQ/QK8_1; ++j) {
-            const block_q8_1 * yb = y + ib*(QK_MCQ/QK8_1) + j;
-            int sumi = 0;
-            for (int i = 0; i < QK8_1; ++i) {
-                sumi += mcq_code_at(bits, blk + 4, j*QK8_1 + i) * yb->qs[i];
-            }
-            sumf += (d*GGML_CPU_FP16_TO_FP32(yb->d))*(float) sumi + m*GGML_CPU_FP16_TO_FP32(yb->s);
+        int sumi = 0;
+        for (int i = 0; i < QK_MCQ; ++i) {
+            sumi += mcq_code_at(bits, blk + 4, i) * yb->qs[half*QK_MCQ + i];
         }
+        int sumy = 0;                             // sum of the 128 activation codes, from the 8 bsums of 16
+        for (int j = 0; j < QK_MCQ/16; ++j) {
+            sumy += yb->bsums[half*(QK_MCQ/16) + j];
+        }
+        sumf += (d*yb->d)*(float) sumi + (m*yb->d)*(float) sumy;
     }
     *s = sumf;
 }
 
 #define MCQ_GENERIC(bits)                                                                                   \
-void ggml_vec_dot_mcq##bits##_q8_1_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
+void ggml_vec_dot_mcq##bits##_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
                                            size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {   \
     assert(nrc == 1);                                                                                       \
     (void) bs; (void) bx; (void) by; (void) nrc;                                                            \
@@ -91,14 +94,6 @@ MCQ_GENERIC(4)
 // ---------------------------------------------------------------- AVX2
 
 #if defined(MCQ_CPU_AVX2)
-
-static inline float mcq_hsum_float_8(const __m256 x) {
-    __m128 res = _mm256_extractf128_ps(x, 1);
-    res = _mm_add_ps(res, _mm256_castps256_ps128(x));
-    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-    res = _mm_add_ss(res, _mm_movehdup_ps(res));
-    return _mm_cvtss_f32(res);
-}
 
 // Elements 32j..32j+31 of a bit plane (bit i of byte i >> 3 is element i), one byte each: bit (i & 7) of the
 // byte (0 or a power of two). `plane` holds the 16-byte plane in both 128-bit lanes.
@@ -138,34 +133,32 @@ static inline uint32_t mcq_ld32(const void * p) {
 // bits is a literal at every call site: the compiler specializes this per type
 static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
         const int bits, const int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
-    assert(n % QK_MCQ == 0);
+    assert(n % QK_K == 0);
     const int          nb = n / QK_MCQ;
     const size_t       bb = 4 + (size_t) bits*QK_MCQ/8;
     const uint8_t    * x  = (const uint8_t *) vx;
-    const block_q8_1 * y  = (const block_q8_1 *) vy;
+    const block_q8_K * y  = (const block_q8_K *) vy;
 
     const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m128i ones16x = _mm_set1_epi16(1);
     const __m256i mask2  = _mm256_set1_epi8(3);
     const __m256i mask4  = _mm256_set1_epi8(15);
     const __m256i four8  = _mm256_set1_epi8(4);
-    // lane j of the 8 converted halves (d_y,0 s_0 d_y,1 s_1 ... d_y,3 s_3) of the 4 Q8_1 headers
-    const __m256i bcast[4] = { _mm256_set1_epi32(0), _mm256_set1_epi32(2), _mm256_set1_epi32(4), _mm256_set1_epi32(6) };
 
-    // one accumulator per Q8_1 sub-block (no FMA latency chain inside a block); m * (d_y, s) pairs in accm,
-    // of which the odd lanes (m * s_j) are summed at the end
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
-    __m256 accm = _mm256_setzero_ps();
+    // two accumulators (even / odd blocks) so consecutive blocks do not wait on one FMA chain;
+    // accm collects m * d_y * (partial sums of the 128 activation codes)
+    __m256 acc[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() };
+    __m128 accm = _mm_setzero_ps();
 
     for (int ib = 0; ib < nb; ++ib) {
-        const uint8_t    * blk = x + ib*bb;
-        const uint8_t    * c   = blk + 4;
-        const block_q8_1 * yb  = y + 4*ib;
+        const uint8_t    * blk  = x + ib*bb;
+        const uint8_t    * c    = blk + 4;
+        const block_q8_K * yb   = y + ib/2;
+        const int          half = ib & 1;
+        const int8_t     * qy   = yb->qs + half*QK_MCQ;
 
-        const __m128 dm  = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));              // d, m
-        const __m256 hy  = _mm256_cvtph_ps(_mm_set_epi32((int) mcq_ld32(&yb[3]), (int) mcq_ld32(&yb[2]),
-                                                         (int) mcq_ld32(&yb[1]), (int) mcq_ld32(&yb[0])));
-        const __m256 dhy = _mm256_mul_ps(_mm256_broadcastss_ps(dm), hy);                       // d * (d_y,j, s_j)
-        accm = mcq_madd(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), hy, accm);                 // m * (d_y,j, s_j)
+        const __m128 dm  = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));             // d, m
+        const __m128 dmy = _mm_mul_ps(dm, _mm_set1_ps(yb->d));                                // d d_y, m d_y
 
         // 4 vectors of 32 consecutive codes (elements 0-31, 32-63, 64-95, 96-127)
         __m256i q[4];
@@ -195,23 +188,29 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
             q[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask4);
         }
 
-        for (int j = 0; j < 4; ++j) {
-            const __m256i yv  = _mm256_loadu_si256((const __m256i *) yb[j].qs);
-            // u8 codes (<= 15) x s8 activations, pairs summed in int16: |sum| <= 2 * 15 * 128, no saturation
-            const __m256i p16 = _mm256_maddubs_epi16(q[j], yv);
-            const __m256i p32 = _mm256_madd_epi16(p16, ones16);
-            acc[j] = mcq_madd(_mm256_permutevar8x32_ps(dhy, bcast[j]), _mm256_cvtepi32_ps(p32), acc[j]);
-        }
+        // u8 codes (<= 15) x s8 activations, pairs summed in int16: |pair| <= 2*15*128 = 3840, and the sum of
+        // the four products stays <= 15360 < 32767, so the whole block is summed in int16 before widening once
+        __m256i p16 = _mm256_maddubs_epi16(q[0], _mm256_loadu_si256((const __m256i *) (qy +  0)));
+        p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(q[1], _mm256_loadu_si256((const __m256i *) (qy + 32))));
+        p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(q[2], _mm256_loadu_si256((const __m256i *) (qy + 64))));
+        p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(q[3], _mm256_loadu_si256((const __m256i *) (qy + 96))));
+        const __m256 pf = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones16));
+        acc[half] = mcq_madd(_mm256_broadcastss_ps(dmy), pf, acc[half]);
+
+        // the 8 bsums of this half (|sum of 16| <= 2048: int16 pairs summed in int32): 4 partial sums
+        const __m128i bs = _mm_madd_epi16(_mm_loadu_si128((const __m128i *) (yb->bsums + half*(QK_MCQ/16))), ones16x);
+        accm = _mm_add_ps(accm, _mm_mul_ps(_mm_shuffle_ps(dmy, dmy, 0x55), _mm_cvtepi32_ps(bs)));
     }
 
-    const __m256 total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    // odd lanes of accm: sum_j m * s_j
-    const __m256 msum = _mm256_and_ps(accm, _mm256_castsi256_ps(_mm256_set_epi32(-1, 0, -1, 0, -1, 0, -1, 0)));
-    *s = mcq_hsum_float_8(_mm256_add_ps(total, msum));
+    const __m256 total = _mm256_add_ps(acc[0], acc[1]);
+    __m128 r = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1)), accm);
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    *s = _mm_cvtss_f32(r);
 }
 
 #define MCQ_AVX2(bits)                                                                                      \
-void ggml_vec_dot_mcq##bits##_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
+void ggml_vec_dot_mcq##bits##_q8_K(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
                                    size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {           \
     assert(nrc == 1);                                                                                       \
     (void) bs; (void) bx; (void) by; (void) nrc;                                                            \
@@ -228,20 +227,20 @@ MCQ_AVX2(4)
 
 static ggml_vec_dot_t mcq_generic_of(enum ggml_type type) {
     switch (type) {
-        case GGML_TYPE_MCQ1: return ggml_vec_dot_mcq1_q8_1_generic;
-        case GGML_TYPE_MCQ2: return ggml_vec_dot_mcq2_q8_1_generic;
-        case GGML_TYPE_MCQ3: return ggml_vec_dot_mcq3_q8_1_generic;
-        case GGML_TYPE_MCQ4: return ggml_vec_dot_mcq4_q8_1_generic;
+        case GGML_TYPE_MCQ1: return ggml_vec_dot_mcq1_q8_K_generic;
+        case GGML_TYPE_MCQ2: return ggml_vec_dot_mcq2_q8_K_generic;
+        case GGML_TYPE_MCQ3: return ggml_vec_dot_mcq3_q8_K_generic;
+        case GGML_TYPE_MCQ4: return ggml_vec_dot_mcq4_q8_K_generic;
         default:             return NULL;
     }
 }
 
 static ggml_vec_dot_t mcq_kernel_of(enum ggml_type type) {
     switch (type) {
-        case GGML_TYPE_MCQ1: return ggml_vec_dot_mcq1_q8_1;
-        case GGML_TYPE_MCQ2: return ggml_vec_dot_mcq2_q8_1;
-        case GGML_TYPE_MCQ3: return ggml_vec_dot_mcq3_q8_1;
-        case GGML_TYPE_MCQ4: return ggml_vec_dot_mcq4_q8_1;
+        case GGML_TYPE_MCQ1: return ggml_vec_dot_mcq1_q8_K;
+        case GGML_TYPE_MCQ2: return ggml_vec_dot_mcq2_q8_K;
+        case GGML_TYPE_MCQ3: return ggml_vec_dot_mcq3_q8_K;
+        case GGML_TYPE_MCQ4: return ggml_vec_dot_mcq4_q8_K;
         default:             return NULL;
     }
 }
@@ -253,7 +252,7 @@ ggml_vec_dot_t mcq_cpu_select_vec_dot(enum ggml_type type, bool use_ref, ggml_ve
 
 float mcq_vec_dot_ref(enum ggml_type type, int n, const void * x, const void * y) {
     ggml_vec_dot_t f = mcq_generic_of(type);
-    GGML_ASSERT(f != NULL && n % QK_MCQ == 0);
+    GGML_ASSERT(f != NULL && n % QK_K == 0);
     float s = 0.0f;
     f(n, &s, 0, x, 0, y, 0, 1);
     return s;
@@ -261,7 +260,7 @@ float mcq_vec_dot_ref(enum ggml_type type, int n, const void * x, const void * y
 
 float mcq_vec_dot(enum ggml_type type, int n, const void * x, const void * y) {
     ggml_vec_dot_t f = mcq_kernel_of(type);
-    GGML_ASSERT(f != NULL && n % QK_MCQ == 0);
+    GGML_ASSERT(f != NULL && n % QK_K == 0);
     float s = 0.0f;
     f(n, &s, 0, x, 0, y, 0, 1);
     return s;

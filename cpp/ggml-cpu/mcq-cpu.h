@@ -1,9 +1,12 @@
 // mcmoe-gguf: CPU kernels of the mcq types (ggml-cpu backend), see ../ggml/mcq.h and docs/FORMAT.md.
 //
-// vec_dot against GGML_TYPE_Q8_1 activations (32 int8 with an fp16 scale d_y and s = d_y * sum(q_y)):
-// one mcq block of 128 spans 4 Q8_1 blocks, and with the x = m + d q grid
-//     sum_n x_n y_n = d * sum_j d_y,j * sum_{n in j} q_n q_y,n  +  m * sum_j s_j,
-// so the min costs one multiply per block (as for Q4_1 / Q5_1, which use Q8_1 for the same reason).
+// vec_dot against GGML_TYPE_Q8_K activations (256 int8 with one fp32 scale d_y and 16 int16 sums of 16
+// codes, what the k-quants use): one mcq block of 128 is half a Q8_K block, and with the x = m + d q grid
+//     sum_n x_n y_n = d d_y * sum_n q_n q_y,n  +  m d_y * sum_n q_y,n,
+// where the second sum is 8 of the precomputed bsums. One activation scale per 128 (Q8_1 has one per 32)
+// lets the kernel add the four 32-wide integer products of a block in int16 and convert once, about
+// twice as fast as against Q8_1 (docs/RESULTS.md); the price is that rows must be a multiple of 256
+// (QK_K), which the loader checks (every Mixtral dimension is).
 #pragma once
 
 #include "mcq.h"
@@ -14,10 +17,10 @@ extern "C" {
 #endif
 
 // dispatch (AVX2 where compiled for it, else the scalar reference: see mcq-cpu.c) ...
-void ggml_vec_dot_mcq1_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
-void ggml_vec_dot_mcq2_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
-void ggml_vec_dot_mcq3_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
-void ggml_vec_dot_mcq4_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq1_q8_K(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq2_q8_K(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq3_q8_K(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+void ggml_vec_dot_mcq4_q8_K(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 
 // The vec_dot to use for src0 of `type`: the scalar reference when the CPU backend runs in reference
 // mode (ggml_backend_cpu_set_use_ref, which test-backend-ops sets on the CPU backend it compares
@@ -25,19 +28,28 @@ void ggml_vec_dot_mcq4_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const voi
 // and for every other type.
 ggml_vec_dot_t mcq_cpu_select_vec_dot(enum ggml_type type, bool use_ref, ggml_vec_dot_t dflt);
 
-// For the tests (ctypes): one dot product of n weights (n % 128 == 0) of an mcq row with n Q8_1
+// For the tests (ctypes): one dot product of n weights (n % 256 == 0) of an mcq row with n Q8_K
 // activations, with the scalar reference or with the kernel the CPU backend uses.
 MCQ_API float mcq_vec_dot_ref(enum ggml_type type, int n, const void * x, const void * y);
 MCQ_API float mcq_vec_dot(enum ggml_type type, int n, const void * x, const void * y);
 // "avx2" or "scalar": what mcq_vec_dot runs
 MCQ_API const char * mcq_cpu_simd(void);
 
+// ggml-cpu.cpp's supports_op: a MUL_MAT / MUL_MAT_ID with an mcq src0 needs rows of whole Q8_K blocks
+// (the activations are quantized per 256); anything else is not our concern here.
+static inline bool mcq_cpu_supports_op(const struct ggml_tensor * op) {
+    if ((op->op == GGML_OP_MUL_MAT || op->op == GGML_OP_MUL_MAT_ID) && op->src[0] && mcq_type_bits(op->src[0]->type)) {
+        return op->src[0]->ne[0] % 256 == 0; // QK_K (ggml-common.h)
+    }
+    return true;
+}
+
 // entries of ggml-cpu.c's type_traits_cpu[GGML_TYPE_COUNT]
 #define MCQ_CPU_TRAITS_ENTRY(TYPE, bits)                                 \
     [TYPE] = {                                                           \
         .from_float   = (ggml_from_float_t) quantize_row_mcq##bits##_ref, \
-        .vec_dot      = ggml_vec_dot_mcq##bits##_q8_1,                   \
-        .vec_dot_type = GGML_TYPE_Q8_1,                                  \
+        .vec_dot      = ggml_vec_dot_mcq##bits##_q8_K,                   \
+        .vec_dot_type = GGML_TYPE_Q8_K,                                  \
         .nrows        = 1,                                               \
     },
 

@@ -235,63 +235,26 @@ size_t mcq_quantize(enum ggml_type type, const float * src, void * dst, int64_t 
     return (size_t) nrows * row_size;
 }
 
-// ---- dequantization: m + d * q (d * q is exact in fp32, so fused or not gives the same bits)
+// ---- dequantization: m + d * q (d * q is exact in fp32, so fused or not gives the same bits); the per-block
+// arithmetic is mcq-common.h's, the same helpers the CUDA kernels run
 
 static inline uint16_t mcq_le16(const uint8_t * p) {
-    return (uint16_t) (p[0] | (p[1] << 8));
+    return mcq_hd_le16(p);
 }
 
-void dequantize_row_mcq1(const void * vx, float * y, int64_t k) {
+static inline void mcq_dequantize_row(int bits, const void * vx, float * y, int64_t k) {
     assert(k % QK_MCQ == 0);
-    const block_mcq1 * x = (const block_mcq1 *) vx;
+    const uint8_t * x  = (const uint8_t *) vx;
+    const int       bb = mcq_hd_block_bytes(bits);
     for (int64_t ib = 0; ib < k / QK_MCQ; ++ib) {
-        const float d = mcq_fp16_to_fp32(mcq_le16((const uint8_t *) &x[ib].d));
-        const float m = mcq_fp16_to_fp32(mcq_le16((const uint8_t *) &x[ib].m));
-        for (int n = 0; n < QK_MCQ; ++n) {
-            const int q = (x[ib].qs[n >> 3] >> (n & 7)) & 1;
-            y[ib*QK_MCQ + n] = m + d*(float) q;
-        }
+        mcq_hd_dequant_block(bits, x + ib*bb, y + ib*QK_MCQ);
     }
 }
 
-void dequantize_row_mcq2(const void * vx, float * y, int64_t k) {
-    assert(k % QK_MCQ == 0);
-    const block_mcq2 * x = (const block_mcq2 *) vx;
-    for (int64_t ib = 0; ib < k / QK_MCQ; ++ib) {
-        const float d = mcq_fp16_to_fp32(mcq_le16((const uint8_t *) &x[ib].d));
-        const float m = mcq_fp16_to_fp32(mcq_le16((const uint8_t *) &x[ib].m));
-        for (int n = 0; n < QK_MCQ; ++n) {
-            const int q = (x[ib].qs[n & 31] >> (2*(n >> 5))) & 3;
-            y[ib*QK_MCQ + n] = m + d*(float) q;
-        }
-    }
-}
-
-void dequantize_row_mcq3(const void * vx, float * y, int64_t k) {
-    assert(k % QK_MCQ == 0);
-    const block_mcq3 * x = (const block_mcq3 *) vx;
-    for (int64_t ib = 0; ib < k / QK_MCQ; ++ib) {
-        const float d = mcq_fp16_to_fp32(mcq_le16((const uint8_t *) &x[ib].d));
-        const float m = mcq_fp16_to_fp32(mcq_le16((const uint8_t *) &x[ib].m));
-        for (int n = 0; n < QK_MCQ; ++n) {
-            const int q = ((x[ib].qs[n & 31] >> (2*(n >> 5))) & 3) | (((x[ib].qh[n >> 3] >> (n & 7)) & 1) << 2);
-            y[ib*QK_MCQ + n] = m + d*(float) q;
-        }
-    }
-}
-
-void dequantize_row_mcq4(const void * vx, float * y, int64_t k) {
-    assert(k % QK_MCQ == 0);
-    const block_mcq4 * x = (const block_mcq4 *) vx;
-    for (int64_t ib = 0; ib < k / QK_MCQ; ++ib) {
-        const float d = mcq_fp16_to_fp32(mcq_le16((const uint8_t *) &x[ib].d));
-        const float m = mcq_fp16_to_fp32(mcq_le16((const uint8_t *) &x[ib].m));
-        for (int n = 0; n < QK_MCQ; ++n) {
-            const int q = (x[ib].qs[n & 63] >> (4*(n >> 6))) & 15;
-            y[ib*QK_MCQ + n] = m + d*(float) q;
-        }
-    }
-}
+void dequantize_row_mcq1(const void * vx, float * y, int64_t k) { mcq_dequantize_row(1, vx, y, k); }
+void dequantize_row_mcq2(const void * vx, float * y, int64_t k) { mcq_dequantize_row(2, vx, y, k); }
+void dequantize_row_mcq3(const void * vx, float * y, int64_t k) { mcq_dequantize_row(3, vx, y, k); }
+void dequantize_row_mcq4(const void * vx, float * y, int64_t k) { mcq_dequantize_row(4, vx, y, k); }
 
 // ---- validation
 

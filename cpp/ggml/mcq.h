@@ -10,6 +10,7 @@
 #pragma once
 
 #include "ggml.h"
+#include "mcq-common.h" // the per-block decode arithmetic, shared with the CUDA kernels
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -63,22 +64,7 @@ static inline float mcq_fp32_from_bits(uint32_t w) { float f; memcpy(&f, &w, siz
 static inline uint32_t mcq_fp32_to_bits(float f) { uint32_t w; memcpy(&w, &f, sizeof(w)); return w; }
 
 static inline float mcq_fp16_to_fp32(uint16_t h) {
-    const uint32_t w     = (uint32_t) h << 16;
-    const uint32_t sign  = w & UINT32_C(0x80000000);
-    const uint32_t two_w = w + w;
-
-    const uint32_t exp_offset = UINT32_C(0xE0) << 23;
-    const float    exp_scale  = mcq_fp32_from_bits(UINT32_C(0x7800000)); // 2^-112
-    const float    normalized = mcq_fp32_from_bits((two_w >> 4) + exp_offset) * exp_scale;
-
-    const uint32_t magic_mask   = UINT32_C(126) << 23;
-    const float    magic_bias   = 0.5f;
-    const float    denormalized = mcq_fp32_from_bits((two_w >> 17) | magic_mask) - magic_bias;
-
-    const uint32_t denormalized_cutoff = UINT32_C(1) << 27;
-    const uint32_t result = sign |
-        (two_w < denormalized_cutoff ? mcq_fp32_to_bits(denormalized) : mcq_fp32_to_bits(normalized));
-    return mcq_fp32_from_bits(result);
+    return mcq_hd_fp16_to_fp32(h); // mcq-common.h
 }
 
 static inline uint16_t mcq_fp32_to_fp16(float f) {

@@ -16,5 +16,7 @@ extern "C" const char * mcmoe_runtime_info(void) {
     // features: what tests can ask for before relying on it (a stale build lacks them)
     //   mmid-skip       mul_mat_id skips ids < 0 or >= n_as and zeroes their rows (mcmoe/ggml/mcmoe-ids.h)
     //   split-experts   per-expert MoE tensors grouped by type at load (mcmoe/runtime/mcmoe-moe.h)
-    return "mcmoe-runtime abi=1 source_hash=" MCMOE_SOURCE_HASH " features=mmid-skip,split-experts";
+    //   q8k-act         the mcq CPU kernels read activations as Q8_K (rows of 256)
+    //   odp             GGML_OP_MCMOE_ODP, mcmoe.odp.* parameters, mcmoe_odp_* counters (mcmoe/ggml/mcmoe-odp.h)
+    return "mcmoe-runtime abi=1 source_hash=" MCMOE_SOURCE_HASH " features=mmid-skip,split-experts,q8k-act,odp";
 }

@@ -48,10 +48,10 @@ int main(int argc, char ** argv) {
     for (int i = 0; i < n; ++i) {
         x[i] = (float) rand() / RAND_MAX - 0.5f;
     }
-    void * y = malloc((size_t) n / 32 * 36);
-    ggml_get_type_traits_cpu(GGML_TYPE_Q8_1)->from_float(x, y, n);
+    void * y = malloc((size_t) n / 256 * 292);
+    ggml_get_type_traits_cpu(GGML_TYPE_Q8_K)->from_float(x, y, n);
 
-    printf("mcq vec_dot against Q8_1, n = %d, kernel: %s\n", n, mcq_cpu_simd());
+    printf("mcq vec_dot against Q8_K, n = %d, kernel: %s\n", n, mcq_cpu_simd());
     float sink = 0;
     for (int bits = 1; bits <= 4; ++bits) {
         const enum ggml_type t = (enum ggml_type) (GGML_TYPE_MCQ1 + bits - 1);

@@ -1,0 +1,112 @@
+"""Online dynamic pruning (ODP) as the patched engine runs it: load-time parameters and counters.
+
+The engine applies the rule inside llama.cpp's graph (cpp/ggml/mcmoe-odp.h, cpp/runtime/mcmoe-moe.h);
+this module turns Python arguments into llama.cpp kv-overrides of the ``mcmoe.odp.*`` metadata and reads
+the engine's per-layer counters (top-k slots seen, slots pruned, tokens, protected tokens) with ctypes.
+The counters are process-wide: one model evaluating at a time (``odp_reset()`` between measurements).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+IMPORTANCE_MODES = ("attn", "rowsum", "norm", "none")
+MAX_LAYERS = 256      # MCMOE_ODP_MAX_LAYERS
+FLAG_RULE, FLAG_PROTECTED, FLAG_PRUNED = 1, 2, 4
+
+
+def n_protect(ratio: float, n_tokens: int) -> int:
+    """Protected tokens of a micro-batch (mcmoe_odp_n_protect): ceil(ratio * n), none for one token."""
+    if n_tokens <= 1 or ratio <= 0:
+        return 0
+    return min(n_tokens, math.ceil(ratio * n_tokens - 1e-6))
+
+
+def file_has_mu(path: str | Path) -> bool:
+    """True if the GGUF carries calibrated per-layer thresholds (mcmoe.odp.mu, written by our converter)."""
+    from .report import read_gguf
+    try:
+        return "mcmoe.odp.mu" in read_gguf(path).fields
+    except Exception:   # a damaged file: llama.cpp's loader reports what is wrong with it
+        return False
+
+
+def overrides(path: str | Path, odp: bool = True, protect: float = 0.02, mu_scale: float = 1.0,
+              mu: float | None = None, importance: str = "attn") -> dict:
+    """kv_overrides for llama_cpp.Llama. odp=True turns pruning on where there are thresholds: the file's
+    calibrated mcmoe.odp.mu, or `mu` (one value for every layer). A file with neither (a stock or F16
+    conversion without calibration) runs unpruned. odp=False turns it off."""
+    if importance not in IMPORTANCE_MODES:
+        raise ValueError(f"importance must be one of {', '.join(IMPORTANCE_MODES)} (got {importance!r})")
+    if not 0 <= protect <= 1:
+        raise ValueError(f"protect must be a fraction in [0, 1] (got {protect})")
+    if mu_scale < 0 or (mu is not None and mu < 0):
+        raise ValueError("mu and mu_scale must be >= 0")
+    on = bool(odp) and (mu is not None or file_has_mu(path))
+    kv = {"mcmoe.odp.enabled": on}
+    if on:
+        kv.update({"mcmoe.odp.protect": float(protect), "mcmoe.odp.mu_scale": float(mu_scale),
+                   "mcmoe.odp.importance": importance})
+        if mu is not None:
+            kv["mcmoe.odp.mu_override"] = float(mu)
+    return kv
+
+
+def _lib() -> ctypes.CDLL:
+    """libggml-base beside the libllama llama-cpp-python loads: dlopen returns the instance already mapped."""
+    from .runtime import lib_path
+    d = lib_path().parent
+    lib = ctypes.CDLL(str(d / "libggml-base.so"))
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    lib.mcmoe_odp_counters.argtypes = [ctypes.c_int, i64p, i64p, i64p, i64p]
+    lib.mcmoe_odp_counters.restype = ctypes.c_int
+    lib.mcmoe_odp_last_flags.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint8), ctypes.c_int]
+    lib.mcmoe_odp_last_flags.restype = ctypes.c_int
+    lib.mcmoe_odp_reset.argtypes = []
+    return lib
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    slots: int          # top-k slots routed (tokens x k)
+    pruned: int         # slots whose expert did not run
+    tokens: int
+    protected: int      # tokens kept whole by protection
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.pruned / self.slots if self.slots else 0.0
+
+
+def odp_reset() -> None:
+    _lib().mcmoe_odp_reset()
+
+
+def odp_stats(llm=None) -> list[LayerStats]:
+    """Per-layer counters since the last odp_reset() (layers that saw no ODP op are left out). `llm` is
+    accepted for symmetry with load(); the counters are process-wide."""
+    lib = _lib()
+    out = []
+    for layer in range(MAX_LAYERS):
+        v = [ctypes.c_int64() for _ in range(4)]
+        lib.mcmoe_odp_counters(layer, *[ctypes.byref(x) for x in v])
+        if v[0].value:
+            out.append(LayerStats(layer, *(x.value for x in v)))
+    return out
+
+
+def last_flags(layer: int, max_tokens: int = 8192) -> list[int]:
+    """Flags (FLAG_RULE | FLAG_PROTECTED | FLAG_PRUNED) of each token of the last micro-batch of `layer`."""
+    buf = (ctypes.c_uint8 * max_tokens)()
+    n = _lib().mcmoe_odp_last_flags(layer, buf, max_tokens)
+    return list(buf[:max(n, 0)])
+
+
+def summary(stats: list[LayerStats]) -> dict:
+    slots = sum(s.slots for s in stats)
+    pruned = sum(s.pruned for s in stats)
+    return {"slots": slots, "pruned": pruned, "skipped_fraction": pruned / slots if slots else 0.0,
+            "expert_evals_run": slots - pruned}

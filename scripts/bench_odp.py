@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""ODP in the engine: held-out perplexity, skipped expert evaluations and speed, one table, one process.
+
+    .venv/bin/python scripts/bench_odp.py [--max-chunks 40] [--threads 2] [--write-results]
+
+Files: the tiny model as F16 with its calibrated per-layer thresholds (convert --odp-calibrate), and our
+PMQ file at 2.5 real expert bpw (from scripts/bench_quality.py's cache, built here if missing). Per file,
+rows: ODP off; the weight rule alone at the median mu (no protection); protection 1/2/5% with our
+attention-received importance; 2% with the reference code's row sums and with the norm only; mu x0.75 and
+x1.25; flash attention on (the probabilities do not exist: the norm fallback). Then a sweep of mu scales
+with and without protection for the "equal skip rate" comparison (plot: docs/odp_bench.png).
+PPL = ppl_llama over --max-chunks chunks of 256 tokens of the held-out split (prefill: one micro-batch per
+chunk, where protection applies); skipped = the engine's counters during that run; pp/tg = tokens/s of
+a 256-token prompt and 64 decoded tokens (best of --repeat).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mcmoe_gguf.cache import cache_dir  # noqa: E402
+from mcmoe_gguf.evaluate import ppl_llama  # noqa: E402
+from mcmoe_gguf.odp import odp_reset, odp_stats, summary  # noqa: E402
+from mcmoe_gguf.speed import time_file  # noqa: E402
+from mcmoe_gguf.tiny import tiny_model  # noqa: E402
+from results_md import replace_section  # noqa: E402
+
+ROWS = [
+    ("ODP off", dict(odp=False)),
+    ("weight rule only (median mu)", dict(importance="none", protect=0.0)),
+    ("protect 1% (attn)", dict(protect=0.01)),
+    ("protect 2% (attn, default)", dict(protect=0.02)),
+    ("protect 5% (attn)", dict(protect=0.05)),
+    ("protect 2% (reference row sums)", dict(protect=0.02, importance="rowsum")),
+    ("protect 2% (norm only)", dict(protect=0.02, importance="norm")),
+    ("protect 2%, mu x0.75", dict(protect=0.02, mu_scale=0.75)),
+    ("protect 2%, mu x1.25", dict(protect=0.02, mu_scale=1.25)),
+    ("protect 2%, flash attention", dict(protect=0.02, flash_attn=True)),
+]
+SWEEP = [0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
+
+
+def files() -> dict[str, Path]:
+    from mcmoe_gguf.export import convert, export_pmq
+    from mcmoe_gguf.pmq import PMQConfig, odp_thresholds, quantize
+    model = tiny_model()
+    d = cache_dir("bench", model.name, "odp")
+    f16 = d / "tiny-f16-odp.gguf"
+    if not f16.exists():
+        mu = odp_thresholds(model, (model / "calib.txt").read_text(encoding="utf-8"), n_seq=64, seq_len=256)
+        convert(model, f16, outtype="f16", odp_mu=mu)
+    pmq = cache_dir("bench", model.name, "quality") / "tiny-pmq-2.5.gguf"
+    if not pmq.exists():
+        pmq = d / "tiny-pmq-2.5.gguf"
+        if not pmq.exists():
+            quantize(model, d / "pmq-2.5", PMQConfig(budget="2.5", n_seq=64, seq_len=256))
+            export_pmq(d / "pmq-2.5", pmq)
+    return {"F16": f16, "PMQ 2.5": pmq}
+
+
+def measure(path: Path, text: str, kw: dict, a) -> dict:
+    odp_reset()
+    r = ppl_llama(path, text, ctx=256, max_chunks=a.max_chunks, n_threads=a.threads, progress=False, **kw)
+    s = summary(odp_stats())
+    pp, tg = time_file(path, a.threads, 256, 64, a.repeat, **kw)
+    return {"ppl": r["ppl"], "skipped": s["skipped_fraction"], "pp": pp, "tg": tg}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-chunks", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--write-results", action="store_true")
+    a = ap.parse_args()
+    text = (tiny_model() / "eval.txt").read_text(encoding="utf-8")
+    lines = ["| file | setting | PPL | vs ODP off | expert evals skipped | pp tok/s | tg tok/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    sweep = {}
+    for fname, path in files().items():
+        base = None
+        for label, kw in ROWS:
+            m = measure(path, text, kw, a)
+            base = base or m["ppl"]
+            lines.append(f"| {fname} | {label} | {m['ppl']:.3f} | {100 * (m['ppl'] / base - 1):+.2f}% | "
+                         f"{100 * m['skipped']:.1f}% | {m['pp']:.0f} | {m['tg']:.0f} |")
+            print(lines[-1], flush=True)
+        if a.no_sweep:
+            continue
+        for name, extra in (("weight rule only", dict(importance="none", protect=0.0)),
+                            ("protect 2% (attn)", dict(protect=0.02))):
+            pts = []
+            for sc in SWEEP:
+                odp_reset()
+                r = ppl_llama(path, text, ctx=256, max_chunks=a.max_chunks, n_threads=a.threads, progress=False,
+                              mu_scale=sc, **extra)
+                pts.append((summary(odp_stats())["skipped_fraction"], r["ppl"] / base - 1, sc))
+                print(fname, name, pts[-1], flush=True)
+            sweep[(fname, name)] = pts
+    table = "\n".join(lines)
+    print(table)
+    sweep_md = ""
+    if sweep:
+        sweep_md = "\n\nmu-scale sweep (skipped fraction -> PPL rise vs ODP off):\n\n| file | rule | " + \
+            " | ".join(f"x{s}" for s in SWEEP) + " |\n|---|---|" + "---|" * len(SWEEP) + "\n"
+        for (fname, name), pts in sweep.items():
+            sweep_md += f"| {fname} | {name} | " + " | ".join(f"{100 * f:.1f}% -> {100 * d:+.2f}%" for f, d, _ in pts) + " |\n"
+        print(sweep_md)
+        plot(sweep, REPO / "docs" / "odp_bench.png")
+    if a.write_results:
+        replace_section("bench_odp", "## ODP in the engine: perplexity, skipped experts, speed (tiny model)\n\n"
+                        f"`.venv/bin/python scripts/bench_odp.py --max-chunks {a.max_chunks} --threads {a.threads} "
+                        f"--repeat {a.repeat} --write-results` on {platform.machine()}, 2 cores (AVX2); "
+                        f"{a.max_chunks} x 256 held-out tokens.\n\n{table}{sweep_md}\n"
+                        + ("![PPL vs skipped](odp_bench.png)\n" if sweep else ""))
+    return 0
+
+
+def plot(sweep: dict, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (fname, name), pts in sweep.items():
+        ax.plot([100 * f for f, _, _ in pts], [100 * d for _, d, _ in pts], marker="o", label=f"{fname}: {name}")
+    ax.set_xlabel("expert evaluations skipped (%)")
+    ax.set_ylabel("PPL rise vs ODP off (%)")
+    ax.set_title("ODP on the tiny model: mu scale sweep")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
