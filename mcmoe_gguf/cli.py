@@ -160,6 +160,11 @@ def add_odp_options(s: argparse.ArgumentParser) -> None:
                    "code's row sums, the norm only, or no protection")
 
 
+def cmd_selfcheck(a) -> int:
+    from .selfcheck import run_selfcheck
+    return run_selfcheck(gpu=a.gpu, threads=a.threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcmoe-gguf", description="Mixture-of-Experts checkpoints -> mixed-bit GGUF "
                                 "for a patched llama.cpp (MC: PMQ + ODP).", epilog=EPILOG,
@@ -259,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("outdir", help="PMQ work directory or .gguf file")
     s.add_argument("--png", help="heatmap path (default OUTDIR/bits_heatmap.png)")
     s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("selfcheck", help="the same GGUF files on CPU and CUDA: logits, pp/tg tok/s, VRAM")
+    s.add_argument("--gpu", action="store_true",
+                   help="also run on CUDA and compare (CPU part only when no GPU is found)")
+    s.add_argument("--threads", type=int, default=None)
+    s.set_defaults(fn=cmd_selfcheck)
 
     s = sub.add_parser("runtime", help="check that the patched runtime is installed and current")
     s.set_defaults(fn=cmd_runtime)

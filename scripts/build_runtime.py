@@ -55,7 +55,37 @@ def cmake_args(cuda: bool, cuda_arch: str) -> list[str]:
         "-DGGML_NATIVE=ON",
     ]
     if cuda:
-        args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
+        args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"] + cuda_toolkit_args()
+    return args
+
+
+def cuda_toolkit_args() -> list[str]:
+    """What ggml-cuda's CMake needs beyond the toolkit's nvcc: cuBLAS and the driver library.
+
+    A full CUDA toolkit (the GPU machines) has both and gets no extra argument. A toolkit without cuBLAS
+    (this project's CI image: nvcc only) gets it from the PyPI wheel nvidia-cublas (pinned in
+    check_cuda.py, unpacked in the cache); then libcublas.so.13 must also be on the loader path at run
+    time. Without libcuda (no driver, no stubs) the build uses GGML_CUDA_NO_VMM (the only user of the
+    driver API in ggml-cuda is its virtual-memory pool).
+    """
+    import check_cuda   # scripts/ is sys.path[0] when this file runs as a script
+    nvcc = check_cuda.nvcc_path()
+    if nvcc is None:
+        raise SystemExit("--cuda: nvcc not found (install the CUDA toolkit or set NVCC)")
+    args = []
+    inc = check_cuda.toolkit_includes(nvcc)
+    if not check_cuda.toolkit_has_cublas(nvcc):
+        cub = check_cuda.cublas_dir(with_libs=True)
+        args += [f"-DCUDA_cublas_LIBRARY={cub / 'lib' / 'libcublas.so'}",
+                 f"-DCUDA_cublasLt_LIBRARY={cub / 'lib' / 'libcublasLt.so'}",
+                 f"-DCMAKE_CUDA_FLAGS=-isystem={cub / 'include'}"]
+        print(f"cuBLAS: {cub} (PyPI nvidia-cublas; put {cub / 'lib'} on LD_LIBRARY_PATH to run)")
+    roots = {Path(d).parent for d in inc}
+    libcuda = [p for r in roots for p in (r / "lib" / "stubs" / "libcuda.so", r / "lib64" / "stubs" / "libcuda.so")
+               if p.exists()]
+    if not libcuda and "libcuda.so" not in subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout:
+        args += ["-DGGML_CUDA_NO_VMM=ON"]
+        print("libcuda.so not found (no driver, no toolkit stubs): building with GGML_CUDA_NO_VMM=ON")
     return args
 
 

@@ -1,0 +1,149 @@
+"""`mcmoe-gguf selfcheck --gpu`: the same GGUF files on the CPU and on CUDA, compared.
+
+Files (made once, cached beside the demo's): the tiny model in F16, uniform MCQ1 / MCQ2 / MCQ3 (RTN via
+llama-quantize; attention etc. as llama-quantize's mcq mix) and the demo's mixed PMQ file (1/2/3 bits per
+expert, attention mcq4). For each file: logits of a fixed prompt with n_gpu_layers=0 (CPU) and -1 (all
+layers on CUDA), prompt processing (pp) and generation (tg) speed, and the VRAM in use.
+
+Without a GPU (or with a runtime built without CUDA) it says so plainly, runs the CPU part alone and
+returns 0: the CPU numbers are still a useful smoke test. With a GPU it returns 1 if a file's CUDA logits
+disagree with the CPU's beyond the tolerance of the two paths (different activation quantization and
+summation order: CPU q8_K/q8_1 dots, CUDA q8_1 MMVQ or f16 cuBLAS).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_TOKENS = 96        # prefill length for the logits and the pp speed
+GEN_TOKENS = 32           # tg speed: greedy decode of this many tokens
+REL_TOL = 0.05            # max |logit diff| / std(CPU logits), per position, worst position
+TOP1_MIN = 0.9            # fraction of positions with the same argmax
+
+
+def gpu_status() -> tuple[bool, str]:
+    """(usable, description): a CUDA device is visible and the loaded runtime can offload to it."""
+    import llama_cpp
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
+    smi = shutil.which("nvidia-smi")
+    devices = ""
+    if smi:
+        r = subprocess.run([smi, "-L"], capture_output=True, text=True)
+        devices = r.stdout.strip() if r.returncode == 0 else ""
+    if not devices:
+        return False, "no NVIDIA GPU found (nvidia-smi absent or lists no device)"
+    if not offload:
+        return False, f"GPU present ({devices.splitlines()[0]}) but the runtime was built without CUDA " \
+                      "(rebuild: make runtime CUDA=1)"
+    return True, devices.splitlines()[0]
+
+
+def vram_used_mib() -> float | None:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    r = subprocess.run([smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True)
+    try:
+        return float(r.stdout.split()[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def make_files(log=print) -> dict[str, Path]:
+    from .baselines import stock_quantize
+    from .cache import cache_dir
+    from .export import convert, export_pmq
+    from .pmq import PMQConfig, quantize
+    from .tiny import tiny_model
+
+    model = tiny_model("default", log=log)
+    demo = cache_dir("demo", model.name)          # shared with `make demo`: the same files, made once
+    out = cache_dir("selfcheck", model.name)
+    f16 = demo / "tiny-f16.gguf"
+    if not f16.exists():
+        convert(model, f16, outtype="f16", force=True, progress=False)
+    files = {"f16": f16}
+    for bits in (1, 2, 3):
+        files[f"mcq{bits}"] = stock_quantize(f16, f"MCQ{bits}", out / f"tiny-mcq{bits}.gguf", None)
+    mixed = demo / "tiny-pmq2.5.gguf"
+    if not mixed.exists():
+        work = demo / "pmq-2.5"                    # the demo's configuration: resumes a finished run instantly
+        quantize(model, work, PMQConfig(budget="2.5", n_seq=64, seq_len=256), progress=False)
+        export_pmq(work, mixed, force=True, progress=False)
+    files["mixed"] = mixed
+    return files
+
+
+def prompt_tokens(llm) -> list[int]:
+    from .tiny import tiny_model
+    text = (Path(tiny_model("default", log=lambda *_: None)) / "eval.txt").read_text(encoding="utf-8")
+    return llm.tokenize(text[:4000].encode(), add_bos=False)[:PROMPT_TOKENS]
+
+
+def run_one(path: Path, n_gpu_layers: int, threads: int | None) -> dict:
+    from .runtime import load
+    before = vram_used_mib() if n_gpu_layers else None
+    llm = load(path, n_ctx=256, n_batch=PROMPT_TOKENS, n_ubatch=PROMPT_TOKENS, logits_all=True, seed=0,
+               n_gpu_layers=n_gpu_layers, n_threads=threads)
+    toks = prompt_tokens(llm)
+    llm.eval(toks[:8])                               # warm-up (CUDA: kernels loaded, graphs built)
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(toks)
+    t_pp = time.perf_counter() - t0
+    logits = np.array(llm.scores[: len(toks)], dtype=np.float64)
+    t0 = time.perf_counter()
+    for _ in range(GEN_TOKENS):                       # greedy decode, one token per llama_decode
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    t_tg = time.perf_counter() - t0
+    vram = vram_used_mib() if n_gpu_layers else None
+    del llm
+    return {"logits": logits, "pp": len(toks) / t_pp, "tg": GEN_TOKENS / t_tg,
+            "vram": None if vram is None or before is None else vram - before}
+
+
+def compare(cpu: np.ndarray, gpu: np.ndarray) -> tuple[float, float]:
+    scale = cpu.std(axis=1, keepdims=True) + 1e-12
+    rel = float((np.abs(gpu - cpu) / scale).max())
+    top1 = float((cpu.argmax(1) == gpu.argmax(1)).mean())
+    return rel, top1
+
+
+def run_selfcheck(gpu: bool = True, threads: int | None = None, log=print) -> int:
+    from .runtime import check_runtime
+    info = check_runtime()
+    log(f"runtime: {info['lib']}")
+    usable, desc = gpu_status() if gpu else (False, "GPU part not requested")
+    if gpu and not usable:
+        log(f"selfcheck: {desc}. CPU-only mode: running the CPU part; nothing is compared.")
+    elif usable:
+        log(f"selfcheck: GPU {desc}")
+    files = make_files(log=lambda *_: None)
+    failed = []
+    log(f"{'file':<8}{'device':>7}{'pp tok/s':>10}{'tg tok/s':>10}{'VRAM MiB':>10}{'max rel diff':>14}{'top-1 agree':>13}")
+    for name, path in files.items():
+        cpu = run_one(path, 0, threads)
+        log(f"{name:<8}{'CPU':>7}{cpu['pp']:>10.1f}{cpu['tg']:>10.1f}{'':>10}{'':>14}{'':>13}")
+        if not usable:
+            continue
+        cuda = run_one(path, -1, threads)
+        rel, top1 = compare(cpu["logits"], cuda["logits"])
+        ok = rel <= REL_TOL and top1 >= TOP1_MIN
+        vram = "n/a" if cuda["vram"] is None else f"{cuda['vram']:.0f}"
+        log(f"{name:<8}{'CUDA':>7}{cuda['pp']:>10.1f}{cuda['tg']:>10.1f}{vram:>10}{rel:>14.4f}{top1:>13.3f}"
+            + ("" if ok else "   MISMATCH"))
+        if not ok:
+            failed.append(name)
+    if not usable:
+        log("selfcheck: CPU part done (no GPU comparison on this machine)")
+        return 0
+    if failed:
+        log(f"selfcheck: CUDA and CPU disagree on {', '.join(failed)} (tolerance {REL_TOL} x logit std, "
+            f"top-1 >= {TOP1_MIN})")
+        return 1
+    log("selfcheck: CUDA matches the CPU on every file")
+    return 0
