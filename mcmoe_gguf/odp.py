@@ -86,8 +86,13 @@ def odp_reset() -> None:
 
 
 def odp_stats(llm=None) -> list[LayerStats]:
-    """Per-layer counters since the last odp_reset() (layers that saw no ODP op are left out). `llm` is
-    accepted for symmetry with load(); the counters are process-wide."""
+    """Per-layer counters since the last odp_reset() (layers that saw no ODP op are left out). The
+    counters are process-wide; `llm`, if given, is synchronized first: on CUDA the counters are updated by
+    host callbacks queued on the GPU stream (cpp/ggml-cuda/mcmoe-odp.cu), complete once the stream is.
+    (llama-cpp-python's eval() reads the logits, which synchronizes too.)"""
+    if llm is not None and getattr(llm, "ctx", None) is not None:
+        import llama_cpp
+        llama_cpp.llama_synchronize(llm.ctx)
     lib = _lib()
     out = []
     for layer in range(MAX_LAYERS):

@@ -1,6 +1,6 @@
 """CI compile check of the CUDA sources (scripts/check_cuda.py): no GPU needed, nvcc is.
 
-- every ggml-cuda .cu file our patches change, and cpp/ggml-cuda/*.cu, compile for sm_80/86/89/90 with the
+- every ggml-cuda .cu file our patches change, and cpp/ggml-cuda/*.cu (mcq.cu, mcmoe-odp.cu), compile for sm_80/86/89/90 with the
   flags of the real CMake build (results cached by content in ~/.cache/mcmoe-gguf/cuda-check);
 - the check is real: a copy of our kernel file with a type error in a kernel fails, with nvcc's message,
   while the unbroken copy compiles.
@@ -36,6 +36,7 @@ def test_touched_cuda_files_compile_for_all_archs():
     assert listed.returncode == 0
     files = [Path(l).name for l in listed.stdout.split()]
     assert "mcq.cu" in files                       # our kernels are always checked
+    assert "mcmoe-odp.cu" in files                 # (every cpp/ggml-cuda/*.cu: the ODP op too)
     p = run_check()
     assert p.returncode == 0, p.stdout[-8000:]
     for arch in check_cuda.ARCHS:
