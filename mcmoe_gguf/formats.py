@@ -281,7 +281,10 @@ def _unnibble_plane(plane: np.ndarray) -> np.ndarray:
 
 def _as_numpy(x, dtype) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.dtype in (torch.bfloat16, torch.float16):   # numpy has no bfloat16 (Mixtral's release dtype)
+            x = x.float()
+        x = x.numpy()
     return np.asarray(x, dtype=dtype)
 
 

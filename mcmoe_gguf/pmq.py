@@ -190,15 +190,19 @@ def quantize_experts(moe: mx.SparseMoeBlock, x: torch.Tensor, bits: np.ndarray, 
         ex, b = moe.experts[e], int(bits[e])
         tok = torch.where((ids == e).any(-1))[0]
         xe = x[tok]
-        H = GPTQ(x.shape[-1], device=x.device)
-        H.add_batch(xe)
+        gptq = cfg.method == "gptq"            # RTN needs no Hessian (H2 alone is ff^2 float64: 1.6 GB for Mixtral)
+        H = GPTQ(x.shape[-1], device=x.device) if gptq else None
+        if H is not None:
+            H.add_batch(xe)
         for name in ("w1", "w3"):
             res = _gptq_or_rtn(H, getattr(ex, name).weight, b, cfg)
             getattr(ex, name).weight.copy_(res.dequantized)
             out[name + f".{e}"] = _packed(res, b)
-        inner = torch.nn.functional.silu(xe @ ex.w1.weight.t()) * (xe @ ex.w3.weight.t())
-        H2 = GPTQ(inner.shape[-1], device=x.device)
-        H2.add_batch(inner)
+        H2 = None
+        if gptq:
+            inner = torch.nn.functional.silu(xe @ ex.w1.weight.t()) * (xe @ ex.w3.weight.t())
+            H2 = GPTQ(inner.shape[-1], device=x.device)
+            H2.add_batch(inner)
         res = _gptq_or_rtn(H2, ex.w2.weight, b, cfg)
         ex.w2.weight.copy_(res.dequantized)
         out[f"w2.{e}"] = _packed(res, b)
@@ -304,6 +308,8 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     check_row_lengths(hp)
     outdir = Path(outdir)
     _open_workdir(outdir, _manifest(model_dir, cfg))
+    if all((outdir / "layers" / f"layer_{l:02d}.pt").exists() for l in range(hp.num_hidden_layers)):
+        return finish(outdir, ck)       # a finished run (e.g. rerun after a failed export): nothing to redo
     text_path = Path(cfg.calib_text) if cfg.calib_text else Path(model_dir) / "calib.txt"
     if not text_path.exists():
         raise FileNotFoundError(f"{text_path}: calibration text not found (pass --calib-text)")
@@ -343,6 +349,7 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
         prev = outdir / "state" / f"h_{l:02d}.pt"
         if prev.exists():
             prev.unlink()
+        del layer, x        # before the next layer is built: peak memory of one layer, not two
     return finish(outdir, ck)
 
 

@@ -71,14 +71,51 @@ def measure(path: Path, text: str, kw: dict, a) -> dict:
     return {"ppl": r["ppl"], "skipped": s["skipped_fraction"], "pp": pp, "tg": tg}
 
 
+def mixtral_shaped(a) -> str:
+    """The skip is real: prefill of the Mixtral-shaped model (scripts/mixtral_shaped.py: 2 layers at
+    4096/14336, random weights, PMQ files with thresholds calibrated on it) with ODP off and on, in one
+    process: counters (expert evaluations run) and prompt tokens/s."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import mixtral_shaped as ms
+    files = ms.build_all()
+    lines = ["| file | ODP | expert evals run / routed | skipped | pp tok/s (256-token prompt) | pp time vs off |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name in ("pmq-2.5", "pmq-2.0"):
+        if name not in files:
+            continue
+        base = None
+        for label, kw in (("off", dict(odp=False)), ("on (mu, protect 2%)", dict(odp=True)),
+                          ("on, mu x1.25", dict(odp=True, mu_scale=1.25))):
+            odp_reset()
+            pp, _ = time_file(files[name], a.threads, 256, 1, a.repeat, **kw)
+            s = summary(odp_stats())
+            base = base or pp
+            run = f"{s['expert_evals_run']} / {s['slots']}" if s["slots"] else "all"
+            lines.append(f"| {name} | {label} | {run} | {100 * s['skipped_fraction']:.1f}% | {pp:.1f} | "
+                         f"{base / pp:.2f}x |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mixtral-shaped", action="store_true",
+                    help="only the Mixtral-shaped prefill measurement (ODP off vs on)")
     ap.add_argument("--max-chunks", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
+    if a.mixtral_shaped:
+        table = mixtral_shaped(a)
+        print(table)
+        if a.write_results:
+            replace_section("bench_odp_mixtral", "## ODP on the Mixtral-shaped model: real skipped compute\n\n"
+                            f"`.venv/bin/python scripts/bench_odp.py --mixtral-shaped --threads {a.threads} "
+                            f"--repeat {a.repeat} --write-results` on {platform.machine()}, 2 cores (AVX2), "
+                            f"one process, files side by side.\n\n{table}\n")
+        return 0
     text = (tiny_model() / "eval.txt").read_text(encoding="utf-8")
     lines = ["| file | setting | PPL | vs ODP off | expert evals skipped | pp tok/s | tg tok/s |",
              "|---|---|---:|---:|---:|---:|---:|"]

@@ -1,29 +1,40 @@
 #!/usr/bin/env python3
 """Prompt (pp) and decode (tg) tokens/s of our files vs llama.cpp's types, in one process, same machine.
 
-    .venv/bin/python scripts/bench_speed.py [--threads 1,2] [--pp 256] [--tg 64] [--repeat 3] [--write-results]
+    .venv/bin/python scripts/bench_speed.py [--model tiny|mixtral-shaped|both] [--threads 1,2] [--pp 256]
+        [--tg 64] [--repeat 3] [--write-results]
 
-Files: the tiny model's F16 and stock files built by scripts/bench_quality.py (run it first; this script
+--model tiny (section "bench_speed" of docs/RESULTS.md). Files: the tiny model's F16 and stock files built by scripts/bench_quality.py (run it first; this script
 reuses its cache), and our PMQ files from the same run. Every file is timed through llama-cpp-python on the
 patched runtime: pp = one batch of --pp tokens, tg = --tg single-token evaluations after it; best of
 --repeat. Also prints effective weight bandwidth during decode (file bytes x tg tokens/s: every weight is
 read once per token on this tiny model, where all experts of a layer are hit by a 64-token decode only
 partly, so it is an upper bound).
+
+--model mixtral-shaped (section "bench_speed_mixtral"). A 2-layer model at Mixtral's real sizes (4096/14336,
+8 experts top-2, GQA 32/8), random weights, built and cached by scripts/mixtral_shaped.py (first run: ~1 h
+on 2 cores, ~17 GB of disk; then reused): stock Q3_K_S, Q2_K, Q2_0, IQ2_XXS, a uniform MCQ2 from
+llama-quantize, and PMQ files at 2.5 and 2.0 expert bpw from our pipeline. Same timing method. The table
+header carries this machine's memory read bandwidth (a C loop summing 1 GiB, 1 and 2 threads, compiled
+here), and "decode GB/s" is the weight bytes one decoded token actually reads times tg tok/s: every
+non-expert tensor (attention, router, norms, output) once, the embedding one row, and top_k / n_expert of
+the expert bytes (2 of 8 experts per layer; with mixed widths the average over experts, i.e. uniform
+routing, which the random router roughly gives).
+
+--model both (default) runs tiny, then mixtral-shaped.
 """
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mcmoe_gguf.cache import cache_dir  # noqa: E402
-from mcmoe_gguf.report import gguf_sizes  # noqa: E402
-from mcmoe_gguf.runtime import load  # noqa: E402
+from mcmoe_gguf.report import _EXPERT, gguf_sizes, read_gguf  # noqa: E402
 from mcmoe_gguf.tiny import tiny_model  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
@@ -32,31 +43,32 @@ FILES = ["tiny-f16", "tiny-q3_k_s", "tiny-q2_k", "tiny-iq2_xs", "tiny-iq2_xxs", 
 
 
 def time_file(path: Path, threads: int, n_pp: int, n_tg: int, repeat: int) -> tuple[float, float]:
-    llm = load(path, n_ctx=n_pp + n_tg + 8, n_batch=n_pp, n_ubatch=n_pp, n_threads=threads,
-               n_threads_batch=threads)
-    prompt = list(range(10, 10 + n_pp))
-    best_pp = best_tg = float("inf")
-    for _ in range(repeat):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        t1 = time.perf_counter()
-        for i in range(n_tg):
-            llm.eval([20 + i])
-        t2 = time.perf_counter()
-        best_pp, best_tg = min(best_pp, t1 - t0), min(best_tg, t2 - t1)
-    del llm
-    return n_pp / best_pp, n_tg / best_tg
+    """mcmoe_gguf.speed.time_file with ODP off: this benchmark compares the quantized files themselves
+    (our files carry ODP thresholds and would prune by default; scripts/bench_odp.py measures that)."""
+    from mcmoe_gguf.speed import time_file as timed
+    return timed(path, threads, n_pp, n_tg, repeat, odp=False)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("tiny", "mixtral-shaped", "both"), default="both")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--pp", type=int, default=256)
     ap.add_argument("--tg", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--no-build", action="store_true",
+                    help="mixtral-shaped: time only the files already built (skip the missing ones)")
     a = ap.parse_args()
+    rc = 0
+    if a.model in ("tiny", "both"):
+        rc = bench_tiny(a)
+    if a.model in ("mixtral-shaped", "both"):
+        rc = bench_mixtral(a) or rc
+    return rc
+
+
+def bench_tiny(a) -> int:
     d = cache_dir("bench", tiny_model().name, "quality")
     files = [d / f"{n}.gguf" for n in FILES if (d / f"{n}.gguf").exists()]
     if not files:
@@ -82,6 +94,137 @@ def main() -> int:
                         f"`.venv/bin/python scripts/bench_speed.py --threads {a.threads} --pp {a.pp} --tg {a.tg} "
                         f"--repeat {a.repeat} --write-results` on {platform.machine()}, 2 cores (AVX2).\n\n{table}")
     return 0
+
+
+# ------------------------------------------------------------------------------ Mixtral-shaped model
+MEMBW_C = r"""
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+typedef struct { const uint64_t *p; size_t n; uint64_t s; } job_t;
+static void *sum(void *a) {              /* 4 independent accumulators: gcc -O3 vectorizes to 256-bit loads */
+    job_t *j = a; uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (size_t i = 0; i + 4 <= j->n; i += 4) { s0 += j->p[i]; s1 += j->p[i+1]; s2 += j->p[i+2]; s3 += j->p[i+3]; }
+    j->s = s0 + s1 + s2 + s3; return NULL;
+}
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+int main(int argc, char **argv) {         /* membw MiB THREADS REPEAT -> best read GB/s */
+    size_t n = (size_t)atol(argv[1]) * (1 << 20) / 8; int nt = atoi(argv[2]), rep = atoi(argv[3]);
+    uint64_t *p = aligned_alloc(64, n * 8), chk = 0; pthread_t th[64]; job_t jb[64]; double best = 1e30;
+    for (size_t i = 0; i < n; i++) p[i] = i;
+    for (int r = 0; r < rep; r++) {
+        double t0 = now();
+        for (int k = 0; k < nt; k++) { jb[k].p = p + n / nt * k; jb[k].n = n / nt; pthread_create(&th[k], NULL, sum, &jb[k]); }
+        for (int k = 0; k < nt; k++) { pthread_join(th[k], NULL); chk += jb[k].s; }
+        double t = now() - t0; if (t < best) best = t;
+    }
+    printf("%.3f %d\n", n * 8 / best / 1e9, (int)(chk & 1));
+    return 0;
+}
+"""
+
+
+def memory_bandwidth(threads: int, mib: int = 1024, repeat: int = 7) -> float:
+    """Read bandwidth (GB/s, 1e9) of this machine: best of `repeat` sums over a 1 GiB array (>> L3)."""
+    import hashlib
+    import subprocess
+    d = cache_dir("bench", "membw")
+    exe = d / f"membw-{hashlib.sha256(MEMBW_C.encode()).hexdigest()[:12]}"
+    if not exe.exists():
+        src = d / (exe.name + ".c")
+        src.write_text(MEMBW_C)
+        subprocess.run(["cc", "-O3", "-march=native", "-pthread", str(src), "-o", str(exe) + ".tmp"], check=True)
+        Path(str(exe) + ".tmp").rename(exe)
+    out = subprocess.run([str(exe), str(mib), str(threads), str(repeat)], check=True, capture_output=True, text=True)
+    return float(out.stdout.split()[0])
+
+
+def decode_read_bytes(path: Path) -> dict:
+    """Weight bytes one decoded token reads: non-expert tensors once (token_embd: one row), plus
+    top_k / n_expert of the expert tensors (uniform routing)."""
+    import re
+    rd = read_gguf(path)
+    kv = {f.name: f.contents() for f in rd.fields.values()}
+    arch = kv["general.architecture"]
+    n_exp, top_k = int(kv[f"{arch}.expert_count"]), int(kv[f"{arch}.expert_used_count"])
+    exp = other = emb_row = 0
+    for t in rd.tensors:
+        if re.fullmatch(_EXPERT, t.name):
+            exp += int(t.n_bytes)
+        elif t.name == "token_embd.weight":
+            emb_row = int(t.n_bytes) // int(t.shape[-1])        # GGUFReader shape is ggml order: [n_embd, n_vocab]
+        else:
+            other += int(t.n_bytes)
+    return {"expert": exp, "other": other, "per_token": other + emb_row + exp * top_k / n_exp,
+            "top_k": top_k, "n_expert": n_exp}
+
+
+MIXTRAL_FILES = [("q3_k_s", "llama.cpp Q3_K_S"), ("q2_k", "llama.cpp Q2_K"), ("iq2_xxs", "llama.cpp IQ2_XXS"),
+                 ("q2_0", "llama.cpp Q2_0"), ("mcq2", "llama-quantize MCQ2 (uniform)"),
+                 ("pmq-2.5", "mcmoe PMQ 2.5"), ("pmq-2.0", "mcmoe PMQ 2.0")]
+# Q2_0 has no SIMD kernel here (~1 tok/s at this size): timed on 1/8 of the tokens, once (marked in the table)
+MIXTRAL_SLOW = {"q2_0": 8}
+
+
+def bench_mixtral(a) -> int:
+    import datetime
+    from mixtral_shaped import Recipe, build_all, model_dir
+    r = Recipe()
+    if a.no_build:
+        built = {key: model_dir(r) / f"{key}.gguf" for key, _ in MIXTRAL_FILES}
+        built = {k: f for k, f in built.items() if f.exists()}
+        print("not built (skipped):", [k for k, _ in MIXTRAL_FILES if k not in built], flush=True)
+    else:
+        built = build_all(r)
+    files = [(label, built[key], MIXTRAL_SLOW.get(key, 1)) for key, label in MIXTRAL_FILES if key in built]
+    threads = list(map(int, a.threads.split(",")))
+    bw = {t: memory_bandwidth(t) for t in threads}
+    print("memory read bandwidth GB/s:", bw, flush=True)
+    rows = []
+    for t in threads:
+        for label, f, slow in files:
+            pp, tg = time_file(f, t, a.pp // slow, a.tg // slow, a.repeat if slow == 1 else 1)
+            label += f" (pp {a.pp // slow}, tg {a.tg // slow}, once)" if slow > 1 else ""
+            z, rb = gguf_sizes(f), decode_read_bytes(f)
+            gbs = rb["per_token"] * tg / 1e9
+            rows.append((label, t, z["bytes"], z["expert_bpw"], pp, tg, rb["per_token"], gbs, 100 * gbs / bw[t]))
+            print(rows[-1], flush=True)
+    bw_after = {t: memory_bandwidth(t) for t in threads}
+    print("memory read bandwidth GB/s after the timings:", bw_after, flush=True)
+    q2k = {t: tg for (n, t, _, _, _, tg, *_) in rows if n == "llama.cpp Q2_K"}
+    bw_txt = ", ".join(f"{t} thread{'s' if t > 1 else ''} {bw[t]:.1f} GB/s (after the run: {bw_after[t]:.1f})"
+                       for t in threads)
+    lines = [f"Measured memory read bandwidth (1 GiB sum, best of 7): {bw_txt}.", "",
+             "| file | threads | bytes | expert bpw | pp tok/s | tg tok/s | tg / Q2_K | MB read / token | "
+             "decode GB/s | % of bandwidth |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, t, b, ebpw, pp, tg, per_tok, gbs, pct in rows:
+        ratio = f"{tg / q2k[t]:.2f}" if t in q2k else ""
+        lines.append(f"| {n} | {t} | {b:,} | {ebpw:.3f} | {pp:.1f} | {tg:.1f} | {ratio} | {per_tok / 1e6:.1f} | "
+                     f"{gbs:.2f} | {pct:.0f}% |")
+    table = "\n".join(lines)
+    print(table)
+    if a.write_results:
+        cpu = _cpu_name()
+        replace_section("bench_speed_mixtral", (
+            f"## Speed: Mixtral-shaped model (2 layers at 4096/14336, 8 experts top-2, random weights)\n\n"
+            f"`.venv/bin/python scripts/bench_speed.py --model mixtral-shaped --threads {a.threads} --pp {a.pp} "
+            f"--tg {a.tg} --repeat {a.repeat} {'--no-build ' if a.no_build else ''}--write-results` on "
+            f"{platform.machine()} ({cpu}), "
+            f"{datetime.date.today().isoformat()}; all files in one process, side by side.\n\n{table}"))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

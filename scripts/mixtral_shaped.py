@@ -1,0 +1,198 @@
+"""A Mixtral-shaped model for speed benchmarks: real layer sizes (4096/14336, 8 experts top-2, GQA 32/8),
+2 layers, random weights, the tiny model's tokenizer (vocab 4096), and every file scripts/bench_speed.py
+times on it, built once and cached under ~/.cache/mcmoe-gguf/bench/mixtral-shaped/<recipe hash>/.
+
+    hf/                 random HF checkpoint (bf16, one shard per layer, generated layer by layer)
+    f16.gguf            mcmoe_gguf.export.convert
+    imatrix.gguf        llama-imatrix on a few chunks of the tiny model's calibration text
+    q2_k.gguf ...       llama-quantize (Q3_K_S, Q2_K, Q2_0, IQ2_XXS; imatrix for all), MCQ2 (no imatrix)
+    pmq-2.5.gguf ...    mcmoe_gguf.pmq.quantize (method rtn, a few calibration sequences) + export_pmq
+
+Every step writes atomically (temporary name, rename at the end), so a crash leaves no half artifact and a
+rerun continues with the first missing one. Weights are random (quality is meaningless); the files exist
+so the kernels run at Mixtral's real matrix sizes, where the expert weights no longer fit in the L3 cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mcmoe_gguf.arch import mixtral as mx  # noqa: E402
+from mcmoe_gguf.baselines import imatrix, stock_quantize  # noqa: E402
+from mcmoe_gguf.cache import cache_dir, locked  # noqa: E402
+from mcmoe_gguf.tiny import tiny_model  # noqa: E402
+
+RECIPE_VERSION = 1          # bump when the generator below changes the weights
+
+
+@dataclass(frozen=True)
+class Recipe:
+    n_layers: int = 2
+    hidden: int = 4096
+    ff: int = 14336
+    heads: int = 32
+    kv_heads: int = 8
+    experts: int = 8
+    top_k: int = 2
+    std: float = 0.02
+    seed: int = 0
+    # files derived from it
+    stock_types: tuple[str, ...] = ("Q3_K_S", "Q2_K", "Q2_0", "IQ2_XXS")
+    imatrix_chunks: int = 8       # x 256 tokens of the tiny model's calib.txt
+    pmq_budgets: tuple[str, ...] = ("2.5", "2.0")
+    pmq_n_seq: int = 8            # x 256 tokens
+    pmq_fit: str = "minmax"       # grid fit of experts AND of the eps statistics (see build_pmq)
+
+
+def config(r: Recipe, tok_cfg: dict) -> dict:
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": tok_cfg["vocab_size"],
+            "hidden_size": r.hidden, "intermediate_size": r.ff, "num_hidden_layers": r.n_layers,
+            "num_attention_heads": r.heads, "num_key_value_heads": r.kv_heads, "head_dim": r.hidden // r.heads,
+            "num_local_experts": r.experts, "num_experts_per_tok": r.top_k, "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": tok_cfg.get("bos_token_id", 1), "eos_token_id": tok_cfg.get("eos_token_id", 2),
+            "torch_dtype": "bfloat16", "initializer_range": r.std, "sliding_window": None,
+            "router_aux_loss_coef": 0.02, "output_router_logits": False, "attention_dropout": 0.0}
+
+
+def model_dir(r: Recipe = Recipe()) -> Path:
+    tiny = tiny_model()
+    key = json.dumps({"recipe": asdict(r), "v": RECIPE_VERSION, "tokenizer": tiny.name}, sort_keys=True)
+    return cache_dir("bench", "mixtral-shaped", hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def build_checkpoint(r: Recipe, d: Path) -> Path:
+    """Random bf16 checkpoint, one safetensors shard per layer (peak RAM ~ one layer: 2.8 GB bf16)."""
+    out = d / "hf"
+    if (out / "model.safetensors.index.json").exists():
+        return out
+    tiny = tiny_model()
+    tmp = d / "hf.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    cfg = config(r, json.loads((tiny / "config.json").read_text()))
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny / f, tmp / f)
+    hp = mx.MixtralHParams.from_config(cfg)
+    g = torch.Generator().manual_seed(r.seed)
+
+    def rnd(*shape, std=r.std):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    def norm(n):
+        return (1 + rnd(n, std=0.1).float()).to(torch.bfloat16)
+
+    d_, ff, dh = hp.hidden_size, hp.intermediate_size, hp.d_head
+    n_shards = r.n_layers + 1
+    weight_map = {}
+
+    def save(sd: dict, s: int):
+        name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file(sd, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in sd})
+
+    # the embedding rows feed an RMSNorm, so their scale does not matter; std 1 like the tests
+    save({mx.GLOBAL_KEYS["embed"]: rnd(hp.vocab_size, d_, std=1.0), mx.GLOBAL_KEYS["norm"]: norm(d_),
+          mx.GLOBAL_KEYS["lm_head"]: rnd(hp.vocab_size, d_)}, 0)
+    for i in range(hp.num_hidden_layers):
+        k = mx.attn_keys(i)
+        sd = {k["q"]: rnd(hp.num_attention_heads * dh, d_), k["k"]: rnd(hp.num_key_value_heads * dh, d_),
+              k["v"]: rnd(hp.num_key_value_heads * dh, d_), k["o"]: rnd(d_, hp.num_attention_heads * dh),
+              k["attn_norm"]: norm(d_), k["ffn_norm"]: norm(d_), mx.legacy_router_key(i): rnd(hp.num_local_experts, d_)}
+        for e in range(hp.num_local_experts):
+            sd[mx.legacy_expert_key(i, e, "w1")] = rnd(ff, d_)
+            sd[mx.legacy_expert_key(i, e, "w3")] = rnd(ff, d_)
+            sd[mx.legacy_expert_key(i, e, "w2")] = rnd(d_, ff)
+        save(sd, i + 1)
+        del sd
+        print(f"  checkpoint: layer {i} written", flush=True)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
+def build_pmq(r: Recipe, d: Path, hf: Path, budget: str) -> Path:
+    """PMQ file at `budget` real expert bpw through our pipeline (quantize + export_pmq).
+
+    Shortcut for speed only: the random weights make quality meaningless, and the "mse" grid fit costs
+    ~8-12 s per 14336 x 4096 matrix on one core (formats.fit_params), ~100 fits per layer (72 of them for
+    the eps statistics at 1/2/3 bits) = ~15 min per layer and budget. With pmq_fit="minmax" (~2 s per fit)
+    both the expert grids (PMQConfig.param_method) and the eps statistics use min/max round-to-nearest;
+    the latter needs pmq.moe_stats wrapped here, since PMQConfig has no knob for it. The widths PMQ
+    allocates, hence the bytes and the kernels that run, are what the benchmark measures.
+    """
+    out = d / f"pmq-{budget}.gguf"
+    with locked(f"mixtral-shaped-{d.name}-pmq-{budget}"):     # one writer per work directory
+        if not out.exists():
+            _build_pmq(r, d, hf, budget, out)
+    return out
+
+
+def _build_pmq(r: Recipe, d: Path, hf: Path, budget: str, out: Path) -> None:
+    from mcmoe_gguf import formats, pmq
+    from mcmoe_gguf.calibration import moe_stats, rtn_dequant
+    from mcmoe_gguf.export import export_pmq
+    work = d / f"pmq-{budget}.work"
+    cfg = pmq.PMQConfig(budget=budget, method="rtn", param_method=r.pmq_fit, n_seq=r.pmq_n_seq, seq_len=256,
+                        calib_text=str(tiny_model() / "calib.txt"))
+    saved = pmq.moe_stats
+    if r.pmq_fit != "mse":
+        pmq.moe_stats = partial(moe_stats, quantize=partial(rtn_dequant, method=r.pmq_fit))
+    try:
+        pmq.quantize(hf, work, cfg, progress=True)
+    finally:
+        pmq.moe_stats = saved
+    # formats.stock_quantize (Q8_0 embeddings/output) hands a bf16 tensor to numpy, which has no bf16
+    # (TypeError): the tiny model is f32 so it never showed; cast here until formats._as_numpy does
+    stock = formats.stock_quantize
+    formats.stock_quantize = lambda w, name: stock(w.float() if isinstance(w, torch.Tensor) else w, name)
+    try:
+        export_pmq(work, out, progress=False)
+    finally:
+        formats.stock_quantize = stock
+    shutil.rmtree(work)       # ~ the size of the file again; the GGUF is what is kept
+
+
+def build_all(r: Recipe = Recipe(), threads: int = 2) -> dict[str, Path]:
+    """name -> GGUF of every file the Mixtral-shaped speed benchmark times (built if missing)."""
+    from mcmoe_gguf.export import convert
+    d = model_dir(r)
+    names = [t.lower() for t in r.stock_types] + ["mcq2"] + [f"pmq-{b}" for b in r.pmq_budgets]
+    files = {n: d / f"{n}.gguf" for n in names}
+    if all(p.exists() for p in files.values()):
+        return files
+    with locked("mixtral-shaped-" + d.name):
+        hf = build_checkpoint(r, d)
+        f16 = d / "f16.gguf"
+        if not all(files[t.lower()].exists() for t in r.stock_types) or not files["mcq2"].exists():
+            if not f16.exists():
+                print("  converting to F16", flush=True)
+                convert(hf, f16, "f16", progress=False)
+            im = imatrix(f16, tiny_model() / "calib.txt", d / "imatrix.gguf", ctx=256, chunks=r.imatrix_chunks,
+                         threads=threads)
+            for t in r.stock_types:
+                print(f"  llama-quantize {t}", flush=True)
+                stock_quantize(f16, t, files[t.lower()], im, threads)
+            print("  llama-quantize MCQ2", flush=True)
+            stock_quantize(f16, "MCQ2", files["mcq2"], None, threads)
+        for b in r.pmq_budgets:
+            print(f"  PMQ {b}", flush=True)
+            build_pmq(r, d, hf, b)
+    return files
+
+
+if __name__ == "__main__":
+    print(build_all())
