@@ -144,6 +144,20 @@ def add_metadata(w: gguf.GGUFWriter, ck: Checkpoint, name: str, outtype: str) ->
     w.add_file_type(OUTTYPES[outtype][1])
 
 
+def release_large_buffers() -> None:
+    """Make glibc return every freed buffer of >= 1 MiB to the OS. By default its mmap threshold adapts
+    upwards after a large free, so later tensor-sized buffers come from the heap and fragmentation can
+    keep a growing peak (seen as up to +100 MiB between a 2- and a 6-layer conversion). Streaming a 90 GB
+    checkpoint needs the peak to stay at one tensor. No-op off glibc."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)          # M_MMAP_THRESHOLD = 1 MiB (fixed: disables the adaptive rule)
+    except (OSError, AttributeError):
+        pass
+
+
 def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force: bool = False,
             name: str | None = None, progress: bool = True, odp_mu: list[float] | None = None) -> Path:
     """HF checkpoint -> GGUF of float weights (`outtype`), written atomically. odp_mu: per-layer ODP
@@ -153,6 +167,7 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
     ck = Checkpoint(model_dir)
     out = Path(out)
     _check_destination(ck, out, force)
+    release_large_buffers()
     tensors = plan(ck, outtype)
     w = gguf.GGUFWriter(path=None, arch="llama")
     add_metadata(w, ck, name or ck.dir.resolve().name, outtype)

@@ -54,11 +54,29 @@ def overrides(path: str | Path, odp: bool = True, protect: float = 0.02, mu_scal
     return kv
 
 
-def _lib() -> ctypes.CDLL:
-    """libggml-base beside the libllama llama-cpp-python loads: dlopen returns the instance already mapped."""
+def ggml_base_path() -> Path:
+    """The libggml-base whose counters the engine updates. The wheel ships libggml-base.so, .so.0 and
+    .so.0.25.3 as three separate copies (not symlinks) and libllama loads the one named by its DT_NEEDED
+    (.so.0); opening another copy by path would map a second instance with its own, always-zero counters.
+    So: the copy already mapped into this process if any, else the soname file."""
     from .runtime import lib_path
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(" ")[-1]
+                if "/libggml-base.so" in path:
+                    return Path(path)
+    except OSError:
+        pass
     d = lib_path().parent
-    lib = ctypes.CDLL(str(d / "libggml-base.so"))
+    for name in ("libggml-base.so.0", "libggml-base.so"):
+        if (d / name).exists():
+            return d / name
+    return d / "libggml-base.so"
+
+
+def _lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(ggml_base_path()))
     i64p = ctypes.POINTER(ctypes.c_int64)
     lib.mcmoe_odp_counters.argtypes = [ctypes.c_int, i64p, i64p, i64p, i64p]
     lib.mcmoe_odp_counters.restype = ctypes.c_int

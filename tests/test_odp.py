@@ -69,8 +69,8 @@ def _libs():
     from mcmoe_gguf.runtime import check_runtime, lib_path
     check_runtime()
     d = lib_path().parent
-    base = ctypes.CDLL(str(d / "libggml-base.so"))
-    cpu = ctypes.CDLL(str(d / "libggml-cpu.so"))
+    base = ctypes.CDLL(str(odp.ggml_base_path()))     # the instance whose counters odp.* reads
+    cpu = ctypes.CDLL(str(d / ("libggml-cpu.so.0" if (d / "libggml-cpu.so.0").exists() else "libggml-cpu.so")))
     vp = ctypes.c_void_p
     base.ggml_init.restype = vp
     base.ggml_init.argtypes = [InitParams]
