@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from mcmoe_gguf.arch import mixtral as mx
@@ -106,3 +107,48 @@ def load_model(model_dir) -> mx.CompactMixtral:
     model = mx.CompactMixtral(ck.hp)
     model.load_state_dict({k: ck.get(k) for k in model.state_dict()})
     return model.double().eval()
+
+
+# ---------------------------------------------------------------- the rule alone, for the op and kernel tests
+
+def rule_numpy(ids, w, imp, mu, n_protect, marker):
+    """The rule on one micro-batch, float32 like the engine: (ids, weights, protected, rule fired)."""
+    T, k = ids.shape
+    ids_o, w_o = ids.copy(), w.astype(np.float32).copy()
+    prot = np.zeros(T, bool)
+    if imp is not None and n_protect:
+        prot[np.argsort(-imp, kind="stable")[:n_protect]] = True
+    rule = np.zeros(T, bool)
+    mu = np.float32(mu)
+    for t in range(T):
+        top = int(np.argmax(w[t]))           # first maximum
+        fire = np.array([s != top and w[t, s] < mu * w[t, top] for s in range(k)])
+        rule[t] = fire.any()
+        if fire.any() and not prot[t]:
+            total = np.float32(w[t].sum(dtype=np.float32))
+            kept = ~fire
+            ids_o[t, fire] = marker
+            w_o[t, fire] = 0
+            w_o[t, kept] = total if kept.sum() == 1 else \
+                w[t, kept] * (total / np.float32(w[t, kept].sum(dtype=np.float32)))
+    return ids_o, w_o, prot, rule
+
+
+def routing_case(k: int, case: str, T: int, n_expert: int = 8, seed: int = 0):
+    """(ids, weights, importance, mu, n_protect) of a random micro-batch for the named case:
+    random | ties (equal importances and equal weights) | mu0 | protect_all | no_importance."""
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.permutation(n_expert)[:k] for _ in range(T)]).astype(np.int32)
+    w = rng.dirichlet(np.ones(k), T).astype(np.float32)
+    imp = rng.standard_normal(T).astype(np.float32)
+    mu, n_protect = 0.6, max(1, T // 16)
+    if case == "ties":
+        imp = np.round(imp)                  # many equal importances: the lower index wins
+        w[::5] = 1.0 / k                     # equal weights: the first slot is the top one
+    if case == "mu0":
+        mu = 0.0
+    if case == "protect_all":
+        n_protect = T
+    if case == "no_importance":
+        imp = None
+    return ids, w, imp, mu, n_protect

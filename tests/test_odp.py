@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mcmoe_gguf import odp
-from odp_reference import forward, load_model
+from odp_reference import forward, load_model, routing_case, rule_numpy
 
 N_TOKENS = 160
 
@@ -114,46 +114,13 @@ def op_outputs(ids, w, imp, mu, n_protect, marker, layer=200):
         base.ggml_free(ctx)
 
 
-def rule_numpy(ids, w, imp, mu, n_protect, marker):
-    """The rule of docs/FORMAT.md, written independently in numpy (float32 like the engine)."""
-    T, k = ids.shape
-    ids_o, w_o = ids.copy(), w.astype(np.float32).copy()
-    prot = np.zeros(T, bool)
-    if imp is not None and n_protect:
-        prot[np.argsort(-imp, kind="stable")[:n_protect]] = True
-    for t in range(T):
-        top = int(np.argmax(w[t]))           # first maximum
-        fire = np.array([s != top and np.float32(w[t, s]) < np.float32(mu) * np.float32(w[t, top]) for s in range(k)])
-        if fire.any() and not prot[t]:
-            total = np.float32(w[t].sum(dtype=np.float32))
-            kept = ~fire
-            ids_o[t, fire] = marker
-            w_o[t, fire] = 0
-            if kept.sum() == 1:
-                w_o[t, kept] = total
-            else:
-                w_o[t, kept] = w[t, kept] * (total / np.float32(w[t, kept].sum(dtype=np.float32)))
-    return ids_o, w_o, prot
-
-
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("case", ["random", "ties", "mu0", "protect_all"])
 def test_op_equals_the_rule(k, case):
-    rng = np.random.default_rng(k * 10 + len(case))
-    T, n_expert = 50, 8
-    ids = np.stack([rng.permutation(n_expert)[:k] for _ in range(T)]).astype(np.int32)
-    w = rng.dirichlet(np.ones(k), T).astype(np.float32)
-    imp = rng.standard_normal(T).astype(np.float32)
-    mu, n_protect = 0.6, 3
-    if case == "ties":
-        imp = np.round(imp)                  # many equal importances: the lower index wins
-        w[::5] = 1.0 / k                     # equal weights: the first slot is the top one
-    if case == "mu0":
-        mu = 0.0
-    if case == "protect_all":
-        n_protect = T
+    n_expert = 8
+    ids, w, imp, mu, n_protect = routing_case(k, case, T=50, n_expert=n_expert, seed=k * 10 + len(case))
     w_got, ids_got = op_outputs(ids, w, imp, mu, n_protect, n_expert)
-    ids_want, w_want, prot = rule_numpy(ids, w, imp, mu, n_protect, n_expert)
+    ids_want, w_want, prot, _ = rule_numpy(ids, w, imp, mu, n_protect, n_expert)
     assert np.array_equal(ids_got, ids_want)
     np.testing.assert_allclose(w_got, w_want, rtol=1e-6, atol=0)
     if case == "mu0":

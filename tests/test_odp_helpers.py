@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from odp_reference import routing_case, rule_numpy
+
 REPO = Path(__file__).resolve().parent.parent
 HEADER_DIR = REPO / "cpp" / "ggml"
 KERNEL = REPO / "cpp" / "ggml-cuda" / "mcmoe-odp.cu"
@@ -113,28 +115,6 @@ def ptr(a):
     return a.ctypes.data_as(ctypes.c_void_p)
 
 
-def rule_numpy(ids, w, imp, mu, n_protect, marker):
-    """docs/FORMAT.md's rule, independently (float32 like the engine): ids, weights, protected, rule fired."""
-    T, k = ids.shape
-    ids_o, w_o = ids.copy(), w.astype(np.float32).copy()
-    prot = np.zeros(T, bool)
-    if imp is not None and n_protect:
-        prot[np.argsort(-imp, kind="stable")[:n_protect]] = True
-    rule = np.zeros(T, bool)
-    mu = np.float32(mu)
-    for t in range(T):
-        top = int(np.argmax(w[t]))           # first maximum
-        fire = np.array([s != top and w[t, s] < mu * w[t, top] for s in range(k)])
-        rule[t] = fire.any()
-        if fire.any() and not prot[t]:
-            total = np.float32(w[t].sum(dtype=np.float32))
-            kept = ~fire
-            ids_o[t, fire] = marker
-            w_o[t, fire] = 0
-            w_o[t, kept] = total if kept.sum() == 1 else w[t, kept] * (total / np.float32(w[t, kept].sum(dtype=np.float32)))
-    return ids_o, w_o, prot, rule
-
-
 def run_batch(lib, ids, w, imp, mu, n_protect, marker):
     T, k = ids.shape
     ids_o = np.zeros_like(ids)
@@ -148,21 +128,8 @@ def run_batch(lib, ids, w, imp, mu, n_protect, marker):
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
 @pytest.mark.parametrize("case", ["random", "ties", "mu0", "protect_all", "no_importance"])
 def test_kernel_loop_equals_the_rule(lib, k, case):
-    rng = np.random.default_rng(100 * k + len(case))
-    T, n_expert = 300, 8
-    ids = np.stack([rng.permutation(n_expert)[:k] for _ in range(T)]).astype(np.int32)
-    w = rng.dirichlet(np.ones(k), T).astype(np.float32)
-    imp = rng.standard_normal(T).astype(np.float32)
-    mu, n_protect = 0.6, 7
-    if case == "ties":
-        imp = np.round(imp)                  # many equal importances: the lower index wins
-        w[::5] = 1.0 / k                     # equal weights: the first slot is the top one
-    if case == "mu0":
-        mu = 0.0
-    if case == "protect_all":
-        n_protect = T
-    if case == "no_importance":
-        imp = None
+    n_expert = 8
+    ids, w, imp, mu, n_protect = routing_case(k, case, T=300, n_expert=n_expert, seed=100 * k + len(case))
     ids_o, w_o, flags, counts = run_batch(lib, ids, w, imp, mu, n_protect, n_expert)
     ids_w, w_w, prot, rule = rule_numpy(ids, w, imp, mu, n_protect, n_expert)
     assert np.array_equal(ids_o, ids_w)
