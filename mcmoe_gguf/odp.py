@@ -54,29 +54,18 @@ def overrides(path: str | Path, odp: bool = True, protect: float = 0.02, mu_scal
     return kv
 
 
-def ggml_base_path() -> Path:
-    """The libggml-base whose counters the engine updates. The wheel ships libggml-base.so, .so.0 and
-    .so.0.25.3 as three separate copies (not symlinks) and libllama loads the one named by its DT_NEEDED
-    (.so.0); opening another copy by path would map a second instance with its own, always-zero counters.
-    So: the copy already mapped into this process if any, else the soname file."""
+def engine_lib() -> ctypes.CDLL:
+    """The libllama llama-cpp-python loads (same path, so the same instance), as a handle whose dlsym
+    also searches its dependencies: mcmoe_odp_* then resolve to the libggml-base instance the engine
+    itself uses. Opening a libggml-base file by path would not do: the wheel ships libggml-base.so, .so.0
+    and .so.0.25.3 as separate copies, and whichever copy a process maps first (by any name) is the one
+    libllama binds to through its soname, so a second path can be a second instance with zero counters."""
     from .runtime import lib_path
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rstrip("\n").split(" ")[-1]
-                if "/libggml-base.so" in path:
-                    return Path(path)
-    except OSError:
-        pass
-    d = lib_path().parent
-    for name in ("libggml-base.so.0", "libggml-base.so"):
-        if (d / name).exists():
-            return d / name
-    return d / "libggml-base.so"
+    return ctypes.CDLL(str(lib_path()))
 
 
 def _lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(ggml_base_path()))
+    lib = engine_lib()
     i64p = ctypes.POINTER(ctypes.c_int64)
     lib.mcmoe_odp_counters.argtypes = [ctypes.c_int, i64p, i64p, i64p, i64p]
     lib.mcmoe_odp_counters.restype = ctypes.c_int

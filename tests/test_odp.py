@@ -66,11 +66,11 @@ class InitParams(ctypes.Structure):
 
 
 def _libs():
-    from mcmoe_gguf.runtime import check_runtime, lib_path
+    from mcmoe_gguf.runtime import check_runtime
     check_runtime()
-    d = lib_path().parent
-    base = ctypes.CDLL(str(odp.ggml_base_path()))     # the instance whose counters odp.* reads
-    cpu = ctypes.CDLL(str(d / ("libggml-cpu.so.0" if (d / "libggml-cpu.so.0").exists() else "libggml-cpu.so")))
+    # ggml-base and ggml-cpu functions through libllama's handle: the instances the engine uses, whose
+    # counters odp.* reads (see odp.engine_lib)
+    base = cpu = odp.engine_lib()
     vp = ctypes.c_void_p
     base.ggml_init.restype = vp
     base.ggml_init.argtypes = [InitParams]
