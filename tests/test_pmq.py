@@ -225,3 +225,22 @@ def test_dimensions_not_multiple_of_256_are_refused_before_work(tmp_path, small_
     with pytest.raises(ValueError, match=r"multiples of 256.*intermediate_size=384"):
         pmq.quantize(d, tmp_path / "wd", pmq.PMQConfig(budget="2.25", n_seq=2, seq_len=16), progress=False)
     assert not (tmp_path / "wd").exists()
+
+
+def test_eps_method_and_manifests_from_before_it_existed(micro_checkpoint, tmp_path):
+    """eps_method changes the statistics (minmax grids err more than mse ones), and a work directory whose
+    manifest predates the field (it ran with the default) is still accepted and resumed, not refused."""
+    cfg = dict(CFG, strategy="uniform:2", method="rtn")
+    pmq.quantize(micro_checkpoint, tmp_path / "mse", pmq.PMQConfig(**cfg), progress=False)
+    pmq.quantize(micro_checkpoint, tmp_path / "mm", pmq.PMQConfig(**cfg, eps_method="minmax"), progress=False)
+    eps = {k: np.array(json.loads((tmp_path / k / "stats" / "layer_00.json").read_text())["eps"]) for k in ("mse", "mm")}
+    used = eps["mse"].sum(1) > 0
+    assert (eps["mm"][used] >= eps["mse"][used] * 0.999).all() and (eps["mm"][used] > eps["mse"][used]).any()
+    man = json.loads((tmp_path / "mse" / "manifest.json").read_text())
+    del man["config"]["eps_method"]
+    (tmp_path / "mse" / "manifest.json").write_text(json.dumps(man))
+    pmq.quantize(micro_checkpoint, tmp_path / "mse", pmq.PMQConfig(**cfg), progress=False)   # no WorkdirMismatch
+    with pytest.raises(pmq.WorkdirMismatch):
+        pmq.quantize(micro_checkpoint, tmp_path / "mse", pmq.PMQConfig(**cfg, eps_method="minmax"), progress=False)
+    with pytest.raises(ValueError, match="eps_method"):
+        pmq.quantize(micro_checkpoint, tmp_path / "bad", pmq.PMQConfig(**cfg, eps_method="l1"), progress=False)
