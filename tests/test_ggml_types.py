@@ -97,6 +97,11 @@ class Ggml:
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
             fn.restype = ctypes.c_float
         c.mcq_cpu_simd.restype = ctypes.c_char_p
+        c.mcq_vec_dot_multi.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                        ctypes.c_void_p]
+        c.mcq_vec_dot_multi.restype = ctypes.c_bool
+        c.mcq_cpu_has_multi.argtypes = [ctypes.c_int]
+        c.mcq_cpu_has_multi.restype = ctypes.c_bool
         c.ggml_cpu_init.restype = None
         c.ggml_cpu_init()
         # graph API
@@ -381,6 +386,30 @@ def test_vec_dot_simd_vs_scalar_vs_float64(ggml, bits, n):
             # Q8_K's bsums are exact integer sums, so the m term is exact too: the kernels compute the plain
             # dot product of the dequantized weights and activations up to float rounding
             assert abs(simd - plain[r, t]) <= tol, (r, t, simd, plain[r, t])
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_multi_column_kernel_equals_the_scalar_reference(ggml, bits):
+    """mul_mat_id's batched path decodes each weight block once for up to 16 columns (mcq_vec_dot_multi):
+    every column equals the scalar reference within float rounding, for column counts around the
+    kernel's groups of 4."""
+    n = 1024
+    c = ggml.cpu
+    if not c.mcq_cpu_has_multi(TYPE_ID[bits]):
+        assert ggml.cpu.mcq_cpu_simd().decode() == "scalar"
+        pytest.skip("no multi-column kernel on this CPU build")
+    rng = np.random.default_rng(bits)
+    x = ggml.quantize_row(bits, weights("heavy", 1, n, seed=bits), "minmax")[0]
+    for nc in (1, 3, 4, 5, 8, 13, 16):
+        qy = ggml.q8_K((rng.standard_normal((nc, n)) * 2).astype(np.float32))
+        ptrs = (ctypes.c_void_p * nc)(*[qy[i].ctypes.data for i in range(nc)])
+        out = np.zeros(nc, np.float32)
+        assert c.mcq_vec_dot_multi(TYPE_ID[bits], n, x.ctypes.data, ptrs, nc, out.ctypes.data)
+        want, abs_sum = kernel_sum(x[None], bits, n, qy)
+        for i in range(nc):
+            ref = c.mcq_vec_dot_ref(TYPE_ID[bits], n, x.ctypes.data, qy[i].ctypes.data)
+            assert abs(out[i] - ref) <= 1e-5 * abs_sum[0, i], (nc, i, out[i], ref)
+            assert abs(out[i] - want[0, i]) <= 1e-5 * abs_sum[0, i]
 
 
 class Graph:

@@ -221,6 +221,87 @@ MCQ_AVX2(2)
 MCQ_AVX2(3)
 MCQ_AVX2(4)
 
+
+// Several activation columns against one weight row (prefill through mul_mat_id): each block is decoded
+// once and dotted with up to MCQ_MULTI columns, which is where the batched path spends its time otherwise.
+// Same per-column arithmetic as mcq_vec_dot_avx2_impl (two block-parity accumulators, then the m term).
+#define MCQ_MULTI 4
+static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx2_impl(const int bits, const int n, const void * GGML_RESTRICT vx,
+                                                         const void * const * vys, const int nc, float * out) {
+    const int          nb = n / QK_MCQ;
+    const size_t       bb = 4 + (size_t) bits*QK_MCQ/8;
+    const uint8_t    * x  = (const uint8_t *) vx;
+
+    const __m256i ones16  = _mm256_set1_epi16(1);
+    const __m128i ones16x = _mm_set1_epi16(1);
+    const __m256i mask2   = _mm256_set1_epi8(3);
+    const __m256i mask4   = _mm256_set1_epi8(15);
+    const __m256i four8   = _mm256_set1_epi8(4);
+
+    __m256 acc[MCQ_MULTI][2];
+    __m128 accm[MCQ_MULTI];
+    for (int c = 0; c < MCQ_MULTI; ++c) {
+        acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+        accm[c] = _mm_setzero_ps();
+    }
+
+    for (int ib = 0; ib < nb; ++ib) {
+        const uint8_t * blk  = x + ib*bb;
+        const uint8_t * cq   = blk + 4;
+        const int       half = ib & 1;
+        const __m128    dm   = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));
+
+        __m256i q[4];
+        if (bits == 1) {
+            const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) cq));
+            for (int j = 0; j < 4; ++j) {
+                q[j] = mcq_bits_to_bytes(plane, j);
+            }
+        } else if (bits == 2 || bits == 3) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *) cq);
+            q[0] = _mm256_and_si256(v, mask2);
+            q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask2);
+            q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask2);
+            q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask2);
+            if (bits == 3) {
+                const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) (cq + QK_MCQ/4)));
+                for (int j = 0; j < 4; ++j) {
+                    q[j] = _mm256_or_si256(q[j], mcq_bits_to_val(plane, j, four8));
+                }
+            }
+        } else {
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *) cq);
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *) (cq + 32));
+            q[0] = _mm256_and_si256(v0, mask4);
+            q[1] = _mm256_and_si256(v1, mask4);
+            q[2] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask4);
+            q[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask4);
+        }
+
+        for (int c = 0; c < nc; ++c) {
+            const block_q8_K * yb  = (const block_q8_K *) vys[c] + ib/2;
+            const int8_t     * qy  = yb->qs + half*QK_MCQ;
+            const __m128       dmy = _mm_mul_ps(dm, _mm_set1_ps(yb->d));
+            __m256i p16 = _mm256_maddubs_epi16(q[0], _mm256_loadu_si256((const __m256i *) (qy +  0)));
+            p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(q[1], _mm256_loadu_si256((const __m256i *) (qy + 32))));
+            p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(q[2], _mm256_loadu_si256((const __m256i *) (qy + 64))));
+            p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(q[3], _mm256_loadu_si256((const __m256i *) (qy + 96))));
+            const __m256 pf = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones16));
+            acc[c][half] = mcq_madd(_mm256_broadcastss_ps(dmy), pf, acc[c][half]);
+            const __m128i bs = _mm_madd_epi16(_mm_loadu_si128((const __m128i *) (yb->bsums + half*(QK_MCQ/16))), ones16x);
+            accm[c] = _mm_add_ps(accm[c], _mm_mul_ps(_mm_shuffle_ps(dmy, dmy, 0x55), _mm_cvtepi32_ps(bs)));
+        }
+    }
+
+    for (int c = 0; c < nc; ++c) {
+        const __m256 total = _mm256_add_ps(acc[c][0], acc[c][1]);
+        __m128 r = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1)), accm[c]);
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        out[c] = _mm_cvtss_f32(r);
+    }
+}
+
 #endif // MCQ_CPU_AVX2
 
 // ---------------------------------------------------------------- selection, test entry points
@@ -264,6 +345,37 @@ float mcq_vec_dot(enum ggml_type type, int n, const void * x, const void * y) {
     float s = 0.0f;
     f(n, &s, 0, x, 0, y, 0, 1);
     return s;
+}
+
+bool mcq_cpu_has_multi(enum ggml_type type) {
+#if defined(MCQ_CPU_AVX2)
+    return mcq_type_bits(type) != 0;
+#else
+    (void) type;
+    return false;
+#endif
+}
+
+bool mcq_vec_dot_multi(enum ggml_type type, int n, const void * x, const void * const * ys, int nc, float * out) {
+#if defined(MCQ_CPU_AVX2)
+    const int bits = mcq_type_bits(type);
+    if (bits == 0 || n % QK_K != 0) {
+        return false;
+    }
+    for (int c0 = 0; c0 < nc; c0 += MCQ_MULTI) {
+        const int m = nc - c0 < MCQ_MULTI ? nc - c0 : MCQ_MULTI;
+        switch (bits) {   // literal widths: one specialised copy per type
+            case 1:  mcq_vec_dot_multi_avx2_impl(1, n, x, ys + c0, m, out + c0); break;
+            case 2:  mcq_vec_dot_multi_avx2_impl(2, n, x, ys + c0, m, out + c0); break;
+            case 3:  mcq_vec_dot_multi_avx2_impl(3, n, x, ys + c0, m, out + c0); break;
+            default: mcq_vec_dot_multi_avx2_impl(4, n, x, ys + c0, m, out + c0); break;
+        }
+    }
+    return true;
+#else
+    (void) type; (void) n; (void) x; (void) ys; (void) nc; (void) out;
+    return false;   // no multi-column kernel: the caller uses vec_dot per column
+#endif
 }
 
 const char * mcq_cpu_simd(void) {

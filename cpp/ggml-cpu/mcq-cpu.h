@@ -32,6 +32,11 @@ ggml_vec_dot_t mcq_cpu_select_vec_dot(enum ggml_type type, bool use_ref, ggml_ve
 // activations, with the scalar reference or with the kernel the CPU backend uses.
 MCQ_API float mcq_vec_dot_ref(enum ggml_type type, int n, const void * x, const void * y);
 MCQ_API float mcq_vec_dot(enum ggml_type type, int n, const void * x, const void * y);
+// One weight row (n weights, n % 256 == 0) of an mcq type against nc Q8_K activation columns ys[c]:
+// out[c] = the same dot products as mcq_vec_dot, with each weight block decoded once for all columns
+// (mul_mat_id's batched path). False (nothing written) where no such kernel exists (non-AVX2 builds).
+MCQ_API bool mcq_cpu_has_multi(enum ggml_type type); // mcq_vec_dot_multi exists for this type here
+MCQ_API bool mcq_vec_dot_multi(enum ggml_type type, int n, const void * x, const void * const * ys, int nc, float * out);
 // "avx2" or "scalar": what mcq_vec_dot runs
 MCQ_API const char * mcq_cpu_simd(void);
 
