@@ -130,6 +130,38 @@ static inline uint32_t mcq_ld32(const void * p) {
     return v;
 }
 
+// The 128 codes of a block whose planes start at c, as 4 vectors of 32 consecutive codes (elements 0-31,
+// 32-63, 64-95, 96-127), one byte each. bits is a literal at every call site.
+static MCQ_FORCE_INLINE void mcq_decode_block_avx2(const int bits, const uint8_t * c, __m256i q[4]) {
+    const __m256i mask2 = _mm256_set1_epi8(3);
+    const __m256i mask4 = _mm256_set1_epi8(15);
+    if (bits == 1) {
+        const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) c));
+        for (int j = 0; j < 4; ++j) {
+            q[j] = mcq_bits_to_bytes(plane, j);
+        }
+    } else if (bits == 2 || bits == 3) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *) c);
+        q[0] = _mm256_and_si256(v, mask2);
+        q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask2);
+        q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask2);
+        q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask2);
+        if (bits == 3) {
+            const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) (c + QK_MCQ/4)));
+            for (int j = 0; j < 4; ++j) {
+                q[j] = _mm256_or_si256(q[j], mcq_bits_to_val(plane, j, _mm256_set1_epi8(4)));
+            }
+        }
+    } else {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *) c);
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *) (c + 32));
+        q[0] = _mm256_and_si256(v0, mask4);
+        q[1] = _mm256_and_si256(v1, mask4);
+        q[2] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask4);
+        q[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask4);
+    }
+}
+
 // bits is a literal at every call site: the compiler specializes this per type
 static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
         const int bits, const int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
@@ -141,9 +173,6 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
 
     const __m256i ones16 = _mm256_set1_epi16(1);
     const __m128i ones16x = _mm_set1_epi16(1);
-    const __m256i mask2  = _mm256_set1_epi8(3);
-    const __m256i mask4  = _mm256_set1_epi8(15);
-    const __m256i four8  = _mm256_set1_epi8(4);
 
     // two accumulators (even / odd blocks) so consecutive blocks do not wait on one FMA chain;
     // accm collects m * d_y * (partial sums of the 128 activation codes)
@@ -160,33 +189,8 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
         const __m128 dm  = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));             // d, m
         const __m128 dmy = _mm_mul_ps(dm, _mm_set1_ps(yb->d));                                // d d_y, m d_y
 
-        // 4 vectors of 32 consecutive codes (elements 0-31, 32-63, 64-95, 96-127)
         __m256i q[4];
-        if (bits == 1) {
-            const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) c));
-            for (int j = 0; j < 4; ++j) {
-                q[j] = mcq_bits_to_bytes(plane, j);
-            }
-        } else if (bits == 2 || bits == 3) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *) c);
-            q[0] = _mm256_and_si256(v, mask2);
-            q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask2);
-            q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask2);
-            q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask2);
-            if (bits == 3) {
-                const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) (c + QK_MCQ/4)));
-                for (int j = 0; j < 4; ++j) {
-                    q[j] = _mm256_or_si256(q[j], mcq_bits_to_val(plane, j, four8));
-                }
-            }
-        } else {
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *) c);
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *) (c + 32));
-            q[0] = _mm256_and_si256(v0, mask4);
-            q[1] = _mm256_and_si256(v1, mask4);
-            q[2] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask4);
-            q[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask4);
-        }
+        mcq_decode_block_avx2(bits, c, q);
 
         // u8 codes (<= 15) x s8 activations, pairs summed in int16: |pair| <= 2*15*128 = 3840, and the sum of
         // the four products stays <= 15360 < 32767, so the whole block is summed in int16 before widening once
@@ -234,9 +238,6 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx2_impl(const int bits, const i
 
     const __m256i ones16  = _mm256_set1_epi16(1);
     const __m128i ones16x = _mm_set1_epi16(1);
-    const __m256i mask2   = _mm256_set1_epi8(3);
-    const __m256i mask4   = _mm256_set1_epi8(15);
-    const __m256i four8   = _mm256_set1_epi8(4);
 
     __m256 acc[MCQ_MULTI][2];
     __m128 accm[MCQ_MULTI];
@@ -252,31 +253,7 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx2_impl(const int bits, const i
         const __m128    dm   = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));
 
         __m256i q[4];
-        if (bits == 1) {
-            const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) cq));
-            for (int j = 0; j < 4; ++j) {
-                q[j] = mcq_bits_to_bytes(plane, j);
-            }
-        } else if (bits == 2 || bits == 3) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *) cq);
-            q[0] = _mm256_and_si256(v, mask2);
-            q[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask2);
-            q[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask2);
-            q[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask2);
-            if (bits == 3) {
-                const __m256i plane = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) (cq + QK_MCQ/4)));
-                for (int j = 0; j < 4; ++j) {
-                    q[j] = _mm256_or_si256(q[j], mcq_bits_to_val(plane, j, four8));
-                }
-            }
-        } else {
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *) cq);
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *) (cq + 32));
-            q[0] = _mm256_and_si256(v0, mask4);
-            q[1] = _mm256_and_si256(v1, mask4);
-            q[2] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask4);
-            q[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask4);
-        }
+        mcq_decode_block_avx2(bits, cq, q);
 
         for (int c = 0; c < nc; ++c) {
             const block_q8_K * yb  = (const block_q8_K *) vys[c] + ib/2;
