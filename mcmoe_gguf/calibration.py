@@ -86,5 +86,10 @@ def moe_stats(layer_idx: int, moe: SparseMoeBlock, x: torch.Tensor,
             q = expert_forward(quantize(ex.w1.weight, b), quantize(ex.w2.weight, b), quantize(ex.w3.weight, b), xe)
             row.append(torch.linalg.norm(g * (ref - q)).item())
         eps.append(row)
-    ratio = (wts[:, 1] / wts[:, 0]) if hp.num_experts_per_tok >= 2 else torch.zeros(1)
-    return LayerStats(layer_idx, counts.tolist(), phi, w_mean, eps, float(ratio.median().item()), x.shape[0])
+    return LayerStats(layer_idx, counts.tolist(), phi, w_mean, eps, odp_mu(wts), x.shape[0])
+
+
+def odp_mu(wts: torch.Tensor) -> float:
+    """ODP threshold of a layer from its routing weights [tokens, k] (sorted, renormalised): median w1/w0."""
+    ratio = (wts[:, 1] / wts[:, 0]) if wts.shape[1] >= 2 else torch.zeros(1)
+    return float(ratio.median().item())

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import allocate, formats
 from .arch import mixtral as mx
-from .calibration import LayerStats, calibration_tokens, moe_stats, rtn_dequant
+from .calibration import LayerStats, calibration_tokens, moe_stats, odp_mu, rtn_dequant
 from .checkpoint import Checkpoint
 from .gptq import GPTQ, rtn
 
@@ -286,8 +286,8 @@ def odp_thresholds(model_dir: str | Path, text: str, n_seq: int = 32, seq_len: i
         for l in tqdm(range(hp.num_hidden_layers), desc="ODP thresholds", unit="layer", disable=not progress):
             layer = mx.decoder_layer_from(ck, l)
             _, x = moe_input(layer, h, cos, sin, chunk)
-            # mu needs no eps: the cheapest grid for the statistics it computes on the side
-            mu.append(float(moe_stats(l, layer.block_sparse_moe, x, lambda W, b: rtn_dequant(W, b, "minmax")).mu))
+            moe = layer.block_sparse_moe
+            mu.append(odp_mu(mx.route(moe.gate(x), hp.num_experts_per_tok)[1]))   # routing only, no eps
             h = layer_forward(layer, h, cos, sin, chunk)
     return mu
 
