@@ -11,8 +11,9 @@ RUNTIME_FLAGS := $(if $(filter 1,$(CUDA)),--cuda --cuda-arch $(CUDA_ARCH),)
 demo: runtime
 	$(VPY) -m mcmoe_gguf.cli demo
 
+# -n 1: tests run in a worker process; a segfault or abort fails that test and a new worker runs the rest
 test: runtime
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n 1 --max-worker-restart=100 --timeout=1800 --timeout-method=thread tests
 
 # torch first, pinned: it comes from the local wheel (CPU build); an unpinned torch would pull CUDA.
 $(VENV)/.deps: pyproject.toml

@@ -6,6 +6,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# a segfault or abort fails one test, not the run (under `make test`'s pytest-xdist; see crash_harness.py)
+from crash_harness import (pytest_configure, pytest_handlecrashitem, pytest_runtest_logstart,  # noqa: E402,F401
+                           pytest_sessionstart)
+
 
 @pytest.fixture(scope="session")
 def small_tokenizer_dir(tmp_path_factory):

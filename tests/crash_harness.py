@@ -1,0 +1,58 @@
+"""A native crash (segfault, abort) in one test fails that test, with its name and the signal, and the run
+goes on: `make test` runs pytest under pytest-xdist (`-n 1`), whose controller notices a worker that died,
+reports the test it was running as failed and starts a new worker for the rest. This plugin adds what
+xdist leaves out, the signal and where it happened: each worker writes faulthandler's report (signal name,
+Python stack of every thread) to a file of its own, and the controller puts that file into the crashed
+test's failure. pytest-timeout (thread method) turns a hang into the same kind of failure.
+
+Loaded from conftest.py; tests/test_crash_harness.py runs it on a test that segfaults.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_ENV = "MCMOE_CRASH_DIR"
+_files: list = []      # keep the worker's report file open for the life of the process
+
+
+def pytest_configure(config):
+    # controller (or a run without xdist): the directory the workers inherit through the environment
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and _ENV not in os.environ:
+        os.environ[_ENV] = tempfile.mkdtemp(prefix="mcmoe-crash-")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session):
+    # after pytest's own faulthandler plugin, which points faulthandler at stderr
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None or _ENV not in os.environ:
+        return
+    f = open(Path(os.environ[_ENV]) / f"{worker}.log", "w")
+    _files.append(f)
+    faulthandler.enable(file=f, all_threads=True)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    # a restarted worker reuses its id: start each test's report afresh so an old crash is not repeated
+    for f in _files:
+        f.seek(0)
+        f.truncate()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem, report, sched):
+    d = os.environ.get(_ENV)
+    worker = getattr(getattr(report.node, "gateway", None), "id", None)
+    if not d or not worker:
+        return
+    log = Path(d) / f"{worker}.log"
+    text = log.read_text(errors="replace").strip() if log.exists() else ""
+    # the frames that matter are the test's: drop pytest's, pluggy's and xdist's own machinery
+    noise = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", '"<string>"')
+    text = "\n".join(ln for ln in text.splitlines() if not any(n in ln for n in noise))
+    report.longrepr = f"{report.longrepr}\n" + (text or "no faulthandler report (killed by SIGKILL: out of memory?)")
