@@ -153,12 +153,14 @@ def add_odp_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--no-odp", dest="odp", action="store_false", help="run every routed expert")
     g.add_argument("--mu", type=float, default=None,
                    help="threshold for every layer instead of the file's calibrated per-layer mu")
-    g.add_argument("--mu-scale", type=float, default=1.0, help="multiply the thresholds (default 1)")
-    g.add_argument("--protect", type=float, default=0.02,
-                   help="fraction of a prompt's tokens that keep both experts (default 0.02)")
-    g.add_argument("--importance", choices=["attn", "rowsum", "norm", "none"], default="attn",
-                   help="how protected tokens are chosen: attention received x norm (default), the reference "
-                   "code's row sums, the norm only, or no protection")
+    g.add_argument("--mu-scale", type=float, default=None,
+                   help="multiply the thresholds (default: the file's mcmoe.odp.mu_scale, else 1)")
+    g.add_argument("--protect", type=float, default=None,
+                   help="fraction of a prompt's tokens that keep both experts (default: the file's "
+                   "mcmoe.odp.protect, else 0.02)")
+    g.add_argument("--importance", choices=["attn", "rowsum", "norm", "none"], default=None,
+                   help="how protected tokens are chosen: attention received x norm (the default unless the "
+                   "file says otherwise), the reference code's row sums, the norm only, or no protection")
 
 
 def cmd_selfcheck(a) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 IMPORTANCE_MODES = ("attn", "rowsum", "norm", "none")
 MAX_LAYERS = 256      # MCMOE_ODP_MAX_LAYERS
@@ -24,33 +23,28 @@ def n_protect(ratio: float, n_tokens: int) -> int:
     return min(n_tokens, math.ceil(ratio * n_tokens - 1e-6))
 
 
-def file_has_mu(path: str | Path) -> bool:
-    """True if the GGUF carries calibrated per-layer thresholds (mcmoe.odp.mu, written by our converter)."""
-    from .report import read_gguf
-    try:
-        return "mcmoe.odp.mu" in read_gguf(path).fields
-    except Exception:   # a damaged file: llama.cpp's loader reports what is wrong with it
-        return False
-
-
-def overrides(path: str | Path, odp: bool = True, protect: float = 0.02, mu_scale: float = 1.0,
-              mu: float | None = None, importance: str = "attn") -> dict:
+def overrides(odp: bool = True, protect: float | None = None, mu_scale: float | None = None,
+              mu: float | None = None, importance: str | None = None) -> dict:
     """kv_overrides for llama_cpp.Llama. odp=True turns pruning on where there are thresholds: the file's
     calibrated mcmoe.odp.mu, or `mu` (one value for every layer). A file with neither (a stock or F16
-    conversion without calibration) runs unpruned. odp=False turns it off."""
-    if importance not in IMPORTANCE_MODES:
+    conversion without calibration) runs unpruned: the engine decides that from the file's metadata
+    (mcmoe.odp.if_calibrated), so nothing here reads the file. odp=False turns it off. protect, mu_scale
+    and importance override the file's values only when given (the engine checks the file's)."""
+    if importance is not None and importance not in IMPORTANCE_MODES:
         raise ValueError(f"importance must be one of {', '.join(IMPORTANCE_MODES)} (got {importance!r})")
-    if not 0 <= protect <= 1:
+    if protect is not None and not 0 <= protect <= 1:
         raise ValueError(f"protect must be a fraction in [0, 1] (got {protect})")
-    if mu_scale < 0 or (mu is not None and mu < 0):
-        raise ValueError("mu and mu_scale must be >= 0")
-    on = bool(odp) and (mu is not None or file_has_mu(path))
-    kv = {"mcmoe.odp.enabled": on}
-    if on:
-        kv.update({"mcmoe.odp.protect": float(protect), "mcmoe.odp.mu_scale": float(mu_scale),
-                   "mcmoe.odp.importance": importance})
+    for name, v in (("mu", mu), ("mu_scale", mu_scale)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be finite and >= 0 (got {v})")
+    kv = {"mcmoe.odp.enabled": bool(odp)}
+    if odp:
+        given = {"mcmoe.odp.protect": protect, "mcmoe.odp.mu_scale": mu_scale, "mcmoe.odp.importance": importance}
+        kv.update({k: (v if isinstance(v, str) else float(v)) for k, v in given.items() if v is not None})
         if mu is not None:
             kv["mcmoe.odp.mu_override"] = float(mu)
+        else:
+            kv["mcmoe.odp.if_calibrated"] = True
     return kv
 
 

@@ -62,14 +62,9 @@ _EXPERT = r"blk\.(\d+)\.ffn_(gate|up|down)(?:\.(\d+)|_exps)\.weight"
 
 
 def read_gguf(path: Path):
-    import gguf
-
-    from .gguf_types import register
-    register()
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+    """gguf.GGUFReader of a file that passed the bounded structural check (gguf_check)."""
+    from .gguf_check import checked_reader
+    return checked_reader(path)
 
 
 def gguf_sizes(path: Path) -> dict:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .sources import source_hash
@@ -75,23 +76,57 @@ def check_runtime() -> dict[str, str]:
     return info
 
 
-def load(path: str | os.PathLike, verbose: bool = False, odp: bool = True, protect: float = 0.02,
-         mu_scale: float = 1.0, mu: float | None = None, importance: str = "attn", **llama_kwargs):
+def load(path: str | os.PathLike, verbose: bool = False, odp: bool = True, protect: float | None = None,
+         mu_scale: float | None = None, mu: float | None = None, importance: str | None = None, **llama_kwargs):
     """A ``llama_cpp.Llama`` for ``path`` on the checked, patched runtime.
 
     ODP (online dynamic pruning of the second expert, mcmoe_gguf.odp): odp=True prunes where the file has
     calibrated thresholds (our converter writes them) or `mu` gives one for every layer; `mu_scale`
     scales them, `protect` is the fraction of a prompt's tokens kept whole, `importance` how they are
-    chosen (attn | rowsum | norm | none). Extra kv_overrides in llama_kwargs are merged (theirs win)."""
+    chosen (attn | rowsum | norm | none). None keeps the file's value (the engine's default, 1 / 0.02 /
+    attn, where the file has none). Extra kv_overrides in llama_kwargs are merged (theirs win)."""
     if not _checked:
         check_runtime()
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
     from .odp import overrides
-    kv = overrides(path, odp=odp, protect=protect, mu_scale=mu_scale, mu=mu, importance=importance)
+    kv = overrides(odp=odp, protect=protect, mu_scale=mu_scale, mu=mu, importance=importance)
     kv.update(llama_kwargs.pop("kv_overrides", None) or {})
+    with engine_errors(path):
+        import llama_cpp
+        return llama_cpp.Llama(model_path=str(path), verbose=verbose, kv_overrides=kv, **llama_kwargs)
+
+
+@contextmanager
+def engine_errors(path):
+    """Turn llama-cpp-python's generic "Failed to load model from file" into an error that carries
+    llama.cpp's own reason: the ERROR-level lines it logs while the block runs (gguf.cpp, the model
+    loader, our mcmoe loader) are collected and put in the raised ValueError. The usual log callback
+    keeps printing meanwhile and is put back afterwards."""
     import llama_cpp
-    return llama_cpp.Llama(model_path=str(path), verbose=verbose, kv_overrides=kv, **llama_kwargs)
+    from llama_cpp import _logger
+    errors: list[str] = []
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        # ggml.h of the pinned tree: ERROR = 4, CONT = 5 (llama-cpp-python's _logger.py comment is older)
+        if level == 4 or (level == 5 and last[0] == 4):
+            errors.append(text.decode("utf-8", "replace"))
+        if level != 5:
+            last[0] = level
+        _logger.llama_log_callback(level, text, user_data)
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield
+    except ValueError as e:
+        reason = " ".join("".join(errors).split())
+        if not reason:
+            raise
+        raise ValueError(f"{path}: llama.cpp refused the file: {reason}") from e
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def tools_dir() -> Path:

@@ -212,19 +212,25 @@ def test_flash_attention_falls_back_to_the_norm(tiny):
 
 def test_bad_parameters_are_clear_errors(tiny, tiny_dir):
     with pytest.raises(ValueError, match="importance must be one of"):
-        odp.overrides(tiny["gguf"], importance="bogus")
+        odp.overrides(importance="bogus")
     with pytest.raises(ValueError, match="protect must be"):
-        odp.overrides(tiny["gguf"], protect=2.0)
+        odp.overrides(protect=2.0)
     # the engine's own checks (kv-overrides straight to llama.cpp), in a child process: llama.cpp logs
     import subprocess
     import sys
     code = ("import sys, mcmoe_gguf\n"
-            "try:\n    mcmoe_gguf.load(sys.argv[1], odp=False, verbose=True, kv_overrides={sys.argv[2]: " + "eval(sys.argv[3])})\n"
-            "except ValueError:\n    print('REFUSED')\n")
-    for key, val, msg in (("mcmoe.odp.enabled", "True", "has no mcmoe.odp.mu"),):
-        r = subprocess.run([sys.executable, "-c", code, str(tiny["gguf"]), key, val], capture_output=True,
-                           text=True, timeout=120)
-        assert "REFUSED" in r.stdout and msg in r.stderr, r.stderr[-2000:]
-    # an F16/F32 conversion has no calibrated thresholds: odp=True without mu is a no-op, not an error
-    assert odp.overrides(tiny["gguf"]) == {"mcmoe.odp.enabled": False}
-    assert math.isclose(odp.overrides(tiny["gguf"], mu=0.3)["mcmoe.odp.mu_override"], 0.3)
+            "try:\n    mcmoe_gguf.load(sys.argv[1], odp=False, verbose=True, kv_overrides=eval(sys.argv[2]))\n"
+            "except ValueError as e:\n    print('REFUSED', e)\n")
+    for kv, msg in (({"mcmoe.odp.enabled": True}, "has no mcmoe.odp.mu"),
+                    ({"mcmoe.odp.enabled": True, "mcmoe.odp.mu_override": float("inf")}, "mu_override must be finite"),
+                    ({"mcmoe.odp.enabled": True, "mcmoe.odp.mu_override": 0.5, "mcmoe.odp.mu_scale": -1.0},
+                     "mu_scale (kv-override) must be a finite number >= 0")):
+        r = subprocess.run([sys.executable, "-c", code, str(tiny["gguf"]), repr(kv).replace("inf", "float('inf')")],
+                           capture_output=True, text=True, timeout=120)
+        assert "REFUSED" in r.stdout and msg in r.stdout + r.stderr, r.stdout + r.stderr[-2000:]
+    # an F16/F32 conversion has no calibrated thresholds: odp=True without mu runs unpruned, not an error
+    _, stats, _ = engine(tiny["gguf"], tiny["tokens"][:16], odp=True)
+    assert stats == []
+    with pytest.raises(ValueError, match="finite"):
+        odp.overrides(mu=float("nan"))
+    assert math.isclose(odp.overrides(mu=0.3)["mcmoe.odp.mu_override"], 0.3)

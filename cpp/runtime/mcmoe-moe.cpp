@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cinttypes>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -323,10 +324,20 @@ static bool mcmoe_odp_key(const llama_model_loader & ml, const char * key, doubl
     throw std::runtime_error(format("metadata %s has the wrong type %s", key, gguf_type_name(t)));
 }
 
+// whether the value came from a kv-override (the caller's choice at load) rather than the file
+static bool mcmoe_odp_overridden(const llama_model_loader & ml, const char * key) {
+    return ml.kv_overrides.find(key) != ml.kv_overrides.end();
+}
+
+// mu is a ratio of routing weights (w1 / w0 <= 1): a file's calibrated value outside [0, 1] is corrupt.
+// A caller may pass larger values on purpose (any mu >= 1 prunes every second expert), but not NaN/inf.
+static const double MCMOE_ODP_MAX_FILE_MU_SCALE = 16.0;
+
 std::shared_ptr<mcmoe_odp_config> mcmoe_load_odp_config(llama_model_loader & ml, int n_layer) {
     auto cfg = std::make_shared<mcmoe_odp_config>();
-    bool enabled = false;
+    bool enabled = false, if_calibrated = false;
     mcmoe_odp_key(ml, "mcmoe.odp.enabled", nullptr, &enabled, nullptr);
+    mcmoe_odp_key(ml, "mcmoe.odp.if_calibrated", nullptr, &if_calibrated, nullptr);
     if (!enabled) {
         return cfg;
     }
@@ -336,8 +347,18 @@ std::shared_ptr<mcmoe_odp_config> mcmoe_load_odp_config(llama_model_loader & ml,
     mcmoe_odp_key(ml, "mcmoe.odp.mu_override", &over, nullptr, nullptr);
     mcmoe_odp_key(ml, "mcmoe.odp.protect", &protect, nullptr, nullptr);
     mcmoe_odp_key(ml, "mcmoe.odp.importance", nullptr, nullptr, &imp);
-    if (!(scale >= 0.0) || !(protect >= 0.0 && protect <= 1.0)) {
-        throw std::runtime_error(format("mcmoe.odp: mu_scale must be >= 0 and protect in [0, 1] (got %g, %g)", scale, protect));
+    const char * src_scale = mcmoe_odp_overridden(ml, "mcmoe.odp.mu_scale") ? "kv-override" : "file";
+    const char * src_protect = mcmoe_odp_overridden(ml, "mcmoe.odp.protect") ? "kv-override" : "file";
+    if (!std::isfinite(scale) || scale < 0.0 ||
+        (!mcmoe_odp_overridden(ml, "mcmoe.odp.mu_scale") && scale > MCMOE_ODP_MAX_FILE_MU_SCALE)) {
+        throw std::runtime_error(format("mcmoe.odp.mu_scale (%s) must be a finite number >= 0%s (got %g)", src_scale,
+                                        src_scale[0] == 'f' ? " and <= 16 in a file" : "", scale));
+    }
+    if (!(protect >= 0.0 && protect <= 1.0)) {
+        throw std::runtime_error(format("mcmoe.odp.protect (%s) must be a fraction in [0, 1] (got %g)", src_protect, protect));
+    }
+    if (std::isnan(over) || std::isinf(over)) {
+        throw std::runtime_error(format("mcmoe.odp.mu_override must be finite (got %g)", over));
     }
     static const char * names[] = { "attn", "rowsum", "norm", "none" };
     cfg->importance = -1;
@@ -357,18 +378,35 @@ std::shared_ptr<mcmoe_odp_config> mcmoe_load_odp_config(llama_model_loader & ml,
     } else {
         const int64_t kid = gguf_find_key(ml.metadata, "mcmoe.odp.mu");
         if (kid < 0) {
+            if (if_calibrated) {
+                // asked for "prune where the file is calibrated": an uncalibrated (e.g. F16) file runs whole
+                LLAMA_LOG_INFO("mcmoe: ODP requested but the file has no mcmoe.odp.mu: running unpruned\n");
+                return std::make_shared<mcmoe_odp_config>();
+            }
             throw std::runtime_error("mcmoe.odp.enabled is set but the file has no mcmoe.odp.mu (calibrated per-layer "
                                      "thresholds) and no mcmoe.odp.mu_override was given");
         }
         if (gguf_get_kv_type(ml.metadata, kid) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ml.metadata, kid) != GGUF_TYPE_FLOAT32 ||
-            (int) gguf_get_arr_n(ml.metadata, kid) != n_layer) {
-            throw std::runtime_error(format("mcmoe.odp.mu must be an array of %d float32 (one per layer)", n_layer));
+            (int64_t) gguf_get_arr_n(ml.metadata, kid) != n_layer) {
+            throw std::runtime_error(format("mcmoe.odp.mu must be an array of %d float32 (one per layer), found %s of %zu %s",
+                                            n_layer, gguf_type_name(gguf_get_kv_type(ml.metadata, kid)),
+                                            gguf_get_kv_type(ml.metadata, kid) == GGUF_TYPE_ARRAY ? gguf_get_arr_n(ml.metadata, kid) : (size_t) 1,
+                                            gguf_get_kv_type(ml.metadata, kid) == GGUF_TYPE_ARRAY ? gguf_type_name(gguf_get_arr_type(ml.metadata, kid)) : ""));
         }
         const float * d = (const float *) gguf_get_arr_data(ml.metadata, kid);
         mu.assign(d, d + n_layer);
+        for (int il = 0; il < n_layer; ++il) {
+            if (!(mu[il] >= 0.0f && mu[il] <= 1.0f)) {   // also false for NaN
+                throw std::runtime_error(format("mcmoe.odp.mu[%d] = %g: a calibrated threshold is a ratio w1/w0 in [0, 1]",
+                                                il, (double) mu[il]));
+            }
+        }
     }
     for (float & m : mu) {
         m = (float) (m * scale);
+        if (!std::isfinite(m)) {
+            throw std::runtime_error(format("mcmoe.odp: mu x mu_scale is not finite (mu_scale %g)", scale));
+        }
     }
     cfg->mu = std::move(mu);
     cfg->enabled = true;

@@ -88,6 +88,10 @@ void mcmoe_check_tensor_shape(const ggml_tensor * t);
 //   mcmoe.odp.mu_override f32     >= 0: this mu for every layer instead of the array (default -1)
 //   mcmoe.odp.protect     f32     fraction of a micro-batch's tokens protected (default 0.02)
 //   mcmoe.odp.importance  str     attn | rowsum | norm | none (default attn)
+//   mcmoe.odp.if_calibrated bool  with enabled: a file without mu (and no mu_override) runs unpruned
+//                                 instead of being refused (what mcmoe_gguf.load(odp=True) asks for)
+// Values are checked: mu in [0, 1] and finite, mu_scale finite >= 0 (<= 16 when it comes from the file),
+// protect in [0, 1]; anything else is refused with the key named.
 enum mcmoe_odp_importance {
     MCMOE_ODP_IMP_ATTN   = 0, // ||x_j||_1 * attention received by j from later queries (all heads) / (L - j)
     MCMOE_ODP_IMP_ROWSUM = 1, // the reference code's: ||x_j||_1 * sum of j's own attention row / (L - j)
@@ -107,7 +111,8 @@ struct mcmoe_odp_config {
 struct llama_model_loader;
 
 // Reads the keys above (throws std::runtime_error on a bad value or type). enabled without any mu
-// (no mcmoe.odp.mu and no mu_override) is an error: the caller asked for pruning the file cannot do.
+// (no mcmoe.odp.mu and no mu_override) is an error unless if_calibrated: the caller asked for pruning
+// the file cannot do.
 std::shared_ptr<mcmoe_odp_config> mcmoe_load_odp_config(llama_model_loader & ml, int n_layer);
 
 // The graph part, in build_moe_ffn after the routing weights are final: computes the importance of the
