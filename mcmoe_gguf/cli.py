@@ -48,9 +48,24 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_rpc_server(a) -> int:
+    """llama.cpp's rpc-server of this runtime (same types and ops as the client), in the foreground."""
+    from .runtime import run_tool
+    args = ["-H", a.host, "-p", str(a.port)] + (["-t", str(a.threads)] if a.threads else [])
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: rpc-server on {a.host} accepts anyone who can reach the port: it has no authentication; "
+              "use it on a trusted network only", file=sys.stderr)
+    return run_tool("ggml-rpc-server", *args).returncode
+
+
 def odp_kwargs(a) -> dict:
     """load() arguments of the --odp/--no-odp, --mu, --mu-scale, --protect, --importance options"""
-    return {"odp": a.odp, "mu": a.mu, "mu_scale": a.mu_scale, "protect": a.protect, "importance": a.importance}
+    kw = {"odp": a.odp, "mu": a.mu, "mu_scale": a.mu_scale, "protect": a.protect, "importance": a.importance}
+    if getattr(a, "rpc", None):
+        kw["rpc_servers"] = a.rpc
+        if a.n_gpu_layers is not None:
+            kw["n_gpu_layers"] = a.n_gpu_layers
+    return kw
 
 
 def print_odp_stats() -> None:
@@ -134,6 +149,13 @@ def cmd_runtime(a) -> int:
     from .runtime import check_runtime, tools_dir
     info = check_runtime()
     print(f"patched runtime ok: {info['lib']} (sources {info['source_hash'][:12]}, abi {info['abi']})")
+    from . import cpu_variant
+    import llama_cpp
+    llama_cpp.llama_backend_init()
+    loaded, want = cpu_variant.loaded_variant(), cpu_variant.expected_variant()
+    print(f"CPU: {cpu_variant.cpu_model()}; CPU backend loaded: {loaded or 'none (a non-DL build)'}"
+          f" (best for this CPU's flags: {want}; runnable: {', '.join(cpu_variant.runnable_variants())})")
+    print(f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode().strip()}")
     try:
         print(f"llama.cpp tools: {tools_dir()}")
     except RuntimeError as e:
@@ -144,6 +166,14 @@ def cmd_runtime(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run_demo
     return run_demo(preset=a.preset, max_chunks=a.max_chunks, threads=a.threads)
+
+
+def add_rpc_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("across machines (llama.cpp RPC)")
+    g.add_argument("--rpc", metavar="HOST:PORT[,...]",
+                   help="run layers on these `mcmoe-gguf rpc-server` processes (one per machine)")
+    g.add_argument("--n-gpu-layers", type=int, default=None,
+                   help="with --rpc: how many layers (the last ones) go to the servers (default: all)")
 
 
 def add_odp_options(s: argparse.ArgumentParser) -> None:
@@ -212,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--stats", action="store_true", help="print ODP counters after generating")
     add_odp_options(s)
+    add_rpc_options(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("ppl", help="perplexity of a text through the patched llama.cpp")
@@ -221,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-chunks", type=int, default=None, help="score only the first N chunks")
     s.add_argument("--threads", type=int, default=None)
     add_odp_options(s)
+    add_rpc_options(s)
     s.set_defaults(fn=cmd_ppl)
 
     s = sub.add_parser("bench", help="prompt and decode tokens/s of a GGUF file (and ODP's skipped fraction)")
@@ -230,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tg", type=int, default=64, help="tokens decoded one at a time after it (default 64)")
     s.add_argument("--repeat", type=int, default=3, help="best of N runs (default 3)")
     add_odp_options(s)
+    add_rpc_options(s)
     s.set_defaults(fn=cmd_bench)
 
     from .allocate import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_GAMMA
@@ -275,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run on CUDA and compare (CPU part only when no GPU is found)")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=cmd_selfcheck)
+
+    rpc_help = ("serve this machine's CPU to `--rpc` clients (llama.cpp's rpc-server of this runtime; "
+                "no authentication: trusted networks only)")
+    s = sub.add_parser("rpc-server", help=rpc_help, description=rpc_help)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for other machines)")
+    s.add_argument("--port", type=int, default=50052, help="port (default 50052)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: rpc-server's)")
+    s.set_defaults(fn=cmd_rpc_server)
 
     s = sub.add_parser("runtime", help="check that the patched runtime is installed and current")
     s.set_defaults(fn=cmd_runtime)

@@ -77,24 +77,97 @@ def check_runtime() -> dict[str, str]:
 
 
 def load(path: str | os.PathLike, verbose: bool = False, odp: bool = True, protect: float | None = None,
-         mu_scale: float | None = None, mu: float | None = None, importance: str | None = None, **llama_kwargs):
+         mu_scale: float | None = None, mu: float | None = None, importance: str | None = None,
+         rpc_servers: str | None = None, **llama_kwargs):
     """A ``llama_cpp.Llama`` for ``path`` on the checked, patched runtime.
 
     ODP (online dynamic pruning of the second expert, mcmoe_gguf.odp): odp=True prunes where the file has
     calibrated thresholds (our converter writes them) or `mu` gives one for every layer; `mu_scale`
     scales them, `protect` is the fraction of a prompt's tokens kept whole, `importance` how they are
     chosen (attn | rowsum | norm | none). None keeps the file's value (the engine's default, 1 / 0.02 /
-    attn, where the file has none). Extra kv_overrides in llama_kwargs are merged (theirs win)."""
+    attn, where the file has none). Extra kv_overrides in llama_kwargs are merged (theirs win).
+
+    rpc_servers="host:port,host:port": llama.cpp's RPC backend (one `rpc-server` per machine, built with
+    this runtime: `mcmoe-gguf rpc-server`) holds the offloaded layers, split across the servers by their
+    free memory; n_gpu_layers (default: all layers) says how many, the rest stays on the local CPU. The
+    ODP op always runs on the local CPU (our RPC client declines it), so odp_stats() stays complete."""
     if not _checked:
         check_runtime()
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
+    if rpc_servers:
+        add_rpc_servers(rpc_servers)
+        llama_kwargs.setdefault("n_gpu_layers", -1)
     from .odp import overrides
     kv = overrides(odp=odp, protect=protect, mu_scale=mu_scale, mu=mu, importance=importance)
     kv.update(llama_kwargs.pop("kv_overrides", None) or {})
     with engine_errors(path):
         import llama_cpp
         return llama_cpp.Llama(model_path=str(path), verbose=verbose, kv_overrides=kv, **llama_kwargs)
+
+
+_rpc_added: set[str] = set()
+# ggml-rpc's protocol as our patch sets it (ggml/include/ggml-rpc.h): major 107 = upstream 7 + 100, so a
+# stock rpc-server (which knows neither the mcq types nor the ODP op) and ours refuse each other
+RPC_PROTO_MAJOR = 107
+_RPC_CMD_HELLO, _RPC_CAPS = 14, 24
+
+
+def rpc_probe(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
+    """(major, minor, patch) of the rpc-server at host:port, by ggml-rpc's HELLO exchange. ggml itself
+    aborts the process on an unreachable or mismatched server; asking first turns that into an error."""
+    import socket
+    import struct
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
+            s.sendall(struct.pack("<BQ", _RPC_CMD_HELLO, _RPC_CAPS) + bytes(_RPC_CAPS))
+            buf = b""
+            while len(buf) < 8 + 4 + _RPC_CAPS:
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                buf += chunk
+    except OSError as e:
+        raise ValueError(f"RPC server {endpoint}: cannot connect ({e})") from None
+    if len(buf) < 12 or struct.unpack_from("<Q", buf)[0] != 4 + _RPC_CAPS:
+        raise ValueError(f"RPC server {endpoint}: no ggml-rpc HELLO answer (not an rpc-server?)")
+    return buf[8], buf[9], buf[10]
+
+
+def add_rpc_servers(servers: str) -> None:
+    """Register llama.cpp RPC servers ("host:port,...") as devices of this process (once each), as
+    llama.cpp's own --rpc does: ggml_backend_rpc_add_server + ggml_backend_register."""
+    import llama_cpp
+    endpoints = [e.strip() for e in servers.split(",") if e.strip()]
+    bad = [e for e in endpoints if e.rpartition(":")[0] == "" or not e.rpartition(":")[2].isdigit()]
+    if not endpoints or bad:
+        raise ValueError(f"rpc_servers must be host:port[,host:port...] (got {servers!r})")
+    llama_cpp.llama_backend_init()
+    lib = ctypes.CDLL(str(lib_path()))     # libllama's handle: libggml's registry is the engine's own
+    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    if not reg:
+        raise RuntimeMismatch(f"this runtime has no RPC backend (libggml-rpc); {REBUILD_HINT}")
+    add = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(
+        lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server"))
+    for e in endpoints:
+        if e in _rpc_added:
+            continue
+        major, minor, patch = rpc_probe(e)
+        if major != RPC_PROTO_MAJOR:
+            raise ValueError(f"RPC server {e} speaks ggml-rpc {major}.{minor}.{patch}, this runtime {RPC_PROTO_MAJOR}.x: "
+                             "run the rpc-server built with this runtime there (`mcmoe-gguf rpc-server`)")
+        server_reg = add(e.encode())
+        if not server_reg:
+            raise ValueError(f"RPC server {e}: cannot connect or it speaks another protocol (start "
+                             f"`mcmoe-gguf rpc-server` of this runtime there)")
+        lib.ggml_backend_register(server_reg)
+        _rpc_added.add(e)
 
 
 @contextmanager

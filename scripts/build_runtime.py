@@ -9,8 +9,11 @@
     build_runtime.py --save-patches  regenerate patches/ from the .dev tree (git diff)
 
 Pinned source: the llama.cpp vendored in the PyPI sdist llama-cpp-python==0.3.36 (commit 0c1e570).
-The cache key hashes (sdist, cpp/ + patches/, cmake arguments, build targets, host CPU flags when
--march=native): a second run with the same inputs only (re)installs the cached wheel.
+The cache key hashes (sdist, cpp/ + patches/, cmake arguments, build targets, machine architecture): a
+second run with the same inputs only (re)installs the cached wheel. The build is portable, as llama.cpp's
+release binaries are: GGML_BACKEND_DL with GGML_CPU_ALL_VARIANTS compiles one CPU backend per
+instruction-set level (libggml-cpu-x64 ... -sapphirerapids) and ggml loads the best one the CPU can run,
+so a wheel built on one x86-64 machine is correct on any other and the key does not depend on the CPU.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -39,11 +43,12 @@ VENDOR = "vendor/llama.cpp"
 CPP_DEST = "mcmoe"            # cpp/ lands at vendor/llama.cpp/mcmoe
 HASH_HEADER = "mcmoe-gen/mcmoe-source-hash.h"
 DEV = REPO / ".dev"
-TOOLS = ["llama-quantize", "llama-imatrix", "llama-perplexity", "test-backend-ops"]
+TOOLS = ["llama-quantize", "llama-imatrix", "llama-perplexity", "test-backend-ops", "ggml-rpc-server"]
 # Only what the wheel installs plus the tools: the full tool set would double the build time.
 # (mtmd only because LLAMA_BUILD_TOOLS adds its install rule)
-TARGETS = ["llama", "llama-common", "ggml", "ggml-base", "ggml-cpu", "mtmd"] + TOOLS
-BUILD_SCRIPT_VERSION = 1      # bump when this file changes what it builds
+# ("ggml" depends on every CPU variant module, so they are built with it)
+TARGETS = ["llama", "llama-common", "ggml", "ggml-base", "mtmd"] + TOOLS
+BUILD_SCRIPT_VERSION = 2      # bump when this file changes what it builds
 
 
 def cmake_args(cuda: bool, cuda_arch: str) -> list[str]:
@@ -52,7 +57,12 @@ def cmake_args(cuda: bool, cuda_arch: str) -> list[str]:
         "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=ON",
         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
         "-DLLAMA_TOOLS_INSTALL=OFF", "-DLLAMA_TESTS_INSTALL=OFF", "-DLLAMA_OPENSSL=OFF",
-        "-DGGML_NATIVE=ON",
+        # one CPU backend per ISA level, chosen at load time (no -march=native); the modules are
+        # installed beside libggml in the wheel's llama_cpp/lib, where our patch makes ggml look
+        "-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
+        "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib",
+        # llama.cpp's RPC backend (libggml-rpc module + ggml-rpc-server): one model across machines
+        "-DGGML_RPC=ON",
     ]
     if cuda:
         args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"] + cuda_toolkit_args()
@@ -89,20 +99,9 @@ def cuda_toolkit_args() -> list[str]:
     return args
 
 
-def cpu_flags() -> str:
-    # -march=native bakes the host's ISA into the binary: a cache shared between machines must not mix them.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return os.uname().machine
-
-
 def runtime_key(args: list[str]) -> str:
     ident = {"sdist": SDIST_SHA256, "sources": source_hash(REPO), "cmake": args, "targets": TARGETS,
-             "cpu": cpu_flags(), "script": BUILD_SCRIPT_VERSION, "python": sys.version_info[:2]}
+             "machine": platform.machine(), "script": BUILD_SCRIPT_VERSION, "python": sys.version_info[:2]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -215,8 +214,8 @@ def dev_build(cuda: bool, cuda_arch: str) -> None:
     tree = dev_tree()
     write_hash_header(tree / VENDOR)
     build_dir = DEV / "build"
-    if not (build_dir / "CMakeCache.txt").exists():
-        run(["cmake", "-S", str(tree), "-B", str(build_dir), "-G", "Ninja"] + cmake_args(cuda, cuda_arch))
+    # configure every time (seconds): a changed argument (CUDA=1, new build options) reaches the cache
+    run(["cmake", "-S", str(tree), "-B", str(build_dir), "-G", "Ninja"] + cmake_args(cuda, cuda_arch))
     run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2), "--target"] + TARGETS)
     print(f"\nexport LLAMA_CPP_LIB_PATH={build_dir / 'bin'} MCMOE_TOOLS_DIR={build_dir / 'bin'}")
 

@@ -57,19 +57,34 @@ TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int
 FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
-def _open(d: Path, stem: str) -> ctypes.CDLL:
+def _open(d: Path, stem: str, mode: int = ctypes.RTLD_GLOBAL) -> ctypes.CDLL:
     cands = sorted(d.glob(f"{stem}.so*")) or sorted(d.glob(f"{stem}*.dll"))
     if not cands:
         pytest.fail(f"no {stem} next to {d / 'libllama.so'}; {REBUILD_HINT}")
-    return ctypes.CDLL(str(cands[0]), mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(str(cands[0]), mode=mode)
+
+
+def cpu_variants() -> list[str]:
+    """The CPU backend modules of the runtime that this CPU can run (the portable build has one per ISA
+    level); tests of the kernels run on each, so the AVX2 and scalar paths are both checked on any x86."""
+    from mcmoe_gguf.cpu_variant import runnable_variants
+    return runnable_variants() if list(lib_path().parent.glob("libggml-cpu-*.so")) else [None]
 
 
 class Ggml:
-    def __init__(self):
+    def __init__(self, variant: str | None = None):
+        """ggml-base and one CPU backend: `variant` (libggml-cpu-<variant>.so, opened privately so several
+        can live in one process), by default the one ggml itself picks for this CPU."""
+        from mcmoe_gguf.cpu_variant import expected_variant
         d = lib_path().parent
         self.dir = d
         self.base = _open(d, "libggml-base")
-        self.cpu = _open(d, "libggml-cpu")
+        if list(d.glob("libggml-cpu-*.so")):
+            self.variant = variant or expected_variant()
+            self.cpu = _open(d, f"libggml-cpu-{self.variant}", mode=ctypes.RTLD_LOCAL)
+        else:
+            self.variant = None
+            self.cpu = _open(d, "libggml-cpu")
         for lib, fn in ((self.base, "mcq_info"), (self.base, "mcq_quantize_row"), (self.cpu, "mcq_vec_dot"),
                         (self.cpu, "mcq_vec_dot_ref")):
             if not hasattr(lib, fn):
@@ -171,6 +186,12 @@ class Ggml:
 @pytest.fixture(scope="module")
 def ggml():
     return Ggml()
+
+
+@pytest.fixture(scope="module", params=cpu_variants())
+def ggml_variant(request):
+    """Ggml on each CPU backend variant this machine can run."""
+    return Ggml(request.param)
 
 
 # ---------------------------------------------------------------- data
@@ -355,18 +376,32 @@ def dequant_dot(blob, bits, n, qy):
     return F.dequantize(blob, bits, n).astype(np.float64) @ y.T
 
 
-def test_simd_kernel_is_in_use(ggml):
-    simd = ggml.cpu.mcq_cpu_simd().decode()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if " avx2" in flags and os.uname().machine == "x86_64":
-        assert simd == "avx2", "this CPU has AVX2 but the mcq vec_dot was built without it (GGML_NATIVE off?)"
+def expected_simd(features: set[str]) -> str:
+    """The mcq kernel a CPU backend compiled with these ggml features runs (mcq-cpu.c's selection)."""
+    if not {"AVX2", "F16C"} <= features:
+        return "scalar"
+    if {"AVX512", "AVX512_VNNI"} <= features:
+        return "avx512-vnni"
+    return "avx2-vnni" if "AVX_VNNI" in features else "avx2"
+
+
+def test_simd_kernel_is_in_use(ggml_variant):
+    """Each variant runs the mcq kernel its instruction set allows: AVX-512 VNNI, AVX2 with or without
+    AVX-VNNI, the scalar twin elsewhere."""
+    from mcmoe_gguf.cpu_variant import FEATURES, VARIANTS, cpu_flags
+    simd = ggml_variant.cpu.mcq_cpu_simd().decode()
+    if ggml_variant.variant is None:    # a native (non-DL) build: follows this machine's flags
+        flags = cpu_flags()
+        features = {f for f, (need, _) in FEATURES.items() if set(need) <= flags}
     else:
-        assert simd == "scalar"
+        features = set(VARIANTS[ggml_variant.variant])
+    assert simd == expected_simd(features), (ggml_variant.variant, simd)
 
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n", [256, 768, 4096, 14336])
-def test_vec_dot_simd_vs_scalar_vs_float64(ggml, bits, n):
+def test_vec_dot_simd_vs_scalar_vs_float64(ggml_variant, bits, n):
+    ggml = ggml_variant
     rng = np.random.default_rng(n + bits)
     x = ggml.quantize_row(bits, weights("heavy", 4, n, seed=n), "minmax")
     x = np.concatenate([x, random_blocks(bits, 2, n, seed=n)])      # arbitrary d, m and codes too
@@ -389,10 +424,11 @@ def test_vec_dot_simd_vs_scalar_vs_float64(ggml, bits, n):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_multi_column_kernel_equals_the_scalar_reference(ggml, bits):
+def test_multi_column_kernel_equals_the_scalar_reference(ggml_variant, bits):
     """mul_mat_id's batched path decodes each weight block once for up to 16 columns (mcq_vec_dot_multi):
     every column equals the scalar reference within float rounding, for column counts around the
     kernel's groups of 4."""
+    ggml = ggml_variant
     n = 1024
     c = ggml.cpu
     if not c.mcq_cpu_has_multi(TYPE_ID[bits]):

@@ -68,9 +68,16 @@ class InitParams(ctypes.Structure):
 def _libs():
     from mcmoe_gguf.runtime import check_runtime
     check_runtime()
-    # ggml-base and ggml-cpu functions through libllama's handle: the instances the engine uses, whose
-    # counters odp.* reads (see odp.engine_lib)
-    base = cpu = odp.engine_lib()
+    # ggml-base functions through libllama's handle: the instance the engine uses, whose counters odp.*
+    # reads (see odp.engine_lib); the CPU backend module ggml loaded for this CPU (opening its path again
+    # returns the same instance)
+    import llama_cpp
+
+    from mcmoe_gguf.cpu_variant import loaded_module
+    base = odp.engine_lib()
+    llama_cpp.llama_backend_init()
+    module = loaded_module()
+    cpu = ctypes.CDLL(str(module)) if module else base      # a non-DL build links ggml-cpu into libllama
     vp = ctypes.c_void_p
     base.ggml_init.restype = vp
     base.ggml_init.argtypes = [InitParams]

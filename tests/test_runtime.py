@@ -64,3 +64,48 @@ def test_patches_apply_to_pristine_sources():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "apply cleanly" in r.stdout
+
+
+def test_cpu_variant_rule_on_known_cpus():
+    """The mirror of ggml's variant score (mcmoe_gguf.cpu_variant) on the flag sets of known CPUs."""
+    from mcmoe_gguf.cpu_variant import expected_variant
+    haswell = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
+    avx512 = haswell | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
+    zen4 = avx512 | {"avx512vbmi", "avx512_vnni", "avx512_bf16"}
+    assert expected_variant(set()) == "x64"
+    assert expected_variant({"sse4_2"}) == "sse42"
+    assert expected_variant(haswell) == "haswell"                        # e.g. an AVX2-only EPYC (Zen 2/3)
+    assert expected_variant(haswell | {"avx_vnni"}) == "alderlake"
+    assert expected_variant(avx512) == "skylakex"
+    assert expected_variant(zen4) == "zen4"                              # AMD Zen 4
+    assert expected_variant(zen4 | {"amx_tile", "amx_int8"}) == "sapphirerapids"
+
+
+def test_loaded_cpu_variant_matches_this_cpu():
+    """A fresh process loads the variant ggml's rule picks for this CPU's flags, and it runs our kernels."""
+    code = ("import llama_cpp\nfrom mcmoe_gguf import cpu_variant, check_runtime\ncheck_runtime()\n"
+            "llama_cpp.llama_backend_init()\nprint(cpu_variant.loaded_variant())\n"
+            "print(llama_cpp.llama_print_system_info().decode())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from mcmoe_gguf.cpu_variant import cpu_model, expected_variant
+    loaded, system_info = r.stdout.splitlines()[0], r.stdout
+    print(f"\n{cpu_model()}: loaded libggml-cpu-{loaded}.so")
+    assert loaded == expected_variant(), (loaded, system_info)
+    # what the loaded module says it was compiled for agrees with the CPU
+    from mcmoe_gguf.cpu_variant import cpu_flags
+    flags = cpu_flags()
+    for feat, flag in (("AVX2", "avx2"), ("AVX512", "avx512f"), ("AMX_INT8", "amx_int8"), ("AVX_VNNI", "avx_vnni")):
+        assert (f"{feat} = 1" in system_info) == (flag in flags and feat in _variant_features(loaded)), feat
+
+
+def _variant_features(v: str) -> tuple[str, ...]:
+    from mcmoe_gguf.cpu_variant import VARIANTS
+    return VARIANTS[v]
+
+
+def test_runtime_command_names_the_cpu_variant():
+    from mcmoe_gguf.cpu_variant import expected_variant
+    r = cli("runtime", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"CPU backend loaded: {expected_variant()}" in r.stdout, r.stdout

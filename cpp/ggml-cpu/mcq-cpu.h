@@ -34,11 +34,19 @@ MCQ_API float mcq_vec_dot_ref(enum ggml_type type, int n, const void * x, const 
 MCQ_API float mcq_vec_dot(enum ggml_type type, int n, const void * x, const void * y);
 // One weight row (n weights, n % 256 == 0) of an mcq type against nc Q8_K activation columns ys[c]:
 // out[c] = the same dot products as mcq_vec_dot, with each weight block decoded once for all columns
-// (mul_mat_id's batched path). False (nothing written) where no such kernel exists (non-AVX2 builds).
+// (mul_mat_id's batched path; MUL_MAT through mcq_mul_mat_chunk). False (nothing written) where no such
+// kernel exists (builds without AVX2).
 MCQ_API bool mcq_cpu_has_multi(enum ggml_type type); // mcq_vec_dot_multi exists for this type here
 MCQ_API bool mcq_vec_dot_multi(enum ggml_type type, int n, const void * x, const void * const * ys, int nc, float * out);
-// "avx2" or "scalar": what mcq_vec_dot runs
+// "avx512-vnni", "avx2-vnni", "avx2" or "scalar": what mcq_vec_dot runs
 MCQ_API const char * mcq_cpu_simd(void);
+
+// A chunk of a 2-D MUL_MAT with mcq weights (prompt batches through attention, test-backend-ops): rows
+// ir0 of w (w_row bytes apart) times Q8_K columns ir1 of y (y_col bytes apart) into dst columns (dst_col
+// bytes apart), each weight block decoded once per 16 columns with mcq_vec_dot_multi. False (nothing
+// written) where there is no multi-column kernel: the caller then runs its vec_dot loop.
+bool mcq_mul_mat_chunk(enum ggml_type type, int64_t n, const char * w, size_t w_row, const char * y, size_t y_col,
+                       char * dst, size_t dst_col, int64_t ir0_start, int64_t ir0_end, int64_t ir1_start, int64_t ir1_end);
 
 // ggml-cpu.cpp's supports_op: a MUL_MAT / MUL_MAT_ID with an mcq src0 needs rows of whole Q8_K blocks
 // (the activations are quantized per 256); anything else is not our concern here.

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Kernel table: one Mixtral-expert-sized matmul (m=4096, k=14336) per type, per CPU backend variant.
+
+    .venv/bin/python scripts/bench_kernels.py [--variants sapphirerapids,haswell] [--n 1,256]
+
+For each CPU backend variant of the portable runtime (default: the one ggml loads here, and `haswell`,
+the AVX2-only level an AMD EPYC of the Zen 2/3 generation gets), llama.cpp's test-backend-ops times
+MUL_MAT of every type with n activation columns (n=1: decode, a mat-vec; n=256: a prompt batch), run
+side by side in one process per variant, on all cores (test-backend-ops' own choice). A variant is forced by running the tool from a directory that
+holds only that CPU module. Prints microseconds per call and the ratio to q2_K of the same variant;
+--write-results puts the table in docs/RESULTS.md with the CPU model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from mcmoe_gguf.cpu_variant import cpu_flags, cpu_model, expected_variant, runnable_variants  # noqa: E402
+from mcmoe_gguf.runtime import tools_dir  # noqa: E402
+
+TYPES = ["mcq1", "mcq2", "mcq3", "mcq4", "q2_K", "q3_K", "iq2_xxs", "q4_0"]
+
+
+def variant_dir(tools: Path, variant: str, tmp: Path) -> Path:
+    d = tmp / variant
+    d.mkdir()
+    for f in tools.iterdir():
+        if f.name.startswith("libggml-cpu-") and f.name != f"libggml-cpu-{variant}.so":
+            continue
+        (d / f.name).symlink_to(f)
+    return d
+
+
+def time_types(d: Path, n: int) -> dict[str, float]:
+    """us per MUL_MAT call for each type (test-backend-ops perf, CPU backend)."""
+    out = {}
+    for t in TYPES:
+        args = [str(d / "test-backend-ops"), "perf", "-o", "MUL_MAT", "-b", "CPU", "-p",
+                f"type_a={t},type_b=f32,m=4096,n={n},k=14336"]
+        r = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, LD_LIBRARY_PATH=str(d)),
+                           timeout=900)
+        m = re.search(r"MUL_MAT\(type_a=" + re.escape(t) + r",.*?\s([\d.]+) us/run", r.stdout)
+        if r.returncode != 0 or not m:
+            raise RuntimeError(f"test-backend-ops failed for {t} (n={n}):\n{(r.stdout + r.stderr)[-2000:]}")
+        out[t] = float(m.group(1))
+    return out
+
+
+def table(results: dict, ns: list[int]) -> str:
+    lines = []
+    for variant, by_n in results.items():
+        head = "| type | " + " | ".join(f"n={n}: us | vs q2_K" for n in ns) + " |"
+        lines += [f"**{variant}**", "", head, "|---|" + "---:|---:|" * len(ns)]
+        for t in TYPES:
+            cells = []
+            for n in ns:
+                us, ref = by_n[n][t], by_n[n]["q2_K"]
+                cells.append(f"{us:.0f} | {us / ref:.2f}")
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated CPU variants (default: the loaded one and haswell, where runnable)")
+    ap.add_argument("--n", default="1,256", help="activation columns to time (default 1,256)")
+    ap.add_argument("--write-results", action="store_true", help="replace the table in docs/RESULTS.md")
+    a = ap.parse_args()
+    tools = tools_dir()
+    if not list(tools.glob("libggml-cpu-*.so")):
+        raise SystemExit(f"{tools}: not a portable (GGML_BACKEND_DL) runtime; rebuild with `make runtime`")
+    runnable = runnable_variants()
+    variants = a.variants.split(",") if a.variants else [expected_variant()] + (
+        ["haswell"] if "haswell" in runnable and expected_variant() != "haswell" else [])
+    for v in variants:
+        if v not in runnable:
+            raise SystemExit(f"variant {v} cannot run on this CPU (runnable: {', '.join(runnable)})")
+    ns = [int(x) for x in a.n.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            d = variant_dir(tools, v, Path(tmp))
+            results[v] = {n: time_types(d, n) for n in ns}
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
+    header = (f"CPU: {cpu_model()}, {os.cpu_count()} cores; flags {' '.join(flags)}\n"
+              f"command: `.venv/bin/python scripts/bench_kernels.py"
+              f"{' --variants ' + a.variants if a.variants else ''} --n {a.n}`\n")
+    text = header + "\n" + table(results, ns)
+    print(text)
+    if a.write_results:
+        from results_md import replace_section
+        replace_section("bench_kernels", "## Kernels by CPU variant: 4096 x 14336 MUL_MAT (test-backend-ops)\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
