@@ -135,6 +135,11 @@ static inline __m256 mcq_madd(__m256 a, __m256 b, __m256 c) {
 #endif
 }
 
+// Software prefetch distance of the mat-vec kernels, in bytes of weights ahead of the block being decoded.
+// Decode streams a weight matrix once; measured on a Xeon (Sapphire Rapids, 1 thread, 4096 x 14336):
+// 2-4 KiB ahead cut the time of mcq2-4 by 15-30% (the hardware prefetcher alone leaves the loop waiting).
+#define MCQ_PREFETCH 2048
+
 static inline uint32_t mcq_ld32(const void * p) {
     uint32_t v;
     memcpy(&v, p, sizeof(v));
@@ -220,6 +225,7 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
         const block_q8_K * yb   = y + ib/2;
         const int          half = ib & 1;
         const int8_t     * qy   = yb->qs + half*QK_MCQ;
+        _mm_prefetch((const char *) blk + MCQ_PREFETCH, _MM_HINT_T0);
 
         const __m128 dm  = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));             // d, m
         const __m128 dmy = _mm_mul_ps(dm, _mm_set1_ps(yb->d));                                // d d_y, m d_y
@@ -307,6 +313,7 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_avx512_impl(
         const uint8_t    * blk  = x + ib*bb;
         const block_q8_K * yb   = y + ib/2;
         const int          half = ib & 1;
+        _mm_prefetch((const char *) blk + MCQ_PREFETCH, _MM_HINT_T0);
         const __m128 dmy = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk))), _mm_set1_ps(yb->d));
         __m512i q[2];
         mcq_decode_block_avx512(bits, blk + 4, q);
@@ -386,43 +393,51 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx2_impl(const int bits, const i
 }
 
 #if defined(MCQ_CPU_AVX512)
-// the multi-column kernel on 512 bits: each block decoded once, then one vpdpbusd pair per column
+// The multi-column kernel on 512 bits: each block decoded once, then one vpdpbusd pair per column, for up
+// to MCQ_MULTI_512 columns (2 x 8 accumulators + the decoded block fit in the 32 vector registers). The m
+// term is kept in scalar float per column (8 bsums added as integers, one multiply-add), which is cheaper
+// here than the single-column kernel's 128-bit lane work per block.
+#define MCQ_MULTI_512 8
 static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx512_impl(const int bits, const int n, const void * GGML_RESTRICT vx,
                                                            const void * const * vys, const int nc, float * out) {
     const int       nb = n / QK_MCQ;
     const size_t    bb = 4 + (size_t) bits*QK_MCQ/8;
     const uint8_t * x  = (const uint8_t *) vx;
 
-    __m512 acc[MCQ_MULTI][2];
-    __m128 accm[MCQ_MULTI];
-    for (int c = 0; c < MCQ_MULTI; ++c) {
+    __m512 acc[MCQ_MULTI_512][2];
+    float  accm[MCQ_MULTI_512];
+    for (int c = 0; c < MCQ_MULTI_512; ++c) {
         acc[c][0] = acc[c][1] = _mm512_setzero_ps();
-        accm[c] = _mm_setzero_ps();
+        accm[c] = 0.0f;
     }
     for (int ib = 0; ib < nb; ++ib) {
         const uint8_t * blk  = x + ib*bb;
         const int       half = ib & 1;
         const __m128    dm   = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));
+        const float     m    = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 0x55));
+        const __m512    d    = _mm512_broadcastss_ps(dm);
         __m512i q[2];
         mcq_decode_block_avx512(bits, blk + 4, q);
         for (int c = 0; c < nc; ++c) {
-            const block_q8_K * yb  = (const block_q8_K *) vys[c] + ib/2;
-            const __m128       dmy = _mm_mul_ps(dm, _mm_set1_ps(yb->d));
+            const block_q8_K * yb = (const block_q8_K *) vys[c] + ib/2;
             const __m512 pf = _mm512_cvtepi32_ps(mcq_dot_block_avx512(q, yb->qs + half*QK_MCQ));
-            acc[c][half] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dmy), pf, acc[c][half]);
-            accm[c] = mcq_mterm(yb, half, dmy, accm[c]);
+            acc[c][half] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(yb->d)), pf, acc[c][half]);
+            int sumy = 0;
+            for (int j = 0; j < QK_MCQ/16; ++j) {
+                sumy += yb->bsums[half*(QK_MCQ/16) + j];
+            }
+            accm[c] += m*(yb->d*(float) sumy);
         }
     }
     for (int c = 0; c < nc; ++c) {
-        __m128 r = accm[c];
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + _mm_cvtss_f32(r);
+        out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + accm[c];
     }
 }
 #    define MCQ_MULTI_IMPL mcq_vec_dot_multi_avx512_impl
+#    define MCQ_MULTI_COLS MCQ_MULTI_512
 #else
 #    define MCQ_MULTI_IMPL mcq_vec_dot_multi_avx2_impl
+#    define MCQ_MULTI_COLS MCQ_MULTI
 #endif
 
 #endif // MCQ_CPU_AVX2
@@ -485,8 +500,8 @@ bool mcq_vec_dot_multi(enum ggml_type type, int n, const void * x, const void * 
     if (bits == 0 || n % QK_K != 0) {
         return false;
     }
-    for (int c0 = 0; c0 < nc; c0 += MCQ_MULTI) {
-        const int m = nc - c0 < MCQ_MULTI ? nc - c0 : MCQ_MULTI;
+    for (int c0 = 0; c0 < nc; c0 += MCQ_MULTI_COLS) {
+        const int m = nc - c0 < MCQ_MULTI_COLS ? nc - c0 : MCQ_MULTI_COLS;
         switch (bits) {   // literal widths: one specialised copy per type
             case 1:  MCQ_MULTI_IMPL(1, n, x, ys + c0, m, out + c0); break;
             case 2:  MCQ_MULTI_IMPL(2, n, x, ys + c0, m, out + c0); break;
