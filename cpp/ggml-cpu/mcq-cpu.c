@@ -394,10 +394,8 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx2_impl(const int bits, const i
 
 #if defined(MCQ_CPU_AVX512)
 // The multi-column kernel on 512 bits: each block decoded once, then one vpdpbusd pair per column, for up
-// to MCQ_MULTI_512 columns (2 x 8 accumulators + the decoded block fit in the 32 vector registers). The m
-// term is kept in scalar float per column (8 bsums added as integers, one multiply-add), which is cheaper
-// here than the single-column kernel's 128-bit lane work per block.
-#define MCQ_MULTI_512 8
+// to MCQ_MULTI_512 columns.
+#define MCQ_MULTI_512 MCQ_MULTI
 static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx512_impl(const int bits, const int n, const void * GGML_RESTRICT vx,
                                                            const void * const * vys, const int nc, float * out) {
     const int       nb = n / QK_MCQ;
@@ -405,32 +403,30 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx512_impl(const int bits, const
     const uint8_t * x  = (const uint8_t *) vx;
 
     __m512 acc[MCQ_MULTI_512][2];
-    float  accm[MCQ_MULTI_512];
+    __m128 accm[MCQ_MULTI_512];
     for (int c = 0; c < MCQ_MULTI_512; ++c) {
         acc[c][0] = acc[c][1] = _mm512_setzero_ps();
-        accm[c] = 0.0f;
+        accm[c] = _mm_setzero_ps();
     }
     for (int ib = 0; ib < nb; ++ib) {
         const uint8_t * blk  = x + ib*bb;
         const int       half = ib & 1;
         const __m128    dm   = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));
-        const float     m    = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 0x55));
-        const __m512    d    = _mm512_broadcastss_ps(dm);
         __m512i q[2];
         mcq_decode_block_avx512(bits, blk + 4, q);
         for (int c = 0; c < nc; ++c) {
-            const block_q8_K * yb = (const block_q8_K *) vys[c] + ib/2;
+            const block_q8_K * yb  = (const block_q8_K *) vys[c] + ib/2;
+            const __m128       dmy = _mm_mul_ps(dm, _mm_set1_ps(yb->d));
             const __m512 pf = _mm512_cvtepi32_ps(mcq_dot_block_avx512(q, yb->qs + half*QK_MCQ));
-            acc[c][half] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(yb->d)), pf, acc[c][half]);
-            int sumy = 0;
-            for (int j = 0; j < QK_MCQ/16; ++j) {
-                sumy += yb->bsums[half*(QK_MCQ/16) + j];
-            }
-            accm[c] += m*(yb->d*(float) sumy);
+            acc[c][half] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dmy), pf, acc[c][half]);
+            accm[c] = mcq_mterm(yb, half, dmy, accm[c]);
         }
     }
     for (int c = 0; c < nc; ++c) {
-        out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + accm[c];
+        __m128 r = accm[c];
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + _mm_cvtss_f32(r);
     }
 }
 #    define MCQ_MULTI_IMPL mcq_vec_dot_multi_avx512_impl
@@ -531,7 +527,11 @@ bool mcq_mul_mat_chunk(enum ggml_type type, int64_t n, const char * w, size_t w_
         }
         for (int64_t ir0 = ir0_start; ir0 < ir0_end; ++ir0) {
             float o[16];
-            mcq_vec_dot_multi(type, (int) n, w + ir0*w_row, cols, nc, o);
+            if (nc == 1) {           // a mat-vec: the single-column kernel (with its prefetch) is faster
+                o[0] = mcq_vec_dot(type, (int) n, w + ir0*w_row, cols[0]);
+            } else {
+                mcq_vec_dot_multi(type, (int) n, w + ir0*w_row, cols, nc, o);
+            }
             for (int c = 0; c < nc; ++c) {
                 ((float *) (dst + (iir1 + c)*dst_col))[ir0] = o[c];
             }
