@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mcmoe_gguf.cache import cache_dir  # noqa: E402
+from mcmoe_gguf.cpu_variant import cpu_model  # noqa: E402
 from mcmoe_gguf.report import _EXPERT, gguf_sizes, read_gguf  # noqa: E402
 from mcmoe_gguf.tiny import tiny_model  # noqa: E402
 from results_md import replace_section  # noqa: E402
@@ -207,7 +208,7 @@ def bench_mixtral(a) -> int:
     table = "\n".join(lines)
     print(table)
     if a.write_results:
-        cpu = _cpu_name()
+        cpu = cpu_model()
         replace_section("bench_speed_mixtral", (
             f"## Speed: Mixtral-shaped model (2 layers at 4096/14336, 8 experts top-2, random weights)\n\n"
             f"`.venv/bin/python scripts/bench_speed.py --model mixtral-shaped --threads {a.threads} --pp {a.pp} "
@@ -215,16 +216,6 @@ def bench_mixtral(a) -> int:
             f"{platform.machine()} ({cpu}), "
             f"{datetime.date.today().isoformat()}; all files in one process, side by side.\n\n{table}"))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
