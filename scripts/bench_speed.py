@@ -26,6 +26,7 @@ routing, which the random router roughly gives).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def bench_tiny(a) -> int:
     if a.write_results:
         replace_section("bench_speed", f"## Speed: tiny model through llama-cpp-python\n\n"
                         f"`.venv/bin/python scripts/bench_speed.py --threads {a.threads} --pp {a.pp} --tg {a.tg} "
-                        f"--repeat {a.repeat} --write-results` on {platform.machine()}, 2 cores (AVX2).\n\n{table}")
+                        f"--repeat {a.repeat} --write-results` on {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}).\n\n{table}")
     return 0
 
 
