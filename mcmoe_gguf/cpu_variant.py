@@ -3,12 +3,12 @@
 The runtime is built with GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS (scripts/build_runtime.py): one
 libggml-cpu-<variant>.so per x86-64 instruction-set level, and at start ggml loads the variant with the
 highest score among those the CPU can run (ggml-cpu/arch/x86/cpu-feats.cpp). This module mirrors that
-rule from /proc/cpuinfo, independently of ggml, and reads which variant a process actually mapped, so a
+rule from /proc/cpuinfo, independently of ggml, and asks ggml which module it registered, so a
 test and `mcmoe-gguf runtime` can say both and check they agree.
 """
 from __future__ import annotations
 
-import re
+import ctypes
 from pathlib import Path
 
 # ggml feature -> (/proc/cpuinfo flags it needs, score weight), as in cpu-feats.cpp
@@ -78,15 +78,37 @@ def runnable_variants(flags: set[str] | None = None) -> list[str]:
     return [v for v in VARIANTS if score(v, flags) > 0]
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
 def loaded_module() -> Path | None:
-    """The CPU backend module (libggml-cpu-<variant>.so) this process has mapped, None if none."""
-    found = set(re.findall(r"\s(/\S*libggml-cpu-[A-Za-z0-9_]+\.so)$", Path("/proc/self/maps").read_text(), re.M))
-    if len(found) > 1:
-        raise RuntimeError(f"several CPU backend modules are mapped: {sorted(found)}")
-    return Path(found.pop()) if found else None
+    """The file of the CPU backend ggml registered in this process (after llama_backend_init), None if
+    there is none. Asked of ggml itself, not read from the process's mappings: a process may have mapped
+    other CPU modules on its own (the kernel tests open every variant)."""
+    from .runtime import lib_path
+    lib = ctypes.CDLL(str(lib_path()))      # libllama's handle: the engine's own ggml registry
+    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    reg = lib.ggml_backend_reg_by_name(b"CPU")
+    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features") if reg else None
+    if not fn:
+        return None
+    libc = ctypes.CDLL(None)
+    libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    info = _DlInfo()
+    if not libc.dladdr(fn, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return Path(info.dli_fname.decode())
 
 
 def loaded_variant() -> str | None:
-    """The <variant> of the mapped libggml-cpu-<variant>.so (None: no CPU backend module loaded)."""
+    """The <variant> of the registered libggml-cpu-<variant>.so (None: none, or a build with one CPU
+    backend linked in rather than loaded as a module)."""
     m = loaded_module()
-    return m.name[len("libggml-cpu-"):-len(".so")] if m else None
+    if m is None or not (m.name.startswith("libggml-cpu-") and m.name.endswith(".so")):
+        return None
+    return m.name[len("libggml-cpu-"):-len(".so")]
