@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Kernel table: one Mixtral-expert-sized matmul (m=4096, k=14336) per type, per CPU backend variant.
 
-    .venv/bin/python scripts/bench_kernels.py [--variants sapphirerapids,haswell] [--n 1,512]
+    .venv/bin/python scripts/bench_kernels.py [--variants sapphirerapids,haswell] [--n 1,512] [--repeat 5]
 
 For each CPU backend variant of the portable runtime (default: the one ggml loads here, and `haswell`,
 the AVX2-only level an AMD EPYC of the Zen 2/3 generation gets), llama.cpp's test-backend-ops times
 MUL_MAT of every type with n activation columns (n=1: decode, a mat-vec; n=512: a prompt batch), run
 side by side in one process per variant, on all cores (test-backend-ops' own choice). A variant is forced by running the tool from a directory that
 holds only that CPU module. Prints microseconds per call and the ratio to q2_K of the same variant;
+with --repeat N every case runs N times, the rounds interleaved over variants and types so that a slow
+stretch of a shared machine hits all of them, and the table shows medians with the range of the ratio;
 --write-results puts the table in docs/RESULTS.md with the CPU model.
 """
 from __future__ import annotations
@@ -54,15 +56,19 @@ def time_types(d: Path, n: int) -> dict[str, float]:
 
 
 def table(results: dict, ns: list[int]) -> str:
+    """results[variant][n] = list of {type: us} rounds -> markdown: median us, median ratio (min-max)."""
+    import statistics
     lines = []
     for variant, by_n in results.items():
-        head = "| type | " + " | ".join(f"n={n}: us | vs q2_K" for n in ns) + " |"
+        head = "| type | " + " | ".join(f"n={n}: us (median) | vs q2_K" for n in ns) + " |"
         lines += [f"**{variant}**", "", head, "|---|" + "---:|---:|" * len(ns)]
         for t in TYPES:
             cells = []
             for n in ns:
-                us, ref = by_n[n][t], by_n[n]["q2_K"]
-                cells.append(f"{us:.0f} | {us / ref:.2f}")
+                rounds = by_n[n]
+                ratios = [r[t] / r["q2_K"] for r in rounds]
+                rng = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(rounds) > 1 else ""
+                cells.append(f"{statistics.median(r[t] for r in rounds):.0f} | {statistics.median(ratios):.2f}{rng}")
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -73,6 +79,7 @@ def main() -> int:
     ap.add_argument("--variants", default=None,
                     help="comma-separated CPU variants (default: the loaded one and haswell, where runnable)")
     ap.add_argument("--n", default="1,512", help="activation columns to time: test-backend-ops has 1, 2, 3, 4, 5, 8, 512 (default 1,512)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds per case, interleaved; medians reported (default 1)")
     ap.add_argument("--write-results", action="store_true", help="replace the table in docs/RESULTS.md")
     a = ap.parse_args()
     tools = tools_dir()
@@ -85,15 +92,17 @@ def main() -> int:
         if v not in runnable:
             raise SystemExit(f"variant {v} cannot run on this CPU (runnable: {', '.join(runnable)})")
     ns = [int(x) for x in a.n.split(",")]
-    results = {}
+    results = {v: {n: [] for n in ns} for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for v in variants:
-            d = variant_dir(tools, v, Path(tmp))
-            results[v] = {n: time_types(d, n) for n in ns}
+        dirs = {v: variant_dir(tools, v, Path(tmp)) for v in variants}
+        for _ in range(a.repeat):
+            for v in variants:
+                for n in ns:
+                    results[v][n].append(time_types(dirs[v], n))
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
     header = (f"CPU: {cpu_model()}, {os.cpu_count()} cores; flags {' '.join(flags)}\n"
               f"command: `.venv/bin/python scripts/bench_kernels.py"
-              f"{' --variants ' + a.variants if a.variants else ''} --n {a.n}`\n")
+              f"{' --variants ' + a.variants if a.variants else ''} --n {a.n} --repeat {a.repeat}`\n")
     text = header + "\n" + table(results, ns)
     print(text)
     if a.write_results:
