@@ -36,24 +36,23 @@ VARIANTS = {
 }
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with `field` (None off Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown CPU"
+    return None
+
+
+def cpu_flags() -> set[str]:
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or "unknown CPU"
 
 
 def score(variant: str, flags: set[str]) -> int:
@@ -87,12 +86,8 @@ def loaded_module() -> Path | None:
     """The file of the CPU backend ggml registered in this process (after llama_backend_init), None if
     there is none. Asked of ggml itself, not read from the process's mappings: a process may have mapped
     other CPU modules on its own (the kernel tests open every variant)."""
-    from .runtime import lib_path
-    lib = ctypes.CDLL(str(lib_path()))      # libllama's handle: the engine's own ggml registry
-    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    from .runtime import engine_ggml
+    lib = engine_ggml()
     reg = lib.ggml_backend_reg_by_name(b"CPU")
     fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features") if reg else None
     if not fn:

@@ -5,7 +5,7 @@ a 2^40-entry list (minutes of CPU and unbounded memory) before anything else is 
 same header in O(header bytes) and checks every count and length against the bytes that are actually
 there, every type id against the known ones, every tensor's shape, alignment and data range against the
 data section, so a damaged or hostile file ends in one ValueError that names the key or tensor and what
-was expected. It reads the header only (at most the first `max_header` bytes), never the tensor data.
+was expected. It reads the header only (at most the first _MAX_HEADER bytes), never the tensor data.
 """
 from __future__ import annotations
 

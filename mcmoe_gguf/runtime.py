@@ -106,6 +106,18 @@ def load(path: str | os.PathLike, verbose: bool = False, odp: bool = True, prote
         return llama_cpp.Llama(model_path=str(path), verbose=verbose, kv_overrides=kv, **llama_kwargs)
 
 
+def engine_ggml() -> ctypes.CDLL:
+    """libllama's handle, whose symbol lookup reaches the libggml instance the engine uses, with the
+    backend-registry functions typed: its registry (which CPU module, which RPC servers) is the engine's."""
+    lib = ctypes.CDLL(str(lib_path()))
+    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    return lib
+
+
 _rpc_added: set[str] = set()
 # ggml-rpc's protocol as our patch sets it (ggml/include/ggml-rpc.h): major 107 = upstream 7 + 100, so a
 # stock rpc-server (which knows neither the mcq types nor the ODP op) and ours refuse each other
@@ -144,12 +156,7 @@ def add_rpc_servers(servers: str) -> None:
     if not endpoints or bad:
         raise ValueError(f"rpc_servers must be host:port[,host:port...] (got {servers!r})")
     llama_cpp.llama_backend_init()
-    lib = ctypes.CDLL(str(lib_path()))     # libllama's handle: libggml's registry is the engine's own
-    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    lib = engine_ggml()
     reg = lib.ggml_backend_reg_by_name(b"RPC")
     if not reg:
         raise RuntimeMismatch(f"this runtime has no RPC backend (libggml-rpc); {REBUILD_HINT}")

@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from helpers import random_state, save_checkpoint, small_config
-
-
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+from mcmoe_gguf.cpu_variant import cpu_flags
 
 
 pytestmark = pytest.mark.skipif("amx_int8" not in cpu_flags(),
