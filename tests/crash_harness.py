@@ -12,6 +12,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,13 @@ def pytest_handlecrashitem(crashitem, report, sched):
     if not d or not worker:
         return
     log = Path(d) / f"{worker}.log"
-    text = log.read_text(errors="replace").strip() if log.exists() else ""
+    # xdist can notice the dead worker before the file shows what its signal handler wrote: wait a little
+    deadline = time.monotonic() + 5.0
+    text = ""
+    while not text and time.monotonic() < deadline:
+        text = log.read_text(errors="replace").strip() if log.exists() else ""
+        if not text:
+            time.sleep(0.05)
     # the frames that matter are the test's: drop pytest's, pluggy's and xdist's own machinery
     noise = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", '"<string>"')
     text = "\n".join(ln for ln in text.splitlines() if not any(n in ln for n in noise))
