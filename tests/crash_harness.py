@@ -33,7 +33,9 @@ def pytest_sessionstart(session):
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None or _ENV not in os.environ:
         return
-    f = open(Path(os.environ[_ENV]) / f"{worker}.log", "w")
+    # append mode: every write lands at the current end, so after the per-test truncation below the
+    # report starts at offset 0 (a plain "w" file kept faulthandler's old offset: NULs, then the report)
+    f = open(Path(os.environ[_ENV]) / f"{worker}.log", "a")
     _files.append(f)
     faulthandler.enable(file=f, all_threads=True)
 
@@ -41,8 +43,7 @@ def pytest_sessionstart(session):
 def pytest_runtest_logstart(nodeid, location):
     # a restarted worker reuses its id: start each test's report afresh so an old crash is not repeated
     for f in _files:
-        f.seek(0)
-        f.truncate()
+        os.ftruncate(f.fileno(), 0)
 
 
 @pytest.hookimpl(optionalhook=True)
