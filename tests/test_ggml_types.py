@@ -112,11 +112,13 @@ class Ggml:
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
             fn.restype = ctypes.c_float
         c.mcq_cpu_simd.restype = ctypes.c_char_p
-        c.mcq_vec_dot_multi.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                        ctypes.c_void_p]
-        c.mcq_vec_dot_multi.restype = ctypes.c_bool
-        c.mcq_cpu_has_multi.argtypes = [ctypes.c_int]
-        c.mcq_cpu_has_multi.restype = ctypes.c_bool
+        for fn in (c.mcq_gemm_tile, c.mcq_gemm_tile_ref):
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p,
+                           ctypes.c_int, ctypes.c_void_p]
+        c.mcq_gemm_tile.restype = ctypes.c_bool
+        c.mcq_gemm_tile_ref.restype = None
+        c.mcq_cpu_has_tile.argtypes = [ctypes.c_int]
+        c.mcq_cpu_has_tile.restype = ctypes.c_bool
         c.ggml_cpu_init.restype = None
         c.ggml_cpu_init()
         # graph API
@@ -423,29 +425,50 @@ def test_vec_dot_simd_vs_scalar_vs_float64(ggml_variant, bits, n):
             assert abs(simd - plain[r, t]) <= tol, (r, t, simd, plain[r, t])
 
 
+def gemm_tile(c, fn, bits: int, n: int, x: np.ndarray, qy: np.ndarray) -> np.ndarray:
+    """out[c, r] = dot(row r of the mcq rows x, Q8_K column c of qy) by mcq_gemm_tile or its twin."""
+    nr, nc = x.shape[0], qy.shape[0]
+    out = np.full((nc, nr), np.nan, np.float32)
+    ys = (ctypes.c_void_p * nc)(*[qy[i].ctypes.data for i in range(nc)])
+    dsts = (ctypes.c_void_p * nc)(*[out[i].ctypes.data for i in range(nc)])
+    ok = fn(TYPE_ID[bits], n, x.ctypes.data, x.shape[1], nr, ys, nc, dsts)
+    assert ok is None or ok
+    return out
+
+
 @pytest.mark.parametrize("bits", BITS)
-def test_multi_column_kernel_equals_the_scalar_reference(ggml_variant, bits):
-    """mul_mat_id's batched path decodes each weight block once for up to 16 columns (mcq_vec_dot_multi):
-    every column equals the scalar reference within float rounding, for column counts around the
-    kernel's groups of 4."""
+def test_tile_kernel_equals_its_scalar_twin(ggml_variant, bits):
+    """Prompt batches go through tiles of up to 16 rows x 16 columns (mcq_gemm_tile: one SIMD lane per weight
+    row, each block decoded and transposed once for all columns). Its plain C twin follows the same order of
+    operations, so for every row and column count the two agree bit for bit; both equal the float64 value of
+    the kernel arithmetic within float rounding. Rows include the degenerate blocks of `edge` (all zero,
+    constant, saturated scale, one huge outlier); a single column takes the mat-vec kernel instead."""
     ggml = ggml_variant
-    n = 1024
     c = ggml.cpu
-    if not c.mcq_cpu_has_multi(TYPE_ID[bits]):
-        assert ggml.cpu.mcq_cpu_simd().decode() == "scalar"
-        pytest.skip("no multi-column kernel on this CPU build")
-    rng = np.random.default_rng(bits)
-    x = ggml.quantize_row(bits, weights("heavy", 1, n, seed=bits), "minmax")[0]
-    for nc in (1, 3, 4, 5, 8, 13, 16):
-        qy = ggml.q8_K((rng.standard_normal((nc, n)) * 2).astype(np.float32))
-        ptrs = (ctypes.c_void_p * nc)(*[qy[i].ctypes.data for i in range(nc)])
-        out = np.zeros(nc, np.float32)
-        assert c.mcq_vec_dot_multi(TYPE_ID[bits], n, x.ctypes.data, ptrs, nc, out.ctypes.data)
-        want, abs_sum = kernel_sum(x[None], bits, n, qy)
-        for i in range(nc):
-            ref = c.mcq_vec_dot_ref(TYPE_ID[bits], n, x.ctypes.data, qy[i].ctypes.data)
-            assert abs(out[i] - ref) <= 1e-5 * abs_sum[0, i], (nc, i, out[i], ref)
-            assert abs(out[i] - want[0, i]) <= 1e-5 * abs_sum[0, i]
+    n = 768
+    rng = np.random.default_rng(40 + bits)
+    rows = np.concatenate([ggml.quantize_row(bits, weights("edge", 4, n, seed=bits), "minmax"),
+                           ggml.quantize_row(bits, weights("heavy", 12, n, seed=bits), "minmax")])
+    qy_all = ggml.q8_K((rng.standard_normal((16, n)) * 2).astype(np.float32))
+    have_tile = c.mcq_cpu_has_tile(TYPE_ID[bits])
+    assert have_tile == (ggml.cpu.mcq_cpu_simd().decode() != "scalar")
+    for nr, nc in [(16, 16), (16, 13), (9, 8), (8, 5), (5, 3), (1, 2), (16, 1), (3, 1)]:
+        x = np.ascontiguousarray(rows[:nr])
+        qy = np.ascontiguousarray(qy_all[:nc])
+        twin = gemm_tile(c, c.mcq_gemm_tile_ref, bits, n, x, qy)
+        want, abs_sum = kernel_sum(x, bits, n, qy)
+        assert np.all(np.abs(twin - want.T) <= 1e-5 * abs_sum.T + 1e-30), (nr, nc)
+        if not have_tile:
+            out = np.zeros((nc, nr), np.float32)
+            ys = (ctypes.c_void_p * nc)(*[qy[i].ctypes.data for i in range(nc)])
+            dsts = (ctypes.c_void_p * nc)(*[out[i].ctypes.data for i in range(nc)])
+            assert not c.mcq_gemm_tile(TYPE_ID[bits], n, x.ctypes.data, x.shape[1], nr, ys, nc, dsts)
+            continue
+        got = gemm_tile(c, c.mcq_gemm_tile, bits, n, x, qy)
+        if nc == 1:   # the mat-vec kernel: other order of float additions
+            assert np.all(np.abs(got - want.T) <= 1e-5 * abs_sum.T + 1e-30), (nr, nc)
+        else:
+            assert np.array_equal(got.view(np.uint32), twin.view(np.uint32)), (nr, nc, np.abs(got - twin).max())
 
 
 class Graph:

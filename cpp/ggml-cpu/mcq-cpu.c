@@ -19,6 +19,7 @@
 #include "simd-mappings.h"
 
 #include <assert.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__AVX2__) && defined(__F16C__) && !defined(GGML_CPU_GENERIC)
@@ -49,6 +50,8 @@ void ggml_vec_dot_mcq3_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, c
 void ggml_vec_dot_mcq4_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 
 // ---------------------------------------------------------------- scalar reference
+
+#define MCQ_TILE 16   // rows and columns of a prompt-batch tile (see the tiles section)
 
 // code n (0..127) of a block whose planes start at c (right after d and m)
 static inline int mcq_code_at(int bits, const uint8_t * c, int n) {
@@ -344,96 +347,330 @@ MCQ_AVX2(3)
 MCQ_AVX2(4)
 
 
-// Several activation columns against one weight row (prefill through mul_mat_id): each block is decoded
-// once and dotted with up to MCQ_MULTI columns, which is where the batched path spends its time otherwise.
-// Same per-column arithmetic as mcq_vec_dot_avx2_impl (two block-parity accumulators, then the m term).
-#define MCQ_MULTI 4
-static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx2_impl(const int bits, const int n, const void * GGML_RESTRICT vx,
-                                                         const void * const * vys, const int nc, float * out) {
-    const int          nb = n / QK_MCQ;
-    const size_t       bb = 4 + (size_t) bits*QK_MCQ/8;
-    const uint8_t    * x  = (const uint8_t *) vx;
+// ---------------------------------------------------------------- tiles: prompt batches
+//
+// A tile is up to MCQ_TILE weight rows times up to MCQ_TILE activation columns (mul_mat's and mul_mat_id's
+// blocks of 16 x 16). The mat-vec kernels above reduce each block across SIMD lanes; with many columns that
+// horizontal work, repeated per column, is what made prompt batches 1.2-2.5x slower than q2_K. Here one
+// lane holds one weight row instead: each block of the tile's rows is decoded once and transposed into 32
+// "W vectors" (W[g] lane r = the four codes 4g..4g+3 of row r), and each column multiplies every W[g] with
+// its four activation bytes 4g..4g+3 broadcast to all lanes (vpdpbusd, or maddubs + madd). A column's dot
+// products with all rows finish side by side in one register, and one W load serves several columns. Per
+// block and column, in every lane r, with the column's Q8_K scale d_y and the sum s_y of its 128 codes:
+//     acc[r] = fma((float) isum[r], d[r]*d_y, acc[r]);   acc[r] = fma(m[r], d_y*s_y, acc[r])
+// mcq_gemm_tile_ref (below, every build) computes exactly this in plain C, so the SIMD paths equal it bit
+// for bit; it differs from the mat-vec kernels only in the order of float additions.
+#if defined(__FMA__)
+#    define MCQ_CPU_TILE 1
+#endif
+// bytes ahead of each row's block: the tile's 16 rows are 16 streams the hardware prefetcher alone follows
+// late (a block takes ~1000 cycles of arithmetic, so a few blocks ahead suffice)
+#define MCQ_TILE_PREFETCH 256
 
-    const __m128i ones16x = _mm_set1_epi16(1);
-
-    __m256 acc[MCQ_MULTI][2];
-    __m128 accm[MCQ_MULTI];
-    for (int c = 0; c < MCQ_MULTI; ++c) {
-        acc[c][0] = acc[c][1] = _mm256_setzero_ps();
-        accm[c] = _mm_setzero_ps();
-    }
-
-    for (int ib = 0; ib < nb; ++ib) {
-        const uint8_t * blk  = x + ib*bb;
-        const uint8_t * cq   = blk + 4;
-        const int       half = ib & 1;
-        const __m128    dm   = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));
-
-        __m256i q[4];
-        mcq_decode_block_avx2(bits, cq, q);
-
-        for (int c = 0; c < nc; ++c) {
-            const block_q8_K * yb  = (const block_q8_K *) vys[c] + ib/2;
-            const int8_t     * qy  = yb->qs + half*QK_MCQ;
-            const __m128       dmy = _mm_mul_ps(dm, _mm_set1_ps(yb->d));
-            const __m256 pf = _mm256_cvtepi32_ps(mcq_dot_block_avx2(q, qy));
-            acc[c][half] = mcq_madd(_mm256_broadcastss_ps(dmy), pf, acc[c][half]);
-            const __m128i bs = _mm_madd_epi16(_mm_loadu_si128((const __m128i *) (yb->bsums + half*(QK_MCQ/16))), ones16x);
-            accm[c] = _mm_add_ps(accm[c], _mm_mul_ps(_mm_shuffle_ps(dmy, dmy, 0x55), _mm_cvtepi32_ps(bs)));
-        }
-    }
-
+#if defined(MCQ_CPU_TILE)
+// the Q8_K side of block kb for each column: its 128 codes, d_y, and d_y * (sum of the codes)
+static MCQ_FORCE_INLINE void mcq_tile_cols(const void * const * ys, const int nc, const int kb, const int8_t ** qy,
+                                           float * dy, float * sy) {
     for (int c = 0; c < nc; ++c) {
-        const __m256 total = _mm256_add_ps(acc[c][0], acc[c][1]);
-        __m128 r = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1)), accm[c]);
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        out[c] = _mm_cvtss_f32(r);
+        const block_q8_K * yb   = (const block_q8_K *) ys[c] + kb/2;
+        const int          half = kb & 1;
+        int s = 0;
+        for (int j = 0; j < QK_MCQ/16; ++j) {
+            s += yb->bsums[half*(QK_MCQ/16) + j];
+        }
+        qy[c] = yb->qs + half*QK_MCQ;
+        dy[c] = yb->d;
+        sy[c] = yb->d * (float) s;
+    }
+}
+#endif
+
+#if defined(MCQ_CPU_TILE) && defined(MCQ_CPU_AVX512)
+// 16 x 16 dwords transposed in place: r[i] lane j <-> r[j] lane i
+static MCQ_FORCE_INLINE void mcq_tr16x16_epi32(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; ++i) {            // rows 2i, 2i+1 interleaved by dwords (within 128-bit lanes)
+        t[2*i]     = _mm512_unpacklo_epi32(r[2*i], r[2*i + 1]);
+        t[2*i + 1] = _mm512_unpackhi_epi32(r[2*i], r[2*i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {            // u[4i+k], 128-bit lane L: column 4L+k of rows 4i..4i+3
+        u[4*i + 0] = _mm512_unpacklo_epi64(t[4*i],     t[4*i + 2]);
+        u[4*i + 1] = _mm512_unpackhi_epi64(t[4*i],     t[4*i + 2]);
+        u[4*i + 2] = _mm512_unpacklo_epi64(t[4*i + 1], t[4*i + 3]);
+        u[4*i + 3] = _mm512_unpackhi_epi64(t[4*i + 1], t[4*i + 3]);
+    }
+    for (int k = 0; k < 4; ++k) {            // gather lane L of u[k], u[4+k], u[8+k], u[12+k] into r[4L+k]
+        const __m512i v1 = _mm512_shuffle_i32x4(u[k],     u[4 + k],  0x44);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[k],     u[4 + k],  0xEE);
+        const __m512i w1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
+        const __m512i w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+        r[k]      = _mm512_shuffle_i32x4(v1, w1, 0x88);
+        r[4 + k]  = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+        r[8 + k]  = _mm512_shuffle_i32x4(v2, w2, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(v2, w2, 0xDD);
     }
 }
 
-#if defined(MCQ_CPU_AVX512)
-// The multi-column kernel on 512 bits: each block decoded once, then one vpdpbusd pair per column, for up
-// to MCQ_MULTI_512 columns.
-#define MCQ_MULTI_512 MCQ_MULTI
-static MCQ_FORCE_INLINE void mcq_vec_dot_multi_avx512_impl(const int bits, const int n, const void * GGML_RESTRICT vx,
-                                                           const void * const * vys, const int nc, float * out) {
-    const int       nb = n / QK_MCQ;
-    const size_t    bb = 4 + (size_t) bits*QK_MCQ/8;
-    const uint8_t * x  = (const uint8_t *) vx;
-
-    __m512 acc[MCQ_MULTI_512][2];
-    __m128 accm[MCQ_MULTI_512];
-    for (int c = 0; c < MCQ_MULTI_512; ++c) {
-        acc[c][0] = acc[c][1] = _mm512_setzero_ps();
-        accm[c] = _mm_setzero_ps();
-    }
-    for (int ib = 0; ib < nb; ++ib) {
-        const uint8_t * blk  = x + ib*bb;
-        const int       half = ib & 1;
-        const __m128    dm   = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));
-        __m512i q[2];
-        mcq_decode_block_avx512(bits, blk + 4, q);
-        for (int c = 0; c < nc; ++c) {
-            const block_q8_K * yb  = (const block_q8_K *) vys[c] + ib/2;
-            const __m128       dmy = _mm_mul_ps(dm, _mm_set1_ps(yb->d));
-            const __m512 pf = _mm512_cvtepi32_ps(mcq_dot_block_avx512(q, yb->qs + half*QK_MCQ));
-            acc[c][half] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dmy), pf, acc[c][half]);
-            accm[c] = mcq_mterm(yb, half, dmy, accm[c]);
-        }
-    }
-    for (int c = 0; c < nc; ++c) {
-        __m128 r = accm[c];
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + _mm_cvtss_f32(r);
-    }
+// integer sums of 8 (or 4) columns against the 32 W vectors of a block, 16 rows per register: 8 independent
+// vpdpbusd chains hide its latency, and named accumulators keep GCC from shuffling registers between them
+#if defined(__GNUC__)
+// GCC 12 copies the accumulator of the vpdpbusd intrinsic around in loops (two register moves per
+// instruction, measured with perf annotate); the instruction itself, with its accumulator tied, avoids that
+static inline __m512i mcq_dpbusd512(__m512i acc, const __m512i a, const __m512i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
 }
-#    define MCQ_MULTI_IMPL mcq_vec_dot_multi_avx512_impl
-#    define MCQ_MULTI_COLS MCQ_MULTI_512
 #else
-#    define MCQ_MULTI_IMPL mcq_vec_dot_multi_avx2_impl
-#    define MCQ_MULTI_COLS MCQ_MULTI
+#    define mcq_dpbusd512 _mm512_dpbusd_epi32
+#endif
+#define MCQ_DPB(s, j) s##j = mcq_dpbusd512(s##j, w, _mm512_set1_epi32((int) mcq_ld32(qy[j] + 4*g)))
+static MCQ_FORCE_INLINE void mcq_tile_isum8_avx512(const __m512i * W, const int8_t * const * qy, __m512i * isum) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+    for (int g = 0; g < QK_MCQ/4; ++g) {
+        const __m512i w = _mm512_load_si512((const void *) (W + g));
+        MCQ_DPB(s, 0); MCQ_DPB(s, 1); MCQ_DPB(s, 2); MCQ_DPB(s, 3);
+        MCQ_DPB(s, 4); MCQ_DPB(s, 5); MCQ_DPB(s, 6); MCQ_DPB(s, 7);
+    }
+    isum[0] = s0; isum[1] = s1; isum[2] = s2; isum[3] = s3;
+    isum[4] = s4; isum[5] = s5; isum[6] = s6; isum[7] = s7;
+}
+static MCQ_FORCE_INLINE void mcq_tile_isum4_avx512(const __m512i * W, const int8_t * const * qy, __m512i * isum) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    for (int g = 0; g < QK_MCQ/4; ++g) {
+        const __m512i w = _mm512_load_si512((const void *) (W + g));
+        MCQ_DPB(s, 0); MCQ_DPB(s, 1); MCQ_DPB(s, 2); MCQ_DPB(s, 3);
+    }
+    isum[0] = s0; isum[1] = s1; isum[2] = s2; isum[3] = s3;
+}
+#undef MCQ_DPB
+
+static MCQ_FORCE_INLINE void mcq_gemm_tile_simd(const int bits, const int n, const uint8_t * w, const size_t w_row,
+                                                const int nr, const void * const * ys, const int nc, float * const * dsts) {
+    const int    nb = n / QK_MCQ;
+    const size_t bb = 4 + (size_t) bits*QK_MCQ/8;
+    __m512  acc[MCQ_TILE];
+    __m512i W[QK_MCQ/4];
+    for (int c = 0; c < nc; ++c) {
+        acc[c] = _mm512_setzero_ps();
+    }
+    for (int kb = 0; kb < nb; ++kb) {
+        __m512i lo[MCQ_TILE], hi[MCQ_TILE];   // codes 0-63 and 64-127 of each row
+        uint16_t d16[MCQ_TILE] = {0}, m16[MCQ_TILE] = {0};
+        for (int r = 0; r < MCQ_TILE; ++r) {
+            if (r < nr) {
+                const uint8_t * blk = w + r*w_row + kb*bb;
+                _mm_prefetch((const char *) blk + MCQ_TILE_PREFETCH, _MM_HINT_T0);
+                memcpy(d16 + r, blk, 2);
+                memcpy(m16 + r, blk + 2, 2);
+                __m512i q[2];
+                mcq_decode_block_avx512(bits, blk + 4, q);
+                lo[r] = q[0];
+                hi[r] = q[1];
+            } else {
+                lo[r] = hi[r] = _mm512_setzero_si512();
+            }
+        }
+        mcq_tr16x16_epi32(lo);
+        mcq_tr16x16_epi32(hi);
+        for (int g = 0; g < MCQ_TILE; ++g) {
+            W[g] = lo[g];
+            W[MCQ_TILE + g] = hi[g];
+        }
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) d16));
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) m16));
+
+        const int8_t * qy[MCQ_TILE];
+        float dy[MCQ_TILE], sy[MCQ_TILE];
+        mcq_tile_cols(ys, nc, kb, qy, dy, sy);
+        for (int c0 = 0; c0 < nc; ) {
+            // groups of 8 columns, then of 4; a last group of 1-3 repeats its first column (results dropped)
+            __m512i isum[8];
+            const int8_t * q4[4];
+            const int left = nc - c0;
+            int k;
+            if (left >= 8) {
+                mcq_tile_isum8_avx512(W, qy + c0, isum);
+                k = 8;
+            } else if (left >= 4) {
+                mcq_tile_isum4_avx512(W, qy + c0, isum);
+                k = 4;
+            } else {
+                for (int j = 0; j < 4; ++j) {
+                    q4[j] = qy[c0 + (j < left ? j : 0)];
+                }
+                mcq_tile_isum4_avx512(W, q4, isum);
+                k = left;
+            }
+            for (int j = 0; j < k; ++j) {
+                const int c = c0 + j;
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[j]), _mm512_mul_ps(dv, _mm512_set1_ps(dy[c])), acc[c]);
+                acc[c] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sy[c]), acc[c]);
+            }
+            c0 += k;
+        }
+    }
+    const __mmask16 rows = (__mmask16) ((1u << nr) - 1);
+    for (int c = 0; c < nc; ++c) {
+        _mm512_mask_storeu_ps(dsts[c], rows, acc[c]);
+    }
+}
+#elif defined(MCQ_CPU_TILE)
+// 8 x 8 dwords transposed in place: r[i] lane j <-> r[j] lane i
+static MCQ_FORCE_INLINE void mcq_tr8x8_epi32(__m256i r[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2*i]     = _mm256_unpacklo_epi32(r[2*i], r[2*i + 1]);
+        t[2*i + 1] = _mm256_unpackhi_epi32(r[2*i], r[2*i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {            // u[4i+k], 128-bit lane L: column 4L+k of rows 4i..4i+3
+        u[4*i + 0] = _mm256_unpacklo_epi64(t[4*i],     t[4*i + 2]);
+        u[4*i + 1] = _mm256_unpackhi_epi64(t[4*i],     t[4*i + 2]);
+        u[4*i + 2] = _mm256_unpacklo_epi64(t[4*i + 1], t[4*i + 3]);
+        u[4*i + 3] = _mm256_unpackhi_epi64(t[4*i + 1], t[4*i + 3]);
+    }
+    for (int k = 0; k < 4; ++k) {
+        r[k]     = _mm256_permute2x128_si256(u[k], u[4 + k], 0x20);
+        r[4 + k] = _mm256_permute2x128_si256(u[k], u[4 + k], 0x31);
+    }
+}
+
+// Columns per pass over the W vectors: with vpdpbusd 4 (8 int32 accumulators); without, maddubs needs an
+// int16 and an int32 accumulator per column and row half, so 2 (AVX2 has 16 registers).
+#if defined(MCQ_CPU_VNNI256)
+#    define MCQ_TILE_COLS 4
+#else
+#    define MCQ_TILE_COLS 2
+#endif
+
+// integer sums of MCQ_TILE_COLS columns against the W vectors of a block, rows 0-7 and 8-15 in isum[j][0..1];
+// named accumulators keep GCC from shuffling registers between them.
+#if defined(MCQ_CPU_VNNI256)
+#    if defined(__GNUC__)
+// the instruction with its accumulator tied, as for mcq_dpbusd512 (AVX-VNNI's VEX encoding)
+static inline __m256i mcq_dpbusd256(__m256i acc, const __m256i a, const __m256i b) {
+    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b));
+    return acc;
+}
+#        define MCQ_DPB256(acc, w, y) mcq_dpbusd256(acc, w, y)
+#    elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#        define MCQ_DPB256(acc, w, y) _mm256_dpbusd_epi32(acc, w, y)
+#    else
+#        define MCQ_DPB256(acc, w, y) _mm256_dpbusd_avx_epi32(acc, w, y)
+#    endif
+#    define MCQ_COL(j)                                                              \
+        {                                                                           \
+            const __m256i y = _mm256_set1_epi32((int) mcq_ld32(qy[j] + 4*g));       \
+            s##j##0 = MCQ_DPB256(s##j##0, w0, y);                                   \
+            s##j##1 = MCQ_DPB256(s##j##1, w1, y);                                   \
+        }
+static MCQ_FORCE_INLINE void mcq_tile_isum_avx2(__m256i (*W)[2], const int8_t * const * qy, __m256i (*isum)[2]) {
+    __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00, s31 = s00;
+    for (int g = 0; g < QK_MCQ/4; ++g) {
+        const __m256i w0 = _mm256_load_si256(&W[g][0]);
+        const __m256i w1 = _mm256_load_si256(&W[g][1]);
+        MCQ_COL(0) MCQ_COL(1) MCQ_COL(2) MCQ_COL(3)
+    }
+    isum[0][0] = s00; isum[0][1] = s01; isum[1][0] = s10; isum[1][1] = s11;
+    isum[2][0] = s20; isum[2][1] = s21; isum[3][0] = s30; isum[3][1] = s31;
+}
+#else
+// maddubs sums u8 x s8 pairs in int16: |pair| <= 2*15*128 = 3840, so 8 groups (30720 < 32767) are summed
+// in int16 before widening: the same sums as vpdpbusd.
+#    define MCQ_COL(j)                                                              \
+        {                                                                           \
+            const __m256i y = _mm256_set1_epi32((int) mcq_ld32(qy[j] + 4*g));       \
+            p##j##0 = _mm256_add_epi16(p##j##0, _mm256_maddubs_epi16(w0, y));       \
+            p##j##1 = _mm256_add_epi16(p##j##1, _mm256_maddubs_epi16(w1, y));       \
+        }
+static MCQ_FORCE_INLINE void mcq_tile_isum_avx2(__m256i (*W)[2], const int8_t * const * qy, __m256i (*isum)[2]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00;
+    for (int g8 = 0; g8 < QK_MCQ/4; g8 += 8) {
+        __m256i p00 = _mm256_setzero_si256(), p01 = p00, p10 = p00, p11 = p00;
+        for (int g = g8; g < g8 + 8; ++g) {
+            const __m256i w0 = _mm256_load_si256(&W[g][0]);
+            const __m256i w1 = _mm256_load_si256(&W[g][1]);
+            MCQ_COL(0) MCQ_COL(1)
+        }
+        s00 = _mm256_add_epi32(s00, _mm256_madd_epi16(p00, ones));
+        s01 = _mm256_add_epi32(s01, _mm256_madd_epi16(p01, ones));
+        s10 = _mm256_add_epi32(s10, _mm256_madd_epi16(p10, ones));
+        s11 = _mm256_add_epi32(s11, _mm256_madd_epi16(p11, ones));
+    }
+    isum[0][0] = s00; isum[0][1] = s01; isum[1][0] = s10; isum[1][1] = s11;
+}
+#endif
+#undef MCQ_COL
+
+static MCQ_FORCE_INLINE void mcq_gemm_tile_simd(const int bits, const int n, const uint8_t * w, const size_t w_row,
+                                                const int nr, const void * const * ys, const int nc, float * const * dsts) {
+    const int    nb = n / QK_MCQ;
+    const size_t bb = 4 + (size_t) bits*QK_MCQ/8;
+    __m256 acc[MCQ_TILE][2];
+    __m256i W[QK_MCQ/4][2];                  // W[g][h]: rows 8h..8h+7
+    for (int c = 0; c < nc; ++c) {
+        acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    }
+    for (int kb = 0; kb < nb; ++kb) {
+        __m256i dec[MCQ_TILE][4];            // codes 32j..32j+31 of each row
+        uint16_t d16[MCQ_TILE] = {0}, m16[MCQ_TILE] = {0};
+        for (int r = 0; r < MCQ_TILE; ++r) {
+            if (r < nr) {
+                const uint8_t * blk = w + r*w_row + kb*bb;
+                _mm_prefetch((const char *) blk + MCQ_TILE_PREFETCH, _MM_HINT_T0);
+                memcpy(d16 + r, blk, 2);
+                memcpy(m16 + r, blk + 2, 2);
+                mcq_decode_block_avx2(bits, blk + 4, dec[r]);
+            } else {
+                dec[r][0] = dec[r][1] = dec[r][2] = dec[r][3] = _mm256_setzero_si256();
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            for (int j = 0; j < 4; ++j) {    // dwords 8j..8j+7 of rows 8h..8h+7
+                __m256i t[8];
+                for (int i = 0; i < 8; ++i) {
+                    t[i] = dec[8*h + i][j];
+                }
+                mcq_tr8x8_epi32(t);
+                for (int i = 0; i < 8; ++i) {
+                    W[8*j + i][h] = t[i];
+                }
+            }
+        }
+        __m256 dv[2], mv[2];
+        for (int h = 0; h < 2; ++h) {
+            dv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (d16 + 8*h)));
+            mv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (m16 + 8*h)));
+        }
+
+        const int8_t * qy[MCQ_TILE];
+        float dy[MCQ_TILE], sy[MCQ_TILE];
+        mcq_tile_cols(ys, nc, kb, qy, dy, sy);
+        for (int c0 = 0; c0 < nc; c0 += MCQ_TILE_COLS) {
+            // groups of MCQ_TILE_COLS columns; a last short group repeats its first column (results dropped)
+            __m256i isum[MCQ_TILE_COLS][2];
+            const int8_t * qg[MCQ_TILE_COLS];
+            const int k = nc - c0 < MCQ_TILE_COLS ? nc - c0 : MCQ_TILE_COLS;
+            for (int j = 0; j < MCQ_TILE_COLS; ++j) {
+                qg[j] = qy[c0 + (j < k ? j : 0)];
+            }
+            mcq_tile_isum_avx2(W, qg, isum);
+            for (int j = 0; j < k; ++j) {
+                const int c = c0 + j;
+                for (int h = 0; h < 2; ++h) {
+                    acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j][h]), _mm256_mul_ps(dv[h], _mm256_set1_ps(dy[c])), acc[c][h]);
+                    acc[c][h] = _mm256_fmadd_ps(mv[h], _mm256_set1_ps(sy[c]), acc[c][h]);
+                }
+            }
+        }
+    }
+    for (int c = 0; c < nc; ++c) {
+        float o[MCQ_TILE];
+        _mm256_storeu_ps(o, acc[c][0]);
+        _mm256_storeu_ps(o + 8, acc[c][1]);
+        memcpy(dsts[c], o, (size_t) nr*sizeof(float));
+    }
+}
 #endif
 
 #endif // MCQ_CPU_AVX2
@@ -481,8 +718,39 @@ float mcq_vec_dot(enum ggml_type type, int n, const void * x, const void * y) {
     return s;
 }
 
-bool mcq_cpu_has_multi(enum ggml_type type) {
-#if defined(MCQ_CPU_AVX2)
+void mcq_gemm_tile_ref(enum ggml_type type, int n, const void * w, size_t w_row, int nr, const void * const * ys, int nc,
+                       float * const * dsts) {
+    const int bits = mcq_type_bits(type);
+    GGML_ASSERT(bits != 0 && n % QK_K == 0 && nr >= 1 && nr <= MCQ_TILE && nc >= 1 && nc <= MCQ_TILE);
+    const size_t bb = 4 + (size_t) bits*QK_MCQ/8;
+    for (int c = 0; c < nc; ++c) {
+        for (int r = 0; r < nr; ++r) {
+            float acc = 0.0f;
+            for (int kb = 0; kb < n / QK_MCQ; ++kb) {
+                const uint8_t    * blk  = (const uint8_t *) w + r*w_row + kb*bb;
+                const block_q8_K * yb   = (const block_q8_K *) ys[c] + kb/2;
+                const int          half = kb & 1;
+                uint16_t d16, m16;
+                memcpy(&d16, blk, 2);
+                memcpy(&m16, blk + 2, 2);
+                int isum = 0, s = 0;
+                for (int i = 0; i < QK_MCQ; ++i) {
+                    isum += mcq_code_at(bits, blk + 4, i) * yb->qs[half*QK_MCQ + i];
+                }
+                for (int j = 0; j < QK_MCQ/16; ++j) {
+                    s += yb->bsums[half*(QK_MCQ/16) + j];
+                }
+                // the tile kernels' order of operations (see the tiles section), fmaf for their fused steps
+                acc = fmaf((float) isum, GGML_CPU_FP16_TO_FP32(d16) * yb->d, acc);
+                acc = fmaf(GGML_CPU_FP16_TO_FP32(m16), yb->d * (float) s, acc);
+            }
+            dsts[c][r] = acc;
+        }
+    }
+}
+
+bool mcq_cpu_has_tile(enum ggml_type type) {
+#if defined(MCQ_CPU_TILE)
     return mcq_type_bits(type) != 0;
 #else
     (void) type;
@@ -490,51 +758,50 @@ bool mcq_cpu_has_multi(enum ggml_type type) {
 #endif
 }
 
-bool mcq_vec_dot_multi(enum ggml_type type, int n, const void * x, const void * const * ys, int nc, float * out) {
-#if defined(MCQ_CPU_AVX2)
-    const int bits = mcq_type_bits(type);
-    if (bits == 0 || n % QK_K != 0) {
+bool mcq_gemm_tile(enum ggml_type type, int n, const void * w, size_t w_row, int nr, const void * const * ys, int nc,
+                   float * const * dsts) {
+    if (!mcq_cpu_has_tile(type) || n % QK_K != 0 || nr < 1 || nr > MCQ_TILE || nc < 1 || nc > MCQ_TILE) {
         return false;
     }
-    for (int c0 = 0; c0 < nc; c0 += MCQ_MULTI_COLS) {
-        const int m = nc - c0 < MCQ_MULTI_COLS ? nc - c0 : MCQ_MULTI_COLS;
-        switch (bits) {   // literal widths: one specialised copy per type
-            case 1:  MCQ_MULTI_IMPL(1, n, x, ys + c0, m, out + c0); break;
-            case 2:  MCQ_MULTI_IMPL(2, n, x, ys + c0, m, out + c0); break;
-            case 3:  MCQ_MULTI_IMPL(3, n, x, ys + c0, m, out + c0); break;
-            default: MCQ_MULTI_IMPL(4, n, x, ys + c0, m, out + c0); break;
+#if defined(MCQ_CPU_TILE)
+    if (nc == 1) {   // a mat-vec (one token routed to an expert): the single-column kernel, with its prefetch
+        const ggml_vec_dot_t f = mcq_kernel_of(type);
+        for (int r = 0; r < nr; ++r) {
+            f(n, dsts[0] + r, 0, (const char *) w + r*w_row, 0, ys[0], 0, 1);
         }
+        return true;
+    }
+    switch (mcq_type_bits(type)) {   // literal widths: one specialised copy per type
+        case 1:  mcq_gemm_tile_simd(1, n, (const uint8_t *) w, w_row, nr, ys, nc, dsts); break;
+        case 2:  mcq_gemm_tile_simd(2, n, (const uint8_t *) w, w_row, nr, ys, nc, dsts); break;
+        case 3:  mcq_gemm_tile_simd(3, n, (const uint8_t *) w, w_row, nr, ys, nc, dsts); break;
+        default: mcq_gemm_tile_simd(4, n, (const uint8_t *) w, w_row, nr, ys, nc, dsts); break;
     }
     return true;
 #else
-    (void) type; (void) n; (void) x; (void) ys; (void) nc; (void) out;
-    return false;   // no multi-column kernel: the caller uses vec_dot per column
+    (void) w; (void) w_row; (void) ys; (void) dsts;
+    return false;
 #endif
 }
 
 bool mcq_mul_mat_chunk(enum ggml_type type, int64_t n, const char * w, size_t w_row, const char * y, size_t y_col,
                        char * dst, size_t dst_col, int64_t ir0_start, int64_t ir0_end, int64_t ir1_start, int64_t ir1_end) {
-    if (!mcq_cpu_has_multi(type) || n % QK_K != 0) {
+    if (!mcq_cpu_has_tile(type) || n % QK_K != 0) {
         return false;
     }
-    // tiles of 16 columns: their Q8_K activations (16 x ~1.1 bytes per weight) stay in L2 while every
-    // weight row of the chunk is decoded once for all of them
-    for (int64_t iir1 = ir1_start; iir1 < ir1_end; iir1 += 16) {
-        const int nc = (int) (ir1_end - iir1 < 16 ? ir1_end - iir1 : 16);
-        const void * cols[16];
+    for (int64_t iir1 = ir1_start; iir1 < ir1_end; iir1 += MCQ_TILE) {
+        const int nc = (int) (ir1_end - iir1 < MCQ_TILE ? ir1_end - iir1 : MCQ_TILE);
+        const void * cols[MCQ_TILE];
         for (int c = 0; c < nc; ++c) {
             cols[c] = y + (iir1 + c)*y_col;
         }
-        for (int64_t ir0 = ir0_start; ir0 < ir0_end; ++ir0) {
-            float o[16];
-            if (nc == 1) {           // a mat-vec: the single-column kernel (with its prefetch) is faster
-                o[0] = mcq_vec_dot(type, (int) n, w + ir0*w_row, cols[0]);
-            } else {
-                mcq_vec_dot_multi(type, (int) n, w + ir0*w_row, cols, nc, o);
-            }
+        for (int64_t ir0 = ir0_start; ir0 < ir0_end; ir0 += MCQ_TILE) {
+            const int nr = (int) (ir0_end - ir0 < MCQ_TILE ? ir0_end - ir0 : MCQ_TILE);
+            float * dsts[MCQ_TILE];
             for (int c = 0; c < nc; ++c) {
-                ((float *) (dst + (iir1 + c)*dst_col))[ir0] = o[c];
+                dsts[c] = (float *) (dst + (iir1 + c)*dst_col) + ir0;
             }
+            GGML_ASSERT(mcq_gemm_tile(type, (int) n, w + ir0*w_row, w_row, nr, cols, nc, dsts));
         }
     }
     return true;

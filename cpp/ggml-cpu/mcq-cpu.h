@@ -32,19 +32,23 @@ ggml_vec_dot_t mcq_cpu_select_vec_dot(enum ggml_type type, bool use_ref, ggml_ve
 // activations, with the scalar reference or with the kernel the CPU backend uses.
 MCQ_API float mcq_vec_dot_ref(enum ggml_type type, int n, const void * x, const void * y);
 MCQ_API float mcq_vec_dot(enum ggml_type type, int n, const void * x, const void * y);
-// One weight row (n weights, n % 256 == 0) of an mcq type against nc Q8_K activation columns ys[c]:
-// out[c] = the same dot products as mcq_vec_dot, with each weight block decoded once for all columns
-// (mul_mat_id's batched path; MUL_MAT through mcq_mul_mat_chunk). False (nothing written) where no such
-// kernel exists (builds without AVX2).
-MCQ_API bool mcq_cpu_has_multi(enum ggml_type type); // mcq_vec_dot_multi exists for this type here
-MCQ_API bool mcq_vec_dot_multi(enum ggml_type type, int n, const void * x, const void * const * ys, int nc, float * out);
+// A tile of a prompt batch: nr <= 16 weight rows of an mcq type (n weights each, n % 256 == 0, w_row bytes
+// apart) times nc <= 16 Q8_K activation columns ys[c]: dsts[c][r] = the dot product of row r and column c.
+// Each weight block is decoded once for all columns, one SIMD lane per row (mul_mat_id's batched path, and
+// MUL_MAT through mcq_mul_mat_chunk). False (nothing written) where this build has no tile kernel (no
+// AVX2 + FMA); mcq_gemm_tile_ref is its plain C twin in every build, equal to it bit for bit.
+MCQ_API bool mcq_cpu_has_tile(enum ggml_type type); // mcq_gemm_tile exists for this type here
+MCQ_API bool mcq_gemm_tile(enum ggml_type type, int n, const void * w, size_t w_row, int nr, const void * const * ys,
+                           int nc, float * const * dsts);
+MCQ_API void mcq_gemm_tile_ref(enum ggml_type type, int n, const void * w, size_t w_row, int nr,
+                               const void * const * ys, int nc, float * const * dsts);
 // "avx512-vnni", "avx2-vnni", "avx2" or "scalar": what mcq_vec_dot runs
 MCQ_API const char * mcq_cpu_simd(void);
 
 // A chunk of a 2-D MUL_MAT with mcq weights (prompt batches through attention, test-backend-ops): rows
 // ir0 of w (w_row bytes apart) times Q8_K columns ir1 of y (y_col bytes apart) into dst columns (dst_col
-// bytes apart), each weight block decoded once per 16 columns with mcq_vec_dot_multi. False (nothing
-// written) where there is no multi-column kernel: the caller then runs its vec_dot loop.
+// bytes apart), in tiles of 16 x 16 with mcq_gemm_tile. False (nothing written) where there is no tile
+// kernel: the caller then runs its vec_dot loop.
 bool mcq_mul_mat_chunk(enum ggml_type type, int64_t n, const char * w, size_t w_row, const char * y, size_t y_col,
                        char * dst, size_t dst_col, int64_t ir0_start, int64_t ir0_end, int64_t ir1_start, int64_t ir1_end);
 
