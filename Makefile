@@ -6,7 +6,7 @@ CUDA      ?= 0
 CUDA_ARCH ?= 86
 RUNTIME_FLAGS := $(if $(filter 1,$(CUDA)),--cuda --cuda-arch $(CUDA_ARCH),)
 
-.PHONY: demo test runtime dev-runtime check-patches save-patches venv tiny clean
+.PHONY: demo test runtime dev-runtime check-patches save-patches venv tiny clean device-bundle device-check-dry
 
 demo: runtime
 	$(VPY) -m mcmoe_gguf.cli demo
@@ -34,6 +34,13 @@ tiny: venv
 # incremental development build in .dev/ (edit .dev/.../vendor/llama.cpp or cpp/, then rerun)
 dev-runtime: venv
 	$(VPY) scripts/build_runtime.py --dev $(RUNTIME_FLAGS)
+
+# the GPU check (scripts/device_check.py): the bundle to carry to a GPU machine, and its dry run here
+device-bundle: runtime
+	scripts/device_check.sh --prepare
+
+device-check-dry: runtime
+	scripts/device_check.sh --dry-run
 
 save-patches:
 	python3 scripts/build_runtime.py --save-patches

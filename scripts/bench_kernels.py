@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Kernel table: one Mixtral-expert-sized matmul (m=4096, k=14336) per type, per CPU backend variant.
 
-    .venv/bin/python scripts/bench_kernels.py [--variants sapphirerapids,haswell] [--n 1,512] [--repeat 5]
+    .venv/bin/python scripts/bench_kernels.py [--variants sapphirerapids,haswell] [--n 1,256] [--repeat 5]
 
 For each CPU backend variant of the portable runtime (default: the one ggml loads here, and `haswell`,
 the AVX2-only level an AMD EPYC of the Zen 2/3 generation gets), llama.cpp's test-backend-ops times
-MUL_MAT of every type with n activation columns (n=1: decode, a mat-vec; n=512: a prompt batch), run
+MUL_MAT of every type with n activation columns (n=1: decode, a mat-vec; n=256: a prompt batch), run
 side by side in one process per variant, on all cores (test-backend-ops' own choice). A variant is forced by running the tool from a directory that
 holds only that CPU module. Prints microseconds per call and the ratio to q2_K of the same variant;
 with --repeat N every case runs N times, the rounds interleaved over variants and types so that a slow
@@ -78,7 +78,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=None,
                     help="comma-separated CPU variants (default: the loaded one and haswell, where runnable)")
-    ap.add_argument("--n", default="1,512", help="activation columns to time: test-backend-ops has 1, 2, 3, 4, 5, 8, 512 (default 1,512)")
+    ap.add_argument("--n", default="1,256", help="activation columns to time: test-backend-ops has 1, 2, 3, 4, 5, 8, 512 "
+                    "and (cpp/tests/mcmoe-test-cases.h) 256 (default 1,256)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds per case, interleaved; medians reported (default 1)")
     ap.add_argument("--write-results", action="store_true", help="replace the table in docs/RESULTS.md")
     a = ap.parse_args()

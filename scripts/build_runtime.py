@@ -43,7 +43,7 @@ VENDOR = "vendor/llama.cpp"
 CPP_DEST = "mcmoe"            # cpp/ lands at vendor/llama.cpp/mcmoe
 HASH_HEADER = "mcmoe-gen/mcmoe-source-hash.h"
 DEV = REPO / ".dev"
-TOOLS = ["llama-quantize", "llama-imatrix", "llama-perplexity", "test-backend-ops", "ggml-rpc-server"]
+TOOLS = ["llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "test-backend-ops", "ggml-rpc-server"]
 # Only what the wheel installs plus the tools: the full tool set would double the build time.
 # (mtmd only because LLAMA_BUILD_TOOLS adds its install rule)
 # ("ggml" depends on every CPU variant module, so they are built with it)

@@ -3,6 +3,9 @@
 
 #include "ggml-impl.h"
 
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 struct ggml_tensor * ggml_mcmoe_odp(struct ggml_context * ctx, struct ggml_tensor * ids, struct ggml_tensor * weights,
@@ -35,8 +38,35 @@ static int64_t g_tokens[MCMOE_ODP_MAX_LAYERS], g_protected[MCMOE_ODP_MAX_LAYERS]
 static uint8_t g_flags[MCMOE_ODP_MAX_LAYERS][MCMOE_ODP_MAX_FLAGS];
 static int     g_n_flags[MCMOE_ODP_MAX_LAYERS];
 
+// MCMOE_ODP_REPORT=1 (any value but empty or 0): the totals are printed to stderr at exit, so llama.cpp's
+// own tools (llama-perplexity, llama-cli, ...) report what ODP pruned; scripts/device_check.py compares
+// the CPU's and the GPU's. Registered at the first record: a process that never runs the op prints nothing.
+static void mcmoe_odp_report(void) {
+    int64_t s = 0, p = 0, t = 0, pr = 0;
+    for (int l = 0; l < MCMOE_ODP_MAX_LAYERS; ++l) {
+        if (g_slots[l] == 0) {
+            continue;
+        }
+        fprintf(stderr, "mcmoe-odp: layer %d: %lld of %lld slots pruned, %lld tokens, %lld protected\n", l,
+                (long long) g_pruned[l], (long long) g_slots[l], (long long) g_tokens[l], (long long) g_protected[l]);
+        s += g_slots[l];
+        p += g_pruned[l];
+        t += g_tokens[l];
+        pr += g_protected[l];
+    }
+    fprintf(stderr, "mcmoe-odp: total: %lld of %lld slots pruned (%.2f%%), %lld tokens, %lld protected\n",
+            (long long) p, (long long) s, s ? 100.0 * (double) p / (double) s : 0.0, (long long) t, (long long) pr);
+}
+
 void mcmoe_odp_record(int layer, int64_t slots, int64_t pruned, int64_t tokens, int64_t protected_tokens,
                       const uint8_t * flags, int n_flags) {
+    static atomic_flag report_registered = ATOMIC_FLAG_INIT;
+    if (!atomic_flag_test_and_set(&report_registered)) {
+        const char * e = getenv("MCMOE_ODP_REPORT");
+        if (e && e[0] && strcmp(e, "0") != 0) {
+            atexit(mcmoe_odp_report);
+        }
+    }
     if (layer < 0 || layer >= MCMOE_ODP_MAX_LAYERS) {
         return;
     }
