@@ -206,7 +206,26 @@ static MCQ_FORCE_INLINE __m256i mcq_dot_block_avx2(const __m256i q[4], const int
 #endif
 }
 
-// bits is a literal at every call site: the compiler specializes this per type
+// The m terms of the two blocks of a Q8_K block: m d_y * (sum of each half's 128 codes), from its 16 bsums
+// (|sum of 16| <= 2048: int16 pairs summed in int32), lanes 0-3 for the first half, 4-7 for the second.
+// dmy0 / dmy1 hold (d d_y, m d_y) of the two blocks.
+static MCQ_FORCE_INLINE __m256 mcq_mterm2(const block_q8_K * yb, const __m128 dmy0, const __m128 dmy1, const __m256 accm) {
+    const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *) yb->bsums), _mm256_set1_epi16(1));
+    const __m256  mm = _mm256_set_m128(_mm_shuffle_ps(dmy1, dmy1, 0x55), _mm_shuffle_ps(dmy0, dmy0, 0x55));
+    return mcq_madd(mm, _mm256_cvtepi32_ps(bs), accm);
+}
+
+static inline float mcq_hsum256(const __m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+// bits is a literal at every call site: the compiler specializes this per type. One Q8_K block (two mcq
+// blocks) per iteration with one named accumulator per half: an accumulator array indexed by the block's
+// parity went to the stack, and its store-to-load round trip every block was the loop's critical path
+// (perf annotate of the AVX-512 twin of this loop).
 static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
         const int bits, const int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
     assert(n % QK_K == 0);
@@ -215,40 +234,25 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
     const uint8_t    * x  = (const uint8_t *) vx;
     const block_q8_K * y  = (const block_q8_K *) vy;
 
-    const __m128i ones16x = _mm_set1_epi16(1);
-
-    // two accumulators (even / odd blocks) so consecutive blocks do not wait on one FMA chain;
-    // accm collects m * d_y * (partial sums of the 128 activation codes)
-    __m256 acc[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() };
-    __m128 accm = _mm_setzero_ps();
-
-    for (int ib = 0; ib < nb; ++ib) {
-        const uint8_t    * blk  = x + ib*bb;
-        const uint8_t    * c    = blk + 4;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    for (int ib = 0; ib < nb; ib += 2) {
+        const uint8_t    * blk0 = x + ib*bb;
+        const uint8_t    * blk1 = blk0 + bb;
         const block_q8_K * yb   = y + ib/2;
-        const int          half = ib & 1;
-        const int8_t     * qy   = yb->qs + half*QK_MCQ;
-        _mm_prefetch((const char *) blk + MCQ_PREFETCH, _MM_HINT_T0);
-
-        const __m128 dm  = _mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk)));             // d, m
-        const __m128 dmy = _mm_mul_ps(dm, _mm_set1_ps(yb->d));                                // d d_y, m d_y
+        _mm_prefetch((const char *) blk0 + MCQ_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *) blk1 + MCQ_PREFETCH, _MM_HINT_T0);
+        const __m128 dy   = _mm_set1_ps(yb->d);
+        const __m128 dmy0 = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk0))), dy);  // d d_y, m d_y
+        const __m128 dmy1 = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk1))), dy);
 
         __m256i q[4];
-        mcq_decode_block_avx2(bits, c, q);
-
-        const __m256 pf = _mm256_cvtepi32_ps(mcq_dot_block_avx2(q, qy));
-        acc[half] = mcq_madd(_mm256_broadcastss_ps(dmy), pf, acc[half]);
-
-        // the 8 bsums of this half (|sum of 16| <= 2048: int16 pairs summed in int32): 4 partial sums
-        const __m128i bs = _mm_madd_epi16(_mm_loadu_si128((const __m128i *) (yb->bsums + half*(QK_MCQ/16))), ones16x);
-        accm = _mm_add_ps(accm, _mm_mul_ps(_mm_shuffle_ps(dmy, dmy, 0x55), _mm_cvtepi32_ps(bs)));
+        mcq_decode_block_avx2(bits, blk0 + 4, q);
+        acc0 = mcq_madd(_mm256_broadcastss_ps(dmy0), _mm256_cvtepi32_ps(mcq_dot_block_avx2(q, yb->qs)), acc0);
+        mcq_decode_block_avx2(bits, blk1 + 4, q);
+        acc1 = mcq_madd(_mm256_broadcastss_ps(dmy1), _mm256_cvtepi32_ps(mcq_dot_block_avx2(q, yb->qs + QK_MCQ)), acc1);
+        accm = mcq_mterm2(yb, dmy0, dmy1, accm);
     }
-
-    const __m256 total = _mm256_add_ps(acc[0], acc[1]);
-    __m128 r = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1)), accm);
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    *s = _mm_cvtss_f32(r);
+    *s = mcq_hsum256(_mm256_add_ps(_mm256_add_ps(acc0, acc1), accm));
 }
 
 #if defined(MCQ_CPU_AVX512)
@@ -294,13 +298,7 @@ static MCQ_FORCE_INLINE __m512i mcq_dot_block_avx512(const __m512i q[2], const i
     return _mm512_dpbusd_epi32(p, q[1], _mm512_loadu_si512((const void *) (qy + 64)));
 }
 
-// the m term of a block: m d_y * (sum of its 128 activation codes) from the 8 bsums of its half
-static MCQ_FORCE_INLINE __m128 mcq_mterm(const block_q8_K * yb, const int half, const __m128 dmy, const __m128 accm) {
-    const __m128i bs = _mm_madd_epi16(_mm_loadu_si128((const __m128i *) (yb->bsums + half*(QK_MCQ/16))),
-                                      _mm_set1_epi16(1));
-    return _mm_add_ps(accm, _mm_mul_ps(_mm_shuffle_ps(dmy, dmy, 0x55), _mm_cvtepi32_ps(bs)));
-}
-
+// as mcq_vec_dot_avx2_impl: one Q8_K block per iteration, named accumulators
 static MCQ_FORCE_INLINE void mcq_vec_dot_avx512_impl(
         const int bits, const int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
     assert(n % QK_K == 0);
@@ -309,25 +307,25 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_avx512_impl(
     const uint8_t    * x  = (const uint8_t *) vx;
     const block_q8_K * y  = (const block_q8_K *) vy;
 
-    // one accumulator per block parity, so consecutive blocks do not wait on one FMA chain
-    __m512 acc[2] = { _mm512_setzero_ps(), _mm512_setzero_ps() };
-    __m128 accm = _mm_setzero_ps();
-    for (int ib = 0; ib < nb; ++ib) {
-        const uint8_t    * blk  = x + ib*bb;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
+    for (int ib = 0; ib < nb; ib += 2) {
+        const uint8_t    * blk0 = x + ib*bb;
+        const uint8_t    * blk1 = blk0 + bb;
         const block_q8_K * yb   = y + ib/2;
-        const int          half = ib & 1;
-        _mm_prefetch((const char *) blk + MCQ_PREFETCH, _MM_HINT_T0);
-        const __m128 dmy = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk))), _mm_set1_ps(yb->d));
+        _mm_prefetch((const char *) blk0 + MCQ_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *) blk1 + MCQ_PREFETCH, _MM_HINT_T0);
+        const __m128 dy   = _mm_set1_ps(yb->d);
+        const __m128 dmy0 = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk0))), dy);
+        const __m128 dmy1 = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int) mcq_ld32(blk1))), dy);
         __m512i q[2];
-        mcq_decode_block_avx512(bits, blk + 4, q);
-        const __m512 pf = _mm512_cvtepi32_ps(mcq_dot_block_avx512(q, yb->qs + half*QK_MCQ));
-        acc[half] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dmy), pf, acc[half]);
-        accm = mcq_mterm(yb, half, dmy, accm);
+        mcq_decode_block_avx512(bits, blk0 + 4, q);
+        acc0 = _mm512_fmadd_ps(_mm512_broadcastss_ps(dmy0), _mm512_cvtepi32_ps(mcq_dot_block_avx512(q, yb->qs)), acc0);
+        mcq_decode_block_avx512(bits, blk1 + 4, q);
+        acc1 = _mm512_fmadd_ps(_mm512_broadcastss_ps(dmy1), _mm512_cvtepi32_ps(mcq_dot_block_avx512(q, yb->qs + QK_MCQ)), acc1);
+        accm = mcq_mterm2(yb, dmy0, dmy1, accm);
     }
-    __m128 r = accm;
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    *s = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(r);
+    *s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + mcq_hsum256(accm);
 }
 #    define MCQ_KERNEL_IMPL mcq_vec_dot_avx512_impl
 #else
