@@ -54,7 +54,7 @@ def engine_lib() -> ctypes.CDLL:
     itself uses. Opening a libggml-base file by path would not do: the wheel ships libggml-base.so, .so.0
     and .so.0.25.3 as separate copies, and whichever copy a process maps first (by any name) is the one
     libllama binds to through its soname, so a second path can be a second instance with zero counters."""
-    from .runtime import lib_path
+    from .libllama import lib_path
     return ctypes.CDLL(str(lib_path()))
 
 

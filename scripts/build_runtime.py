@@ -25,23 +25,17 @@ import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from mcmoe_gguf.cache import cache_dir, fetch, locked  # noqa: E402
+from mcmoe_gguf.cache import cache_dir, locked  # noqa: E402
 from mcmoe_gguf.sources import source_hash  # noqa: E402
+sys.path.insert(0, str(REPO / "scripts"))
+from llama_tree import (CPP_DEST, SDIST_DIR, SDIST_SHA256, SDIST_VERSION, VENDOR, apply_patches, patch_files,  # noqa: E402
+                        patched_tree, run, unpack_sdist, write_hash_header)
 
-SDIST_VERSION = "0.3.36"
-SDIST_URL = ("https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca"
-             "773a59fe7cf3/llama_cpp_python-0.3.36.tar.gz")
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-SDIST_DIR = f"llama_cpp_python-{SDIST_VERSION}"
-VENDOR = "vendor/llama.cpp"
-CPP_DEST = "mcmoe"            # cpp/ lands at vendor/llama.cpp/mcmoe
-HASH_HEADER = "mcmoe-gen/mcmoe-source-hash.h"
 DEV = REPO / ".dev"
 TOOLS = ["llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "test-backend-ops", "ggml-rpc-server"]
 # Only what the wheel installs plus the tools: the full tool set would double the build time.
@@ -105,39 +99,6 @@ def runtime_key(args: list[str]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def run(cmd: list[str], **kw) -> None:
-    print("+", " ".join(map(str, cmd)), flush=True)
-    subprocess.run(cmd, check=True, **kw)
-
-
-def unpack_sdist(dest_parent: Path) -> Path:
-    sdist = fetch(SDIST_URL, SDIST_SHA256)
-    with tarfile.open(sdist) as t:
-        t.extractall(dest_parent, filter="tar")
-    tree = dest_parent / SDIST_DIR
-    # The tarball carries the vendored .git; file timestamps changed on extraction, so refresh the index
-    # or `git apply`/`git diff` would see every file as modified.
-    run(["git", "-C", str(tree / VENDOR), "update-index", "-q", "--refresh"])
-    return tree
-
-
-def patch_files() -> list[Path]:
-    return sorted((REPO / "patches").glob("*.patch"))
-
-
-def apply_patches(vendor: Path, check_only: bool = False) -> None:
-    for p in patch_files():
-        run(["git", "-C", str(vendor), "apply", "--whitespace=nowarn"] + (["--check"] if check_only else []) + [str(p)])
-
-
-def write_hash_header(vendor: Path) -> None:
-    h = vendor / HASH_HEADER
-    text = f'#pragma once\n#define MCMOE_SOURCE_HASH "{source_hash(REPO)}"\n'
-    h.parent.mkdir(exist_ok=True)
-    if not h.exists() or h.read_text() != text:   # untouched header = no needless recompile
-        h.write_text(text)
-
-
 def build_cached(cuda: bool, cuda_arch: str, venv_python: str) -> Path:
     args = cmake_args(cuda, cuda_arch)
     key = runtime_key(args)
@@ -157,11 +118,7 @@ def build(args: list[str], key: str, out: Path) -> None:
     work = cache_dir("work") / f"src-{key}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    tree = unpack_sdist(work)
-    vendor = tree / VENDOR
-    shutil.copytree(REPO / "cpp", vendor / CPP_DEST)
-    write_hash_header(vendor)
-    apply_patches(vendor)
+    tree = patched_tree(work)
     build_dir = cache_dir("work") / f"build-{key}"
     env = dict(os.environ, CMAKE_ARGS=" ".join(args),
                CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))

@@ -120,11 +120,10 @@ def cublas_dir(with_libs: bool = False) -> Path:
 
 def repo_tree() -> Path:
     """The pinned sdist's llama.cpp with cpp/ and patches/ of this checkout applied (cached by source hash)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import build_runtime as br  # noqa: E402
+    import llama_tree as lt  # noqa: E402   (scripts/ is sys.path[0] when this file runs as a script)
     key = source_hash(REPO)[:20]
     root = cache_dir("cuda-check", "src")
-    tree = root / key / br.SDIST_DIR / br.VENDOR
+    tree = root / key / lt.SDIST_DIR / lt.VENDOR
     with locked("cuda-check-src-" + key):
         if not (root / key / "ok").exists():
             shutil.rmtree(root / key, ignore_errors=True)
@@ -132,9 +131,7 @@ def repo_tree() -> Path:
             import contextlib
             import io
             with contextlib.redirect_stdout(io.StringIO()):
-                br.unpack_sdist(root / key)
-                shutil.copytree(REPO / "cpp", tree / br.CPP_DEST)
-                br.apply_patches(tree)
+                lt.patched_tree(root / key)
             (root / key / "ok").write_text("ok\n")
     for old in root.iterdir():   # keep the cache small: one tree per checkout state
         if old.name != key and not old.name.endswith(".lock"):
@@ -143,9 +140,8 @@ def repo_tree() -> Path:
 
 
 def dev_tree() -> Path:
-    sys.path.insert(0, str(REPO / "scripts"))
-    import build_runtime as br  # noqa: E402
-    tree = br.DEV / br.SDIST_DIR / br.VENDOR
+    import llama_tree as lt  # noqa: E402
+    tree = REPO / ".dev" / lt.SDIST_DIR / lt.VENDOR
     if not tree.exists():
         raise SystemExit(f"no development tree at {tree} (make dev-runtime)")
     return tree

@@ -82,15 +82,10 @@ def _sha256(path: Path) -> str:
 
 
 def _source_tree(dest: Path) -> Path:
-    """The pinned llama.cpp with cpp/ and patches/ applied, as build_runtime.py prepares it."""
+    """The pinned llama.cpp with cpp/ and patches/ applied (scripts/llama_tree.py)."""
     sys.path.insert(0, str(REPO / "scripts"))
-    import build_runtime as br
-    tree = br.unpack_sdist(dest)
-    vendor = tree / br.VENDOR
-    shutil.copytree(REPO / "cpp", vendor / br.CPP_DEST)
-    br.write_hash_header(vendor)
-    br.apply_patches(vendor)
-    return vendor
+    import llama_tree
+    return llama_tree.patched_tree(dest) / llama_tree.VENDOR
 
 
 def _keep(rel: Path) -> bool:

@@ -18,8 +18,8 @@ def test_runtime_reports_this_checkouts_source_hash():
 
 
 def test_stale_runtime_is_refused(monkeypatch):
-    from mcmoe_gguf import runtime
-    monkeypatch.setattr(runtime, "source_hash", lambda: "0" * 64)
+    from mcmoe_gguf import libllama, runtime
+    monkeypatch.setattr(libllama, "source_hash", lambda: "0" * 64)
     monkeypatch.delenv("MCMOE_ALLOW_STALE", raising=False)
     with pytest.raises(runtime.RuntimeMismatch, match="stale.*make runtime"):
         runtime.check_runtime()
