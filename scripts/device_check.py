@@ -35,7 +35,6 @@ both sides: it checks the script, the bundle and the parsing end to end before a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -49,6 +48,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# mcmoe_gguf.cache (and the package's __init__) import only the standard library, so this works on the GPU
+# machine's bare Python too
+from mcmoe_gguf.cache import sha256_file as _sha256  # noqa: E402
+
 BUNDLE = REPO / ".device-bundle"
 TOOLS = ["test-backend-ops", "llama-perplexity", "llama-bench", "llama-quantize"]
 BUNDLE_VERSION = 1
@@ -72,14 +76,6 @@ ODP_MAX_PRUNED_DIFF = 0.01   # |pruned_gpu - pruned_cpu| / slots: near-threshold
 
 
 # ---------------------------------------------------------------- here: the bundle
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _source_tree(dest: Path) -> Path:
     """The pinned llama.cpp with cpp/ and patches/ applied (scripts/llama_tree.py)."""
@@ -305,9 +301,10 @@ ODP_ON = ["--override-kv", "mcmoe.odp.enabled=bool:true", "--override-kv", "mcmo
 ODP_OFF = ["--override-kv", "mcmoe.odp.enabled=bool:false"]
 
 
-# Numbers are read from the per-chunk lines (the last chunk's are the running totals over all chunks), not
-# from llama-perplexity's closing summary: its log thread has been seen to lose those last lines when the
-# output is a pipe (one run in ~50 here).
+# Numbers are read from the per-chunk lines (the last chunk's are the running totals over all chunks). The
+# tools' log thread can lose the last lines of a run: llama.cpp leaks its logger on purpose and does not
+# flush it at exit (common/log.cpp, upstream #22142); seen here in about 1 run of 8 on a loaded machine.
+# A run whose lines are cut short is rerun (_until_parsed).
 _F = r"(-?(?:[\d.]+|nan|inf))"
 
 
@@ -364,6 +361,18 @@ def judge_ppl(name: str, cpu: str, other: str, odp_on: bool, chunks: int) -> tup
     return row, problems
 
 
+def _until_parsed(rep: Report, args: list, env: dict, parse, tries: int = 5) -> str:
+    """rep.run(args) again while parse(output) finds its line missing (see _chunk_ppl's note)."""
+    for i in range(tries):
+        out = rep.run(args, env=env)
+        try:
+            parse(out)
+            return out
+        except RuntimeError:
+            rep.log.write(f"[output cut short at exit, try {i + 1} of {tries}]\n")
+    return out
+
+
 def perplexity(rep: Report, tools: Path, files: dict[str, Path], bundle: Path, work: Path, gpu: list[str],
                threads: int, chunks: int) -> None:
     """Each file on the CPU, then on the `gpu` side scored against the CPU's logits."""
@@ -375,10 +384,10 @@ def perplexity(rep: Report, tools: Path, files: dict[str, Path], bundle: Path, w
     env = {"MCMOE_ODP_REPORT": "1"}
     for name, path, odp in runs:
         base = work / (re.sub(r"[^a-z0-9]+", "-", name.lower()) + ".kld")
-        cpu = rep.run([tools / "llama-perplexity", "-m", path, "-dev", "none", "-ngl", "0",
-                       "--kl-divergence-base", base] + common + odp, env=env)
-        other = rep.run([tools / "llama-perplexity", "-m", path, "--kl-divergence-base", base, "--kl-divergence"]
-                        + gpu + common + odp, env=env)
+        cpu = _until_parsed(rep, [tools / "llama-perplexity", "-m", path, "-dev", "none", "-ngl", "0",
+                                  "--kl-divergence-base", base] + common + odp, env, lambda o: _chunk_ppl(o, chunks))
+        other = _until_parsed(rep, [tools / "llama-perplexity", "-m", path, "--kl-divergence-base", base,
+                                    "--kl-divergence"] + gpu + common + odp, env, lambda o: _chunk_kld(o, chunks))
         row, problems = judge_ppl(name, cpu, other, odp is ODP_ON, chunks)
         rows.append(row)
         if problems:
@@ -445,6 +454,8 @@ def check(bundle: Path, out: Path, dry_run: bool, do_build: bool, tools_dir: Pat
     steps = []
     try:
         tools = build(rep, bundle, work, cuda=not dry_run, jobs=jobs) if do_build else tools_dir
+        # the runtime cache's tools find their shared libraries beside them (no RPATH to a build tree)
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(tools), os.environ.get("LD_LIBRARY_PATH")]))
         files = quantize_files(rep, tools, bundle, work)
         steps = [("test-backend-ops", lambda: backend_ops(rep, tools, backend)),
                  ("perplexity", lambda: perplexity(rep, tools, files, bundle, work, gpu_args,

@@ -104,13 +104,15 @@ def test_changed_bundle_is_refused_before_any_build(dry_run, tmp_path):
         f.seek(5000)
         f.write(bytes([b[0] ^ 0x40]))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "device_check.py"), "--bundle", str(bundle),
+    # -S: no site-packages, the standard library alone, as on the GPU machine's bare Python
+    r = subprocess.run([sys.executable, "-S", str(REPO / "scripts" / "device_check.py"), "--bundle", str(bundle),
                         "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "bundle file tiny-pmq.gguf missing or changed" in (out / "device_check.md").read_text()
 
 
 def test_missing_bundle_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "device_check.py"), "--bundle", str(tmp_path / "none"),
+    r = subprocess.run([sys.executable, "-S", str(REPO / "scripts" / "device_check.py"),
+                        "--bundle", str(tmp_path / "none"),
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no bundle at" in r.stderr and "--prepare" in r.stderr
