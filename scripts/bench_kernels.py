@@ -24,8 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from mcmoe_gguf.cpu_variant import cpu_flags, cpu_model, expected_variant, runnable_variants  # noqa: E402
+from mcmoe_gguf.cpu_variant import expected_variant, runnable_variants  # noqa: E402
 from mcmoe_gguf.runtime import tools_dir  # noqa: E402
+from results_md import machine  # noqa: E402
 
 TYPES = ["mcq1", "mcq2", "mcq3", "mcq4", "q2_K", "q3_K", "iq2_xxs", "q4_0"]
 
@@ -100,8 +101,7 @@ def main() -> int:
             for v in variants:
                 for n in ns:
                     results[v][n].append(time_types(dirs[v], n))
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
-    header = (f"CPU: {cpu_model()}, {os.cpu_count()} cores; flags {' '.join(flags)}\n"
+    header = (f"CPU: {machine()}\n"
               f"command: `.venv/bin/python scripts/bench_kernels.py"
               f"{' --variants ' + a.variants if a.variants else ''} --n {a.n} --repeat {a.repeat}`\n")
     text = header + "\n" + table(results, ns)

@@ -16,7 +16,6 @@ a 256-token prompt and 64 decoded tokens (best of --repeat).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from mcmoe_gguf.evaluate import ppl_llama  # noqa: E402
 from mcmoe_gguf.odp import odp_reset, odp_stats, summary  # noqa: E402
 from mcmoe_gguf.speed import time_file  # noqa: E402
 from mcmoe_gguf.tiny import tiny_model  # noqa: E402
-from results_md import replace_section  # noqa: E402
+from results_md import machine, replace_section  # noqa: E402
 
 ROWS = [
     ("ODP off", dict(odp=False)),
@@ -116,7 +115,7 @@ def main() -> int:
         if a.write_results:
             replace_section("bench_odp_mixtral", "## ODP on the Mixtral-shaped model: real skipped compute\n\n"
                             f"`.venv/bin/python scripts/bench_odp.py --mixtral-shaped --threads {a.threads} "
-                            f"--repeat {a.repeat} --write-results` on {platform.machine()}, 2 cores (AVX2), "
+                            f"--repeat {a.repeat} --write-results` on {machine()}, "
                             f"one process, files side by side.\n\n{table}\n")
         return 0
     text = (tiny_model() / "eval.txt").read_text(encoding="utf-8")
@@ -156,7 +155,7 @@ def main() -> int:
     if a.write_results:
         replace_section("bench_odp", "## ODP in the engine: perplexity, skipped experts, speed (tiny model)\n\n"
                         f"`.venv/bin/python scripts/bench_odp.py --max-chunks {a.max_chunks} --threads {a.threads} "
-                        f"--repeat {a.repeat} --write-results` on {platform.machine()}, 2 cores (AVX2); "
+                        f"--repeat {a.repeat} --write-results` on {machine()}; "
                         f"{a.max_chunks} x 256 held-out tokens.\n\n{table}{sweep_md}\n"
                         + ("![PPL vs skipped](odp_bench.png)\n" if sweep else ""))
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mcmoe_gguf.cache import cache_dir  # noqa: E402
-from results_md import replace_section  # noqa: E402
+from results_md import machine, replace_section  # noqa: E402
 from mcmoe_gguf.evaluate import ppl_fake_quant  # noqa: E402
 from mcmoe_gguf.pmq import PMQConfig, WorkdirMismatch, quantize  # noqa: E402
 from mcmoe_gguf.tiny import eval_ppl, tiny_model  # noqa: E402
@@ -127,8 +126,7 @@ def plot(rows, png: Path) -> None:
 def write_results(table: str, a) -> None:
     block = (f"## PMQ allocation vs alternatives (tiny model, torch fake-quant)\n\n"
              f"`.venv/bin/python scripts/bench_pmq.py --budgets {a.budgets} --n-seq {a.n_seq} --seq-len {a.seq_len} "
-             f"--max-chunks {a.max_chunks} --write-results` on {platform.machine()}, "
-             f"{platform.processor() or 'CPU'}, 2 cores; calibration: {a.n_seq} x {a.seq_len} tokens of the "
+             f"--max-chunks {a.max_chunks} --write-results` on {machine()}; calibration: {a.n_seq} x {a.seq_len} tokens of the "
              f"calibration split; PPL: {a.max_chunks} chunks of 256 tokens of the held-out split.\n\n"
              f"{table}\n\n![PMQ bench](pmq_bench.png)")
     replace_section("bench_pmq", block)

@@ -12,7 +12,6 @@ docs/RESULTS.md. Files are cached under ~/.cache/mcmoe-gguf/bench.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from mcmoe_gguf.baselines import STOCK_TYPES, imatrix, stock_quantize  # noqa: E402
 from mcmoe_gguf.cache import cache_dir  # noqa: E402
-from results_md import replace_section  # noqa: E402
+from results_md import machine, replace_section  # noqa: E402
 from mcmoe_gguf.evaluate import ppl_llama  # noqa: E402
 from mcmoe_gguf.export import convert, export_pmq  # noqa: E402
 from mcmoe_gguf.pmq import PMQConfig, quantize  # noqa: E402
@@ -93,7 +92,7 @@ def plot(rows, png: Path) -> None:
 def write_results(table: str, a) -> None:
     block = (f"## Quality: PMQ files vs llama.cpp's low-bit types (tiny model, llama.cpp PPL)\n\n"
              f"`.venv/bin/python scripts/bench_quality.py --budgets {a.budgets} --max-chunks {a.max_chunks} "
-             f"--write-results` on {platform.machine()}, 2 cores.\n\n{table}\n\n![Pareto](quality_pareto.png)")
+             f"--write-results` on {machine()}.\n\n{table}\n\n![Pareto](quality_pareto.png)")
     replace_section("bench_quality", block)
 
 
