@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .gguf_keys import IMPORTANCE_MODES, ODP_DEFAULT_PROTECT
+
 EPILOG = """examples:
   mcmoe-gguf tiny                                  train (or reuse) the embedded tiny Mixtral, print its path
   mcmoe-gguf convert MODEL_DIR --outtype f16 -o model-f16.gguf
@@ -187,8 +189,8 @@ def add_odp_options(s: argparse.ArgumentParser) -> None:
                    help="multiply the thresholds (default: the file's mcmoe.odp.mu_scale, else 1)")
     g.add_argument("--protect", type=float, default=None,
                    help="fraction of a prompt's tokens that keep both experts (default: the file's "
-                   "mcmoe.odp.protect, else 0.02)")
-    g.add_argument("--importance", choices=["attn", "rowsum", "norm", "none"], default=None,
+                   f"mcmoe.odp.protect, else {ODP_DEFAULT_PROTECT})")
+    g.add_argument("--importance", choices=list(IMPORTANCE_MODES), default=None,
                    help="how protected tokens are chosen: attention received x norm (the default unless the "
                    "file says otherwise), the reference code's row sums, the norm only, or no protection")
 

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import formats
+from . import gguf_keys as K
 from .checkpoint import Checkpoint
 from .arch import mixtral as mx
 from .vocab import add_tokenizer
@@ -294,30 +295,30 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
 def add_odp_metadata(w: gguf.GGUFWriter, mu) -> None:
     """ODP parameters (docs/FORMAT.md): on by default with the calibrated per-layer mu; every scalar can be
     overridden at load (llama.cpp kv-overrides, mcmoe_gguf.load(odp=..., protect=..., ...))."""
-    w.add_bool("mcmoe.odp.enabled", True)
-    w.add_array("mcmoe.odp.mu", [float(m) for m in mu])
-    w.add_float32("mcmoe.odp.mu_scale", 1.0)
-    w.add_float32("mcmoe.odp.protect", 0.02)
-    w.add_string("mcmoe.odp.importance", "attn")
+    w.add_bool(K.ODP_ENABLED, True)
+    w.add_array(K.ODP_MU, [float(m) for m in mu])
+    w.add_float32(K.ODP_MU_SCALE, K.ODP_DEFAULT_MU_SCALE)
+    w.add_float32(K.ODP_PROTECT, K.ODP_DEFAULT_PROTECT)
+    w.add_string(K.ODP_IMPORTANCE, K.ODP_DEFAULT_IMPORTANCE)
 
 
 def add_pmq_metadata(w: gguf.GGUFWriter, workdir: Path, bits: np.ndarray) -> None:
     manifest = json.loads((workdir / "manifest.json").read_text())
     alloc = json.loads((workdir / "allocation.json").read_text())
     cfg = manifest["config"]
-    w.add_uint32("mcmoe.version", 1)
-    w.add_array("mcmoe.expert_bits", [int(b) for b in bits.ravel()])           # layer-major, E per layer
+    w.add_uint32(K.VERSION, 1)
+    w.add_array(K.EXPERT_BITS, [int(b) for b in bits.ravel()])           # layer-major, E per layer
     add_odp_metadata(w, alloc["mu"])
-    w.add_string("mcmoe.pmq.budget", str(cfg["budget"]))
-    w.add_string("mcmoe.pmq.scope", cfg["scope"])
-    w.add_string("mcmoe.pmq.strategy", cfg["strategy"])
-    w.add_string("mcmoe.pmq.method", cfg["method"])
+    w.add_string(K.PMQ_PREFIX + "budget", str(cfg["budget"]))
+    w.add_string(K.PMQ_PREFIX + "scope", cfg["scope"])
+    w.add_string(K.PMQ_PREFIX + "strategy", cfg["strategy"])
+    w.add_string(K.PMQ_PREFIX + "method", cfg["method"])
     for k in ("alpha", "beta", "gamma"):
-        w.add_float32(f"mcmoe.pmq.{k}", float(cfg[k]))
-    w.add_string("mcmoe.calibration", f"{cfg['n_seq']} x {cfg['seq_len']} tokens of "
+        w.add_float32(K.PMQ_PREFIX + k, float(cfg[k]))
+    w.add_string(K.CALIBRATION, f"{cfg['n_seq']} x {cfg['seq_len']} tokens of "
                  f"{Path(cfg['calib_text']).name if cfg['calib_text'] else 'calib.txt'}")
-    w.add_float32("mcmoe.expert_bpw", float(alloc["expert_bpw"]))
-    w.add_float32("mcmoe.file_bpw", float(alloc["total_bpw"]))
+    w.add_float32(K.EXPERT_BPW, float(alloc["expert_bpw"]))
+    w.add_float32(K.FILE_BPW, float(alloc["total_bpw"]))
 
 
 def export_pmq(workdir: str | Path, out: str | Path, force: bool = False, name: str | None = None,

@@ -11,7 +11,9 @@ import ctypes
 import math
 from dataclasses import dataclass
 
-IMPORTANCE_MODES = ("attn", "rowsum", "norm", "none")
+from . import gguf_keys as K
+from .gguf_keys import IMPORTANCE_MODES  # noqa: F401  (re-exported: the CLI's choices)
+
 MAX_LAYERS = 256      # MCMOE_ODP_MAX_LAYERS
 FLAG_RULE, FLAG_PROTECTED, FLAG_PRUNED = 1, 2, 4
 
@@ -37,14 +39,14 @@ def overrides(odp: bool = True, protect: float | None = None, mu_scale: float | 
     for name, v in (("mu", mu), ("mu_scale", mu_scale)):
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be finite and >= 0 (got {v})")
-    kv = {"mcmoe.odp.enabled": bool(odp)}
+    kv = {K.ODP_ENABLED: bool(odp)}
     if odp:
-        given = {"mcmoe.odp.protect": protect, "mcmoe.odp.mu_scale": mu_scale, "mcmoe.odp.importance": importance}
+        given = {K.ODP_PROTECT: protect, K.ODP_MU_SCALE: mu_scale, K.ODP_IMPORTANCE: importance}
         kv.update({k: (v if isinstance(v, str) else float(v)) for k, v in given.items() if v is not None})
         if mu is not None:
-            kv["mcmoe.odp.mu_override"] = float(mu)
+            kv[K.ODP_MU_OVERRIDE] = float(mu)
         else:
-            kv["mcmoe.odp.if_calibrated"] = True
+            kv[K.ODP_IF_CALIBRATED] = True
     return kv
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import gguf_keys as K
+
 
 def load_workdir(outdir: Path) -> tuple[dict, list[dict], dict]:
     outdir = Path(outdir)
@@ -96,6 +98,6 @@ def describe_gguf(path: Path) -> str:
     for l in sorted(experts):
         row = experts[l]
         lines.append(f"  layer {l:3d}: " + " ".join(f"{row[e]:<5s}" for e in sorted(row)))
-    if "mcmoe.odp.mu" in kv:
-        lines.append("  ODP mu per layer: " + " ".join(f"{m:.3f}" for m in kv["mcmoe.odp.mu"]))
+    if K.ODP_MU in kv:
+        lines.append("  ODP mu per layer: " + " ".join(f"{m:.3f}" for m in kv[K.ODP_MU]))
     return "\n".join(lines)
