@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("MixtralForCausalLM",)
-MODEL_TYPES = ("mixtral",)
 
 
 @dataclass(frozen=True)
