@@ -37,12 +37,13 @@ from fractions import Fraction
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-WIDTHS = (1, 2, 3)
-GROUP = 128  # weights per quantization group (one fp16 scale + one fp16 min)
+from . import formats
 
-# Real bits per weight of a b-bit expert: b + 2 * 16 / 128 (scale + min per group of 128).
-# Must equal formats.bpw(b); a test elsewhere cross-checks the two tables.
-REAL_BPW = {1: 1.25, 2: 2.25, 3: 3.25}
+WIDTHS = (1, 2, 3)
+GROUP = formats.GROUP_SIZE  # weights per quantization group (one fp16 scale + one fp16 min)
+
+# Real bits per weight of a b-bit expert, from the format itself: b + 2 * 16 / 128 (scale + min per group).
+REAL_BPW = {b: formats.bpw(b) for b in WIDTHS}
 
 # The paper gives no values in the main text. Its only stated setting is Appendix A.6 / Table 10
 # (Mixtral 8x7b, 2 bit, WikiText2): gamma fixed at 2, alpha and beta swept over {1, 1.5, 2}; all

@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from helpers import random_state, save_checkpoint, small_config
-from mcmoe_gguf import allocate, calibration, formats, pmq
+from mcmoe_gguf import calibration, formats, pmq
 from mcmoe_gguf.arch import mixtral as mx
-
-
-def test_allocation_bytes_table_matches_formats():
-    assert allocate.REAL_BPW == {b: formats.bpw(b) for b in (1, 2, 3)}
 
 
 def _toy_moe(seed=0):
