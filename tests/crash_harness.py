@@ -22,26 +22,31 @@ _files: list = []      # keep the worker's report file open for the life of the 
 
 
 def pytest_configure(config):
-    # controller (or a run without xdist): the directory the workers inherit through the environment
-    if os.environ.get("PYTEST_XDIST_WORKER") is None and _ENV not in os.environ:
+    # the controller (or a run without xdist) makes a fresh directory for its workers, passed on through
+    # the environment. Worker or not is decided by xdist's config.workerinput, not by inherited variables:
+    # a pytest started from inside a test (tests/test_crash_harness.py) inherits PYTEST_XDIST_WORKER and
+    # this directory from the outer worker, and took itself for a worker of the outer run, sharing (and
+    # truncating, in the hook below) its own workers' report files.
+    if not hasattr(config, "workerinput"):
         os.environ[_ENV] = tempfile.mkdtemp(prefix="mcmoe-crash-")
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session):
     # after pytest's own faulthandler plugin, which points faulthandler at stderr
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is None or _ENV not in os.environ:
+    workerinput = getattr(session.config, "workerinput", None)
+    if workerinput is None or _ENV not in os.environ:
         return
     # append mode: every write lands at the current end, so after the per-test truncation below the
     # report starts at offset 0 (a plain "w" file kept faulthandler's old offset: NULs, then the report)
-    f = open(Path(os.environ[_ENV]) / f"{worker}.log", "a")
+    f = open(Path(os.environ[_ENV]) / f"{workerinput['workerid']}.log", "a")
     _files.append(f)
     faulthandler.enable(file=f, all_threads=True)
 
 
 def pytest_runtest_logstart(nodeid, location):
-    # a restarted worker reuses its id: start each test's report afresh so an old crash is not repeated
+    # a restarted worker may reuse its id: start each test's report afresh so an old crash is not repeated
+    # (workers only: _files is empty in the controller, which sees this hook too, late, for every test)
     for f in _files:
         os.ftruncate(f.fileno(), 0)
 
