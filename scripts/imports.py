@@ -4,6 +4,8 @@
     scripts/imports.py            one line per module: the package modules it imports (top-level and
                                   function-level imports alike), then the import cycles
     scripts/imports.py --cycles   only the cycles; exit status 1 if there is one
+    scripts/imports.py --layers   only the imports that run up the layers of docs/ARCHITECTURE.md (LAYERS
+                                  below); exit status 1 if there is one
 
 Imports inside functions count: they are how a cycle usually hides. Only imports of our own modules are
 listed (mcmoe_gguf.*, and for scripts/ each other).
@@ -17,6 +19,38 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PKG = "mcmoe_gguf"
+
+
+# docs/ARCHITECTURE.md's layers, top to bottom: a module may import its own layer and the ones below
+LAYERS = {
+    "apps": ("cli", "demo", "selfcheck", "report", "baselines", "speed", "evaluate"),
+    "engine": ("runtime", "odp", "libllama", "cpu_variant"),
+    "gguf": ("export", "gguf_keys", "gguf_types", "gguf_check", "vocab"),
+    "quant": ("pmq", "calibration", "allocate", "gptq", "formats"),
+    "model": ("checkpoint", "arch", "arch.mixtral", "tiny"),
+    "base": ("cache", "sources"),
+}
+
+
+def layer_of(module: str) -> int | None:
+    """Index of the layer of a package module (0 = top), None for the package itself and scripts."""
+    short = module.removeprefix(PKG + ".")
+    for i, (_, mods) in enumerate(LAYERS.items()):
+        if short in mods:
+            return i
+    return None
+
+
+def upward(g: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs where a package module imports from a layer above its own."""
+    out = []
+    for m, deps in sorted(g.items()):
+        lm = layer_of(m)
+        for d in sorted(deps):
+            ld = layer_of(d)
+            if lm is not None and ld is not None and ld < lm:
+                out.append((m, d))
+    return out
 
 
 def module_name(path: Path) -> str:
@@ -104,8 +138,19 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycles", action="store_true", help="only the cycles; exit 1 if any")
+    ap.add_argument("--layers", action="store_true", help="only the imports that run up; exit 1 if any")
     a = ap.parse_args()
     g = graph()
+    if a.layers:
+        unplaced = [m for m in g if m.startswith(PKG + ".") and layer_of(m) is None]
+        for m in unplaced:
+            print(f"not in any layer: {m} (add it to LAYERS)")
+        up = upward(g)
+        for m, d in up:
+            print(f"runs up: {m} -> {d}")
+        if not up and not unplaced:
+            print("no import runs up the layers")
+        return 1 if (up or unplaced) else 0
     if not a.cycles:
         for m in sorted(g):
             short = sorted(d.removeprefix(PKG + ".") for d in g[m])

@@ -29,3 +29,18 @@ def test_graph_sees_function_level_and_relative_imports():
     assert "mcmoe_gguf.libllama" in g["mcmoe_gguf.odp"]
     assert "mcmoe_gguf.runtime" not in g["mcmoe_gguf.odp"]
     assert "scripts.llama_tree" in g["scripts.check_cuda"]
+
+
+def test_no_import_runs_up_the_layers():
+    """docs/ARCHITECTURE.md's layers (scripts/imports.py LAYERS): every package module is in one, and imports
+    only its own layer and those below."""
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "imports.py"), "--layers"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_layer_check_flags_an_upward_import():
+    g = {"mcmoe_gguf.formats": {"mcmoe_gguf.runtime"},      # quant -> engine: up
+         "mcmoe_gguf.runtime": {"mcmoe_gguf.odp", "mcmoe_gguf.sources"},   # same layer, and down
+         "scripts.x": {"mcmoe_gguf.cli"}}                    # scripts are above the package
+    assert imports.upward(g) == [("mcmoe_gguf.formats", "mcmoe_gguf.runtime")]
