@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from .arch import adapter_for
-from .arch import mixtral as mx
 
 
 class CheckpointError(ValueError):
@@ -83,7 +82,7 @@ class Checkpoint:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
         self.arch = adapter_for(self.config)
-        self.hp = self.arch.MixtralHParams.from_config(self.config)
+        self.hp = self.arch.HParams.from_config(self.config)
         self.tensors = self._index()
         self.layout = self._detect_layout()
 
@@ -113,12 +112,12 @@ class Checkpoint:
         return refs
 
     def _detect_layout(self) -> str:
-        if mx.legacy_router_key(0) in self.tensors:
+        if self.arch.legacy_router_key(0) in self.tensors:
             return "legacy"
-        if mx.fused_router_key(0) in self.tensors and mx.fused_gate_up_key(0) in self.tensors:
+        if self.arch.fused_router_key(0) in self.tensors and self.arch.fused_gate_up_key(0) in self.tensors:
             return "fused"
         raise CheckpointError(f"{self.dir}: no Mixtral expert tensors found for layer 0 (looked for "
-                              f"{mx.legacy_router_key(0)} and {mx.fused_gate_up_key(0)})")
+                              f"{self.arch.legacy_router_key(0)} and {self.arch.fused_gate_up_key(0)})")
 
     # ------------------------------------------------------------------ tensors
     def ref(self, name: str) -> TensorRef:
@@ -147,19 +146,19 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ experts, layout-independent
     def router(self, layer: int) -> torch.Tensor:
-        key = mx.legacy_router_key(layer) if self.layout == "legacy" else mx.fused_router_key(layer)
+        key = self.arch.legacy_router_key(layer) if self.layout == "legacy" else self.arch.fused_router_key(layer)
         return self.get(key)
 
     def experts(self, layer: int, proj: str) -> torch.Tensor:
         """Stacked [E, out, in] weights of one projection: 'w1' (gate), 'w3' (up) or 'w2' (down)."""
         E, ff = self.hp.num_local_experts, self.hp.intermediate_size
         if self.layout == "legacy":
-            return torch.stack([self.get(mx.legacy_expert_key(layer, e, proj)) for e in range(E)])
+            return torch.stack([self.get(self.arch.legacy_expert_key(layer, e, proj)) for e in range(E)])
         if proj == "w2":
-            return self.get(mx.fused_down_key(layer))
-        gate_up = self.get(mx.fused_gate_up_key(layer))
+            return self.get(self.arch.fused_down_key(layer))
+        gate_up = self.get(self.arch.fused_gate_up_key(layer))
         if gate_up.shape[1] != 2 * ff:
-            raise CheckpointError(f"{mx.fused_gate_up_key(layer)} has shape {tuple(gate_up.shape)}, expected [{E}, {2 * ff}, d]")
+            raise CheckpointError(f"{self.arch.fused_gate_up_key(layer)} has shape {tuple(gate_up.shape)}, expected [{E}, {2 * ff}, d]")
         return (gate_up[:, :ff] if proj == "w1" else gate_up[:, ff:]).contiguous()
 
     def expert_shape(self, proj: str) -> tuple[int, int, int]:

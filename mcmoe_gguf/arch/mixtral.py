@@ -72,6 +72,9 @@ class MixtralHParams:
         }
 
 
+HParams = MixtralHParams   # the adapter interface's name (arch/__init__.py)
+
+
 # ------------------------------------------------------------------------------------------ keys
 # Original Mixtral release (per-expert 2D tensors) ...
 def legacy_expert_key(layer: int, expert: int, w: str) -> str:
