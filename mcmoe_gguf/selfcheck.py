@@ -61,27 +61,36 @@ def vram_used_mib() -> float | None:
         return None
 
 
-def make_files(log=print) -> dict[str, Path]:
-    from .baselines import stock_quantize
+def demo_files(log=print) -> tuple[Path, Path, Path]:
+    """(tiny model dir, its F16 GGUF, its mixed PMQ 2.5 GGUF): `make demo`'s files in its cache folder, made
+    here with the demo's configuration when missing. Shared by this check and scripts/device_check.py."""
     from .cache import cache_dir
     from .export import convert, export_pmq
     from .pmq import PMQConfig, quantize
     from .tiny import tiny_model
 
     model = tiny_model("default", log=log)
-    demo = cache_dir("demo", model.name)          # shared with `make demo`: the same files, made once
-    out = cache_dir("selfcheck", model.name)
+    demo = cache_dir("demo", model.name)
     f16 = demo / "tiny-f16.gguf"
     if not f16.exists():
         convert(model, f16, outtype="f16", force=True, progress=False)
-    files = {"f16": f16}
-    for bits in (1, 2, 3):
-        files[f"mcq{bits}"] = stock_quantize(f16, f"MCQ{bits}", out / f"tiny-mcq{bits}.gguf", None)
     mixed = demo / "tiny-pmq2.5.gguf"
     if not mixed.exists():
         work = demo / "pmq-2.5"                    # the demo's configuration: resumes a finished run instantly
         quantize(model, work, PMQConfig(budget="2.5", n_seq=64, seq_len=256), progress=False)
         export_pmq(work, mixed, force=True, progress=False)
+    return model, f16, mixed
+
+
+def make_files(log=print) -> dict[str, Path]:
+    from .baselines import stock_quantize
+    from .cache import cache_dir
+
+    model, f16, mixed = demo_files(log)
+    out = cache_dir("selfcheck", model.name)
+    files = {"f16": f16}
+    for bits in (1, 2, 3):
+        files[f"mcq{bits}"] = stock_quantize(f16, f"MCQ{bits}", out / f"tiny-mcq{bits}.gguf", None)
     files["mixed"] = mixed
     return files
 

@@ -97,23 +97,11 @@ def _keep(rel: Path) -> bool:
 
 
 def _model_files(work: Path) -> dict[str, Path]:
-    """tiny F16, PMQ 2.5 and imatrix files, the demo's (cache_dir("demo", ...)) or made the same way."""
-    sys.path.insert(0, str(REPO))
+    """tiny F16, PMQ 2.5 (the demo's, mcmoe_gguf.selfcheck.demo_files) and imatrix files, and held-out text."""
     from mcmoe_gguf.baselines import imatrix
-    from mcmoe_gguf.cache import cache_dir
-    from mcmoe_gguf.export import convert, export_pmq
-    from mcmoe_gguf.pmq import PMQConfig, quantize
-    from mcmoe_gguf.tiny import tiny_model
-    model = tiny_model("default")
-    out = cache_dir("demo", model.name)
-    f16 = out / "tiny-f16.gguf"
-    if not f16.exists():
-        convert(model, f16, outtype="f16", force=True, progress=False)
-    pmq = out / "tiny-pmq2.5.gguf"
-    if not pmq.exists():
-        quantize(model, out / "pmq-2.5", PMQConfig(budget="2.5", n_seq=64, seq_len=256), progress=False)
-        export_pmq(out / "pmq-2.5", pmq, force=True, progress=False)
-    im = out / "imatrix.gguf"
+    from mcmoe_gguf.selfcheck import demo_files
+    model, f16, pmq = demo_files()
+    im = f16.parent / "imatrix.gguf"
     if not im.exists():
         imatrix(f16, model / "calib.txt", im, chunks=64)
     eval_txt = work / "eval.txt"
