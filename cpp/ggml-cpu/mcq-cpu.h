@@ -56,7 +56,7 @@ bool mcq_mul_mat_chunk(enum ggml_type type, int64_t n, const char * w, size_t w_
 // (the activations are quantized per 256); anything else is not our concern here.
 static inline bool mcq_cpu_supports_op(const struct ggml_tensor * op) {
     if ((op->op == GGML_OP_MUL_MAT || op->op == GGML_OP_MUL_MAT_ID) && op->src[0] && mcq_type_bits(op->src[0]->type)) {
-        return op->src[0]->ne[0] % 256 == 0; // QK_K (ggml-common.h)
+        return op->src[0]->ne[0] % MCQ_ROW_MULTIPLE == 0;
     }
     return true;
 }

@@ -6,7 +6,7 @@
 #include "llama-model.h"
 
 #include "gguf.h"
-#include "mcmoe-odp.h"
+#include "mcq.h"
 
 #include <algorithm>
 #include <cinttypes>
@@ -84,26 +84,26 @@ static ggml_backend_buffer_type_t mcmoe_map_buft(const llama_model_loader & ml, 
     return ggml_backend_dev_buffer_type(cpu);
 }
 
-bool mcmoe_load_split_experts(llama_model_base & model, llama_layer & layer, int il,
-                              int64_t n_embd, int64_t n_ff, int64_t n_expert) {
-    GGML_ASSERT(model.ml != nullptr);
-    llama_model_loader & ml = *model.ml;
-    const LLM_TN & tn = model.tn;
+static const char * mcmoe_proj_name(int p) {
+    return p == MCMOE_MOE_GATE ? "gate" : p == MCMOE_MOE_UP ? "up" : "down";
+}
 
-    auto name_of = [&](int p, int e) { return tn(mcmoe_expert_tensor[p], "weight", il, e).str(); };
-
-    // per-expert layer? any expert tensor of any projection makes it one
-    bool split = false;
-    for (int p = 0; p < MCMOE_MOE_N_PROJ && !split; ++p) {
-        for (int64_t e = 0; e < n_expert && !split; ++e) {
-            const std::string name = name_of(p, (int) e);
-            split = ml.files.empty() ? gguf_find_tensor(ml.metadata, name.c_str()) >= 0
-                                     : ml.get_weight(name.c_str()) != nullptr;
+// a per-expert layer? any expert tensor of any projection makes it one
+static bool mcmoe_layer_is_split(const llama_model_loader & ml, const LLM_TN & tn, int il, int64_t n_expert) {
+    for (int p = 0; p < MCMOE_MOE_N_PROJ; ++p) {
+        for (int64_t e = 0; e < n_expert; ++e) {
+            const std::string name = tn(mcmoe_expert_tensor[p], "weight", il, (int) e).str();
+            if (ml.files.empty() ? gguf_find_tensor(ml.metadata, name.c_str()) >= 0
+                                 : ml.get_weight(name.c_str()) != nullptr) {
+                return true;
+            }
         }
     }
-    if (!split) {
-        return false;
-    }
+    return false;
+}
+
+// a layer is either per-expert or merged, never both
+static void mcmoe_check_one_layout(const llama_model_loader & ml, const LLM_TN & tn, int il) {
     if (ml.files.empty()) {
         throw std::runtime_error(format("layer %d: per-expert MoE tensors need a model file (no tensor data given)", il));
     }
@@ -113,148 +113,195 @@ bool mcmoe_load_split_experts(llama_model_base & model, llama_layer & layer, int
             throw std::runtime_error(format("layer %d has both per-expert tensors and %s", il, merged.c_str()));
         }
     }
+}
 
+// "mcmoe.expert_bits" checked against the model's size; empty when the file has no such key
+static std::vector<int64_t> mcmoe_expected_bits(const llama_model_loader & ml, int n_layer, int64_t n_expert) {
     std::vector<int64_t> bits;
-    const bool have_bits = mcmoe_read_expert_bits(ml.metadata, bits);
-    if (have_bits && (int64_t) bits.size() != (int64_t) model.hparams.n_layer() * n_expert) {
+    if (mcmoe_read_expert_bits(ml.metadata, bits) && (int64_t) bits.size() != (int64_t) n_layer * n_expert) {
         throw std::runtime_error(format("mcmoe.expert_bits has %zu entries, expected n_layer x n_expert = %d x %" PRId64,
-                                        bits.size(), (int) model.hparams.n_layer(), n_expert));
+                                        bits.size(), n_layer, n_expert));
     }
+    return bits;
+}
+
+using mcmoe_weight = llama_model_loader::llama_tensor_weight;
+
+// the n_expert tensors of projection p of layer il, each checked for presence, shape {ne0, ne1} and the
+// type mcmoe.expert_bits gives it (bits: layer-major, empty = unchecked). Empty result: the projection
+// is absent altogether, which only the gate may be.
+static std::vector<const mcmoe_weight *> mcmoe_expert_weights(const llama_model_loader & ml, const LLM_TN & tn, int il,
+        int p, int64_t ne0, int64_t ne1, int64_t n_expert, const std::vector<int64_t> & bits) {
+    std::vector<const mcmoe_weight *> w(n_expert, nullptr);
+    int64_t n_present = 0;
+    for (int64_t e = 0; e < n_expert; ++e) {
+        w[e] = ml.get_weight(tn(mcmoe_expert_tensor[p], "weight", il, (int) e).str().c_str());
+        n_present += w[e] != nullptr;
+    }
+    if (n_present == 0 && p == MCMOE_MOE_GATE) {
+        return {}; // no gate projection at all (as a merged layer without ffn_gate_exps)
+    }
+    for (int64_t e = 0; e < n_expert; ++e) {
+        const std::string name = tn(mcmoe_expert_tensor[p], "weight", il, (int) e).str();
+        if (!w[e]) {
+            throw std::runtime_error(format("layer %d: expert tensor '%s' is missing (a per-expert MoE layer needs "
+                                            "all %" PRId64 " experts of each projection)", il, name.c_str(), n_expert));
+        }
+        const ggml_tensor * t = w[e]->tensor;
+        if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1) {
+            throw std::runtime_error(format("tensor '%s' has wrong shape; expected %s, got %s", name.c_str(),
+                                            llama_format_tensor_shape(std::vector<int64_t>{ne0, ne1}).c_str(),
+                                            llama_format_tensor_shape(t).c_str()));
+        }
+        if (!bits.empty()) {
+            const int64_t b = bits[(size_t) il * n_expert + e];
+            const ggml_type want = mcmoe_type_of_bits(b);
+            if (want != t->type) {
+                throw std::runtime_error(format("tensor '%s' is %s but mcmoe.expert_bits gives expert %" PRId64
+                                                " of layer %d %" PRId64 " bits (%s): the expert groups disagree "
+                                                "with the metadata", name.c_str(), ggml_type_name(t->type), e, il, b,
+                                                want == GGML_TYPE_COUNT ? "no such width" : ggml_type_name(want)));
+            }
+        }
+    }
+    return w;
+}
+
+// the experts cut into maximal runs of equal type, same file, bytes back to back (in file order): each
+// run can be one zero-copy group tensor
+static std::vector<std::vector<int32_t>> mcmoe_contiguous_runs(const std::vector<const mcmoe_weight *> & w) {
+    std::vector<int32_t> order(w.size());
+    for (size_t e = 0; e < w.size(); ++e) {
+        order[e] = (int32_t) e;
+    }
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+        return w[a]->idx != w[b]->idx ? w[a]->idx < w[b]->idx : w[a]->offs < w[b]->offs;
+    });
+    std::vector<std::vector<int32_t>> runs;
+    for (size_t k = 0; k < order.size(); ++k) {
+        const auto * cur = w[order[k]];
+        const auto * prev = k ? w[order[k - 1]] : nullptr;
+        const bool extends = prev && prev->idx == cur->idx && prev->tensor->type == cur->tensor->type &&
+                             prev->offs + ggml_nbytes(prev->tensor) == cur->offs;
+        if (!extends) {
+            runs.emplace_back();
+        }
+        runs.back().push_back(order[k]);
+    }
+    return runs;
+}
+
+// more runs than types: correct, but slower (our writer never does this; another writer might)
+static void mcmoe_warn_scattered(const std::vector<const mcmoe_weight *> & w, const std::vector<std::vector<int32_t>> & runs,
+                                 int il, int p) {
+    int n_types = 0;
+    for (size_t r = 0; r < runs.size(); ++r) {
+        bool seen = false;
+        for (size_t q = 0; q < r; ++q) {
+            seen = seen || w[runs[q][0]]->tensor->type == w[runs[r][0]]->tensor->type;
+        }
+        n_types += !seen;
+    }
+    if ((int) runs.size() > n_types) {
+        LLAMA_LOG_WARN("%s: layer %d %s: experts of one type are not contiguous in the file, %zu groups "
+                       "instead of %d (correct, but more mul_mat_id calls)\n", __func__, il, mcmoe_proj_name(p),
+                       runs.size(), n_types);
+    }
+}
+
+// one group tensor per run (the run's first expert tensor widened to the run: the loader maps/reads the
+// run's bytes from that tensor's file offset; ne/nb are metadata until the buffers are allocated), each
+// with its expert -> slot map, equal maps shared (maps: their contents, grown here)
+static void mcmoe_add_groups(llama_model_base & model, mcmoe_moe_layer & mx, std::vector<std::vector<int32_t>> & maps,
+                             int il, int p, int64_t ne0, int64_t ne1, const std::vector<std::vector<int32_t>> & runs) {
+    for (const auto & run : runs) {
+        mcmoe_moe_group g;
+        g.experts = run;
+        const int64_t n_slots = (int64_t) run.size();
+        g.w = model.create_tensor(model.tn(mcmoe_expert_tensor[p], "weight", il, run[0]), {ne0, ne1}, 0);
+        GGML_ASSERT(g.w != nullptr && g.w->data == nullptr && g.w->buffer == nullptr);
+        g.w->ne[2] = n_slots;
+        g.w->nb[3] = g.w->nb[2] * n_slots;
+        model.ml->n_created += (int) n_slots - 1; // the other experts of the run are loaded through this tensor
+
+        std::vector<int32_t> map(mx.n_expert + 1, -1); // entry n_expert (the skip marker) stays -1
+        for (int64_t s = 0; s < n_slots; ++s) {
+            map[run[s]] = (int32_t) s;
+        }
+        auto it = std::find(maps.begin(), maps.end(), map);
+        g.map = (int) (it - maps.begin());
+        if (it == maps.end()) {
+            maps.push_back(std::move(map));
+        }
+        mx.groups[p].push_back(std::move(g));
+    }
+}
+
+// the id maps as I32 tensors in one small buffer per layer, on the weights' device
+static void mcmoe_upload_maps(const llama_model_loader & ml, mcmoe_moe_layer & mx, const std::vector<std::vector<int32_t>> & maps,
+                              int il) {
+    ggml_init_params params = { ggml_tensor_overhead() * maps.size(), nullptr, true };
+    mx.ctx.reset(ggml_init(params));
+    if (!mx.ctx) {
+        throw std::runtime_error("failed to create the ggml context of the expert id maps");
+    }
+    for (size_t i = 0; i < maps.size(); ++i) {
+        ggml_tensor * t = ggml_new_tensor_2d(mx.ctx.get(), GGML_TYPE_I32, 1, mx.n_expert + 1);
+        ggml_format_name(t, "blk.%d.mcmoe_expert_map.%zu", il, i);
+        mx.maps.push_back(t);
+    }
+    ggml_backend_buffer_type_t buft = mcmoe_map_buft(ml, mx.groups[MCMOE_MOE_DOWN][0].w);
+    mx.buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(mx.ctx.get(), buft));
+    if (!mx.buf) {
+        throw std::runtime_error(format("unable to allocate the expert id maps (%s)", ggml_backend_buft_name(buft)));
+    }
+    ggml_backend_buffer_set_usage(mx.buf.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    for (size_t i = 0; i < maps.size(); ++i) {
+        ggml_backend_tensor_set(mx.maps[i], maps[i].data(), 0, maps[i].size() * sizeof(int32_t));
+    }
+}
+
+static void mcmoe_log_groups(const mcmoe_moe_layer & mx, int il) {
+    for (int p = 0; p < MCMOE_MOE_N_PROJ; ++p) {
+        std::string desc;
+        for (const auto & g : mx.groups[p]) {
+            desc += format(" %s x%zu", ggml_type_name(g.w->type), g.experts.size());
+        }
+        if (!desc.empty()) {
+            LLAMA_LOG_DEBUG("%s: layer %d %s groups:%s\n", __func__, il, mcmoe_proj_name(p), desc.c_str());
+        }
+    }
+}
+
+bool mcmoe_load_split_experts(llama_model_base & model, llama_layer & layer, int il,
+                              int64_t n_embd, int64_t n_ff, int64_t n_expert) {
+    GGML_ASSERT(model.ml != nullptr);
+    const llama_model_loader & ml = *model.ml;
+    if (!mcmoe_layer_is_split(ml, model.tn, il, n_expert)) {
+        return false;
+    }
+    mcmoe_check_one_layout(ml, model.tn, il);
+    const std::vector<int64_t> bits = mcmoe_expected_bits(ml, (int) model.hparams.n_layer(), n_expert);
 
     auto mx = std::make_shared<mcmoe_moe_layer>();
     mx->n_expert = n_expert;
     std::vector<std::vector<int32_t>> maps; // distinct maps' contents
-
     for (int p = 0; p < MCMOE_MOE_N_PROJ; ++p) {
         const int64_t ne0 = p == MCMOE_MOE_DOWN ? n_ff : n_embd;
         const int64_t ne1 = p == MCMOE_MOE_DOWN ? n_embd : n_ff;
-
-        std::vector<const llama_model_loader::llama_tensor_weight *> w(n_expert, nullptr);
-        int64_t n_present = 0;
-        for (int64_t e = 0; e < n_expert; ++e) {
-            w[e] = ml.get_weight(name_of(p, (int) e).c_str());
-            n_present += w[e] != nullptr;
+        const auto w = mcmoe_expert_weights(ml, model.tn, il, p, ne0, ne1, n_expert, bits);
+        if (w.empty()) {
+            continue;
         }
-        if (n_present == 0 && p == MCMOE_MOE_GATE) {
-            continue; // no gate projection at all (as a merged layer without ffn_gate_exps)
-        }
-        for (int64_t e = 0; e < n_expert; ++e) {
-            const std::string name = name_of(p, (int) e);
-            if (!w[e]) {
-                throw std::runtime_error(format("layer %d: expert tensor '%s' is missing (a per-expert MoE layer needs "
-                                                "all %" PRId64 " experts of each projection)", il, name.c_str(), n_expert));
-            }
-            const ggml_tensor * t = w[e]->tensor;
-            if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1) {
-                throw std::runtime_error(format("tensor '%s' has wrong shape; expected %s, got %s", name.c_str(),
-                                                llama_format_tensor_shape(std::vector<int64_t>{ne0, ne1}).c_str(),
-                                                llama_format_tensor_shape(t).c_str()));
-            }
-            if (have_bits) {
-                const int64_t b = bits[(size_t) il * n_expert + e];
-                const ggml_type want = mcmoe_type_of_bits(b);
-                if (want != t->type) {
-                    throw std::runtime_error(format("tensor '%s' is %s but mcmoe.expert_bits gives expert %" PRId64
-                                                    " of layer %d %" PRId64 " bits (%s): the expert groups disagree "
-                                                    "with the metadata", name.c_str(), ggml_type_name(t->type), e, il, b,
-                                                    want == GGML_TYPE_COUNT ? "no such width" : ggml_type_name(want)));
-                }
-            }
-        }
-
-        // maximal runs of equal type, same file, bytes back to back: each is one zero-copy group
-        std::vector<int32_t> order(n_expert);
-        for (int64_t e = 0; e < n_expert; ++e) {
-            order[e] = (int32_t) e;
-        }
-        std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-            return w[a]->idx != w[b]->idx ? w[a]->idx < w[b]->idx : w[a]->offs < w[b]->offs;
-        });
-        std::vector<std::vector<int32_t>> runs;
-        for (size_t k = 0; k < order.size(); ++k) {
-            const auto * cur = w[order[k]];
-            const auto * prev = k ? w[order[k - 1]] : nullptr;
-            const bool extends = prev && prev->idx == cur->idx && prev->tensor->type == cur->tensor->type &&
-                                 prev->offs + ggml_nbytes(prev->tensor) == cur->offs;
-            if (!extends) {
-                runs.emplace_back();
-            }
-            runs.back().push_back(order[k]);
-        }
-
-        int n_types = 0;
-        for (size_t r = 0; r < runs.size(); ++r) {
-            bool seen = false;
-            for (size_t q = 0; q < r; ++q) {
-                seen = seen || w[runs[q][0]]->tensor->type == w[runs[r][0]]->tensor->type;
-            }
-            n_types += !seen;
-        }
-        if ((int) runs.size() > n_types) {
-            LLAMA_LOG_WARN("%s: layer %d %s: experts of one type are not contiguous in the file, %zu groups "
-                           "instead of %d (correct, but more mul_mat_id calls)\n", __func__, il,
-                           p == MCMOE_MOE_GATE ? "gate" : p == MCMOE_MOE_UP ? "up" : "down", runs.size(), n_types);
-        }
-
-        for (const auto & run : runs) {
-            mcmoe_moe_group g;
-            g.experts = run;
-            const int64_t n_slots = (int64_t) run.size();
-            // the run's first expert tensor, widened to the run: the loader maps/reads n_slots experts'
-            // bytes from that tensor's file offset (ne/nb are metadata until the buffers are allocated)
-            g.w = model.create_tensor(tn(mcmoe_expert_tensor[p], "weight", il, run[0]), {ne0, ne1}, 0);
-            GGML_ASSERT(g.w != nullptr && g.w->data == nullptr && g.w->buffer == nullptr);
-            g.w->ne[2] = n_slots;
-            g.w->nb[3] = g.w->nb[2] * n_slots;
-            ml.n_created += (int) n_slots - 1; // the other experts of the run are loaded through this tensor
-
-            std::vector<int32_t> map(n_expert + 1, -1);
-            for (int64_t s = 0; s < n_slots; ++s) {
-                map[run[s]] = (int32_t) s;
-            }
-            auto it = std::find(maps.begin(), maps.end(), map);
-            g.map = (int) (it - maps.begin());
-            if (it == maps.end()) {
-                maps.push_back(std::move(map));
-            }
-            mx->groups[p].push_back(std::move(g));
-        }
+        const auto runs = mcmoe_contiguous_runs(w);
+        mcmoe_warn_scattered(w, runs, il, p);
+        mcmoe_add_groups(model, *mx, maps, il, p, ne0, ne1, runs);
     }
     if (!mx->has(MCMOE_MOE_UP) || !mx->has(MCMOE_MOE_DOWN)) {
         throw std::runtime_error(format("layer %d: per-expert MoE tensors without up or down projection", il));
     }
-
-    // the id maps: one small host (or device) buffer per layer
-    ggml_init_params params = { ggml_tensor_overhead() * maps.size(), nullptr, true };
-    mx->ctx.reset(ggml_init(params));
-    if (!mx->ctx) {
-        throw std::runtime_error("failed to create the ggml context of the expert id maps");
-    }
-    for (size_t i = 0; i < maps.size(); ++i) {
-        ggml_tensor * t = ggml_new_tensor_2d(mx->ctx.get(), GGML_TYPE_I32, 1, n_expert + 1);
-        ggml_format_name(t, "blk.%d.mcmoe_expert_map.%zu", il, i);
-        mx->maps.push_back(t);
-    }
-    ggml_backend_buffer_type_t buft = mcmoe_map_buft(ml, mx->groups[MCMOE_MOE_DOWN][0].w);
-    mx->buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(mx->ctx.get(), buft));
-    if (!mx->buf) {
-        throw std::runtime_error(format("unable to allocate the expert id maps (%s)", ggml_backend_buft_name(buft)));
-    }
-    ggml_backend_buffer_set_usage(mx->buf.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-    for (size_t i = 0; i < maps.size(); ++i) {
-        ggml_backend_tensor_set(mx->maps[i], maps[i].data(), 0, maps[i].size() * sizeof(int32_t));
-    }
-
-    for (int p = 0; p < MCMOE_MOE_N_PROJ; ++p) {
-        std::string desc;
-        for (const auto & g : mx->groups[p]) {
-            desc += format(" %s x%zu", ggml_type_name(g.w->type), g.experts.size());
-        }
-        if (!desc.empty()) {
-            LLAMA_LOG_DEBUG("%s: layer %d %s groups:%s\n", __func__, il,
-                            p == MCMOE_MOE_GATE ? "gate" : p == MCMOE_MOE_UP ? "up" : "down", desc.c_str());
-        }
-    }
+    mcmoe_upload_maps(ml, *mx, maps, il);
+    mcmoe_log_groups(*mx, il);
 
     layer.ffn_gate_exps = nullptr;
     layer.ffn_up_exps   = nullptr;
@@ -289,186 +336,9 @@ ggml_tensor * mcmoe_moe_mul_mat_id(ggml_context * ctx, const mcmoe_moe_layer & m
 }
 
 void mcmoe_check_tensor_shape(const ggml_tensor * t) {
-    const bool is_mcq = t->type == GGML_TYPE_MCQ1 || t->type == GGML_TYPE_MCQ2 || t->type == GGML_TYPE_MCQ3 ||
-                        t->type == GGML_TYPE_MCQ4;
-    if (is_mcq && t->ne[0] % 256 != 0) {
+    if (mcq_type_bits(t->type) && t->ne[0] % MCQ_ROW_MULTIPLE != 0) {
         throw std::runtime_error(std::string("mcmoe: tensor '") + t->name + "' of type " + ggml_type_name(t->type) +
                                  " has rows of " + std::to_string(t->ne[0]) +
                                  " weights; the mcq types need a multiple of 256 (the CPU kernels read activations as Q8_K)");
     }
-}
-
-// ---------------------------------------------------------------- ODP
-
-// a scalar key: the kv-override if there is one, else the file's value; false if neither exists
-static bool mcmoe_odp_key(const llama_model_loader & ml, const char * key, double * f, bool * b, std::string * s) {
-    const auto it = ml.kv_overrides.find(key);
-    if (it != ml.kv_overrides.end()) {
-        const llama_model_kv_override & o = it->second;
-        if (f && o.tag == LLAMA_KV_OVERRIDE_TYPE_FLOAT) { *f = o.val_f64; return true; }
-        if (f && o.tag == LLAMA_KV_OVERRIDE_TYPE_INT)   { *f = (double) o.val_i64; return true; }
-        if (b && o.tag == LLAMA_KV_OVERRIDE_TYPE_BOOL)  { *b = o.val_bool; return true; }
-        if (s && o.tag == LLAMA_KV_OVERRIDE_TYPE_STR)   { *s = o.val_str; return true; }
-        throw std::runtime_error(format("kv-override %s has the wrong type (expected %s)", key,
-                                        f ? "float" : b ? "bool" : "str"));
-    }
-    const int64_t kid = gguf_find_key(ml.metadata, key);
-    if (kid < 0) {
-        return false;
-    }
-    const gguf_type t = gguf_get_kv_type(ml.metadata, kid);
-    if (f && t == GGUF_TYPE_FLOAT32) { *f = gguf_get_val_f32(ml.metadata, kid); return true; }
-    if (f && t == GGUF_TYPE_FLOAT64) { *f = gguf_get_val_f64(ml.metadata, kid); return true; }
-    if (b && t == GGUF_TYPE_BOOL)    { *b = gguf_get_val_bool(ml.metadata, kid); return true; }
-    if (s && t == GGUF_TYPE_STRING)  { *s = gguf_get_val_str(ml.metadata, kid); return true; }
-    throw std::runtime_error(format("metadata %s has the wrong type %s", key, gguf_type_name(t)));
-}
-
-// whether the value came from a kv-override (the caller's choice at load) rather than the file
-static bool mcmoe_odp_overridden(const llama_model_loader & ml, const char * key) {
-    return ml.kv_overrides.find(key) != ml.kv_overrides.end();
-}
-
-// mu is a ratio of routing weights (w1 / w0 <= 1): a file's calibrated value outside [0, 1] is corrupt.
-// A caller may pass larger values on purpose (any mu >= 1 prunes every second expert), but not NaN/inf.
-static const double MCMOE_ODP_MAX_FILE_MU_SCALE = 16.0;
-
-std::shared_ptr<mcmoe_odp_config> mcmoe_load_odp_config(llama_model_loader & ml, int n_layer) {
-    auto cfg = std::make_shared<mcmoe_odp_config>();
-    bool enabled = false, if_calibrated = false;
-    mcmoe_odp_key(ml, "mcmoe.odp.enabled", nullptr, &enabled, nullptr);
-    mcmoe_odp_key(ml, "mcmoe.odp.if_calibrated", nullptr, &if_calibrated, nullptr);
-    if (!enabled) {
-        return cfg;
-    }
-    double scale = 1.0, over = -1.0, protect = 0.02;
-    std::string imp = "attn";
-    mcmoe_odp_key(ml, "mcmoe.odp.mu_scale", &scale, nullptr, nullptr);
-    mcmoe_odp_key(ml, "mcmoe.odp.mu_override", &over, nullptr, nullptr);
-    mcmoe_odp_key(ml, "mcmoe.odp.protect", &protect, nullptr, nullptr);
-    mcmoe_odp_key(ml, "mcmoe.odp.importance", nullptr, nullptr, &imp);
-    const char * src_scale = mcmoe_odp_overridden(ml, "mcmoe.odp.mu_scale") ? "kv-override" : "file";
-    const char * src_protect = mcmoe_odp_overridden(ml, "mcmoe.odp.protect") ? "kv-override" : "file";
-    if (!std::isfinite(scale) || scale < 0.0 ||
-        (!mcmoe_odp_overridden(ml, "mcmoe.odp.mu_scale") && scale > MCMOE_ODP_MAX_FILE_MU_SCALE)) {
-        throw std::runtime_error(format("mcmoe.odp.mu_scale (%s) must be a finite number >= 0%s (got %g)", src_scale,
-                                        src_scale[0] == 'f' ? " and <= 16 in a file" : "", scale));
-    }
-    if (!(protect >= 0.0 && protect <= 1.0)) {
-        throw std::runtime_error(format("mcmoe.odp.protect (%s) must be a fraction in [0, 1] (got %g)", src_protect, protect));
-    }
-    if (std::isnan(over) || std::isinf(over)) {
-        throw std::runtime_error(format("mcmoe.odp.mu_override must be finite (got %g)", over));
-    }
-    static const char * names[] = { "attn", "rowsum", "norm", "none" };
-    cfg->importance = -1;
-    for (int i = 0; i < 4; ++i) {
-        if (imp == names[i]) {
-            cfg->importance = i;
-        }
-    }
-    if (cfg->importance < 0) {
-        throw std::runtime_error(format("mcmoe.odp.importance must be attn, rowsum, norm or none (got '%s')", imp.c_str()));
-    }
-    cfg->protect = (float) protect;
-
-    std::vector<float> mu;
-    if (over >= 0.0) {
-        mu.assign(n_layer, (float) over);
-    } else {
-        const int64_t kid = gguf_find_key(ml.metadata, "mcmoe.odp.mu");
-        if (kid < 0) {
-            if (if_calibrated) {
-                // asked for "prune where the file is calibrated": an uncalibrated (e.g. F16) file runs whole
-                LLAMA_LOG_INFO("mcmoe: ODP requested but the file has no mcmoe.odp.mu: running unpruned\n");
-                return std::make_shared<mcmoe_odp_config>();
-            }
-            throw std::runtime_error("mcmoe.odp.enabled is set but the file has no mcmoe.odp.mu (calibrated per-layer "
-                                     "thresholds) and no mcmoe.odp.mu_override was given");
-        }
-        if (gguf_get_kv_type(ml.metadata, kid) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ml.metadata, kid) != GGUF_TYPE_FLOAT32 ||
-            (int64_t) gguf_get_arr_n(ml.metadata, kid) != n_layer) {
-            throw std::runtime_error(format("mcmoe.odp.mu must be an array of %d float32 (one per layer), found %s of %zu %s",
-                                            n_layer, gguf_type_name(gguf_get_kv_type(ml.metadata, kid)),
-                                            gguf_get_kv_type(ml.metadata, kid) == GGUF_TYPE_ARRAY ? gguf_get_arr_n(ml.metadata, kid) : (size_t) 1,
-                                            gguf_get_kv_type(ml.metadata, kid) == GGUF_TYPE_ARRAY ? gguf_type_name(gguf_get_arr_type(ml.metadata, kid)) : ""));
-        }
-        const float * d = (const float *) gguf_get_arr_data(ml.metadata, kid);
-        mu.assign(d, d + n_layer);
-        for (int il = 0; il < n_layer; ++il) {
-            if (!(mu[il] >= 0.0f && mu[il] <= 1.0f)) {   // also false for NaN
-                throw std::runtime_error(format("mcmoe.odp.mu[%d] = %g: a calibrated threshold is a ratio w1/w0 in [0, 1]",
-                                                il, (double) mu[il]));
-            }
-        }
-    }
-    for (float & m : mu) {
-        m = (float) (m * scale);
-        if (!std::isfinite(m)) {
-            throw std::runtime_error(format("mcmoe.odp: mu x mu_scale is not finite (mu_scale %g)", scale));
-        }
-    }
-    cfg->mu = std::move(mu);
-    cfg->enabled = true;
-    LLAMA_LOG_INFO("mcmoe: ODP on: mu x %.3g%s, protect %.3g, importance %s\n", scale,
-                   over >= 0.0 ? " (override)" : "", protect, names[cfg->importance]);
-    return cfg;
-}
-
-static ggml_tensor * mcmoe_odp_importance(ggml_context * ctx, const mcmoe_odp_config & cfg, ggml_tensor * x,
-                                          ggml_tensor * kq, ggml_tensor * cells) {
-    const int64_t n_tokens = x->ne[1];
-    int mode = cfg.importance;
-    const bool have_attn = kq && cells && kq->ne[1] == n_tokens && kq->ne[3] == 1 && ggml_is_contiguous(kq);
-    if ((mode == MCMOE_ODP_IMP_ATTN || mode == MCMOE_ODP_IMP_ROWSUM) && !have_attn) {
-        mode = MCMOE_ODP_IMP_NORM; // flash attention (no probabilities) or an unusual cache: the norm part only
-    }
-    if (mode == MCMOE_ODP_IMP_NONE) {
-        return nullptr;
-    }
-    ggml_tensor * l1 = ggml_reshape_1d(ctx, ggml_sum_rows(ctx, ggml_abs(ctx, x)), n_tokens); // ||x_j||_1
-    if (mode == MCMOE_ODP_IMP_NORM) {
-        return l1;
-    }
-    const int64_t n_kv = kq->ne[0], n_head = kq->ne[2];
-    ggml_tensor * a;
-    if (mode == MCMOE_ODP_IMP_ATTN) {
-        // received[c] = sum over queries i and heads h of A[c, i, h]; masked (earlier) queries add 0, so
-        // for the token j stored in cell c this is the sum over i >= j
-        ggml_tensor * t = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, kq, n_kv, n_tokens * n_head)));
-        ggml_tensor * recv = ggml_sum_rows(ctx, t);                                   // [1, n_kv]
-        a = ggml_reshape_1d(ctx, ggml_get_rows(ctx, recv, cells), n_tokens);          // [n_tokens]
-    } else {
-        // the reference implementation's: token j's own row summed over keys and heads
-        ggml_tensor * rows = ggml_reshape_2d(ctx, ggml_sum_rows(ctx, kq), n_tokens, n_head);  // [n_tokens, n_head]
-        a = ggml_reshape_1d(ctx, ggml_sum_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, rows))), n_tokens);
-    }
-    // L - j = L, L-1, ..., 1 (arange only counts up)
-    ggml_tensor * later = ggml_scale_bias(ctx, ggml_arange(ctx, 0.0f, (float) n_tokens, 1.0f), -1.0f, (float) n_tokens);
-    return ggml_mul(ctx, ggml_div(ctx, a, later), l1);
-}
-
-void mcmoe_odp_build(ggml_context * ctx, ggml_cgraph * gf, const mcmoe_odp_config & cfg, int il, int64_t n_expert,
-                     ggml_tensor * x, ggml_tensor * kq, ggml_tensor * cells, ggml_tensor ** ids, ggml_tensor ** weights) {
-    const int64_t n_tokens = x->ne[1];
-    mcmoe_odp_params p = {};
-    p.mu        = cfg.mu[il];
-    p.n_protect = mcmoe_odp_n_protect(cfg.protect, (int) n_tokens);
-    p.marker    = (int32_t) n_expert;
-    p.layer     = il;
-    ggml_tensor * imp = p.n_protect > 0 ? mcmoe_odp_importance(ctx, cfg, x, kq, cells) : nullptr;
-    if (imp == nullptr) {
-        p.n_protect = 0;
-    }
-    ggml_tensor * w = ggml_is_contiguous(*weights) ? *weights : ggml_cont(ctx, *weights);
-    ggml_tensor * i = ggml_is_contiguous(*ids) ? *ids : ggml_cont(ctx, *ids);
-    p.what = MCMOE_ODP_WEIGHTS;
-    ggml_tensor * w_new = ggml_mcmoe_odp(ctx, i, w, imp, p);
-    p.what = MCMOE_ODP_IDS;
-    ggml_tensor * i_new = ggml_mcmoe_odp(ctx, i, w, imp, p);
-    ggml_format_name(w_new, "mcmoe_odp_weights-%d", il);
-    ggml_format_name(i_new, "mcmoe_odp_ids-%d", il);
-    ggml_build_forward_expand(gf, i_new); // the counters are updated by this node: keep it in the graph
-    *weights = w_new;
-    *ids     = i_new;
 }

@@ -1,0 +1,1 @@
+"""Commands and the numbers users see: CLI, demo, selfcheck, inspect, baselines, evaluation."""

@@ -1,0 +1,1 @@
+"""Content-keyed artifacts and the identity of our native sources."""

@@ -1,0 +1,1 @@
+"""The patched llama.cpp: which libllama, loading, ODP knobs and counters, perplexity, speed."""

@@ -1,0 +1,1 @@
+"""What a checkpoint is: the streaming reader, the architecture adapters, the embedded tiny model."""

@@ -1,0 +1,1 @@
+"""PMQ: formats, calibration, the bit allocation, GPTQ, the work directory and the driver."""
