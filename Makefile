@@ -9,7 +9,7 @@ RUNTIME_FLAGS := $(if $(filter 1,$(CUDA)),--cuda --cuda-arch $(CUDA_ARCH),)
 .PHONY: demo test runtime dev-runtime check-patches save-patches venv tiny clean device-bundle device-check-dry
 
 demo: runtime
-	$(VPY) -m mcmoe_gguf.cli demo
+	$(VPY) -m mcmoe_gguf.apps.cli demo
 
 # -n 1: tests run in a worker process; a segfault or abort fails that test and a new worker runs the rest
 test: runtime
@@ -29,7 +29,7 @@ runtime: venv
 	$(VPY) scripts/build_runtime.py --python $(VPY) $(RUNTIME_FLAGS)
 
 tiny: venv
-	$(VPY) -m mcmoe_gguf.cli tiny
+	$(VPY) -m mcmoe_gguf.apps.cli tiny
 
 # incremental development build in .dev/ (edit .dev/.../vendor/llama.cpp or cpp/, then rerun)
 dev-runtime: venv

@@ -24,8 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from mcmoe_gguf.cpu_variant import expected_variant, runnable_variants  # noqa: E402
-from mcmoe_gguf.runtime import tools_dir  # noqa: E402
+from mcmoe_gguf.engine.cpu_variant import expected_variant, runnable_variants  # noqa: E402
+from mcmoe_gguf.engine.runtime import tools_dir  # noqa: E402
 from results_md import machine  # noqa: E402
 
 TYPES = ["mcq1", "mcq2", "mcq3", "mcq4", "q2_K", "q3_K", "iq2_xxs", "q4_0"]

@@ -22,11 +22,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mcmoe_gguf.cache import cache_dir  # noqa: E402
-from mcmoe_gguf.evaluate import ppl_llama  # noqa: E402
-from mcmoe_gguf.odp import odp_reset, odp_stats, summary  # noqa: E402
-from mcmoe_gguf.speed import time_file  # noqa: E402
-from mcmoe_gguf.tiny import tiny_model  # noqa: E402
+from mcmoe_gguf.base.cache import cache_dir  # noqa: E402
+from mcmoe_gguf.apps.evaluate import ppl_llama  # noqa: E402
+from mcmoe_gguf.engine.odp import odp_reset, odp_stats, summary  # noqa: E402
+from mcmoe_gguf.engine.speed import time_file  # noqa: E402
+from mcmoe_gguf.model.tiny import tiny_model  # noqa: E402
 from results_md import machine, replace_section  # noqa: E402
 
 ROWS = [
@@ -45,8 +45,8 @@ SWEEP = [0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
 
 
 def files() -> dict[str, Path]:
-    from mcmoe_gguf.export import convert, export_pmq
-    from mcmoe_gguf.pmq import PMQConfig, odp_thresholds, quantize
+    from mcmoe_gguf.gguf.export import convert, export_pmq
+    from mcmoe_gguf.quant.pmq import PMQConfig, odp_thresholds, quantize
     model = tiny_model()
     d = cache_dir("bench", model.name, "odp")
     f16 = d / "tiny-f16-odp.gguf"

@@ -21,11 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mcmoe_gguf.cache import cache_dir  # noqa: E402
+from mcmoe_gguf.base.cache import cache_dir  # noqa: E402
 from results_md import machine, replace_section  # noqa: E402
-from mcmoe_gguf.evaluate import ppl_fake_quant  # noqa: E402
-from mcmoe_gguf.pmq import PMQConfig, WorkdirMismatch, quantize  # noqa: E402
-from mcmoe_gguf.tiny import eval_ppl, tiny_model  # noqa: E402
+from mcmoe_gguf.apps.evaluate import ppl_fake_quant  # noqa: E402
+from mcmoe_gguf.quant.pmq import PMQConfig, WorkdirMismatch, quantize  # noqa: E402
+from mcmoe_gguf.model.tiny import eval_ppl, tiny_model  # noqa: E402
 
 def variants(budget: str):
     yield "PMQ per-layer", dict(budget=budget)

@@ -18,14 +18,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mcmoe_gguf.baselines import STOCK_TYPES, imatrix, stock_quantize  # noqa: E402
-from mcmoe_gguf.cache import cache_dir  # noqa: E402
+from mcmoe_gguf.apps.baselines import STOCK_TYPES, imatrix, stock_quantize  # noqa: E402
+from mcmoe_gguf.base.cache import cache_dir  # noqa: E402
 from results_md import machine, replace_section  # noqa: E402
-from mcmoe_gguf.evaluate import ppl_llama  # noqa: E402
-from mcmoe_gguf.export import convert, export_pmq  # noqa: E402
-from mcmoe_gguf.pmq import PMQConfig, quantize  # noqa: E402
-from mcmoe_gguf.report import gguf_sizes  # noqa: E402
-from mcmoe_gguf.tiny import tiny_model  # noqa: E402
+from mcmoe_gguf.apps.evaluate import ppl_llama  # noqa: E402
+from mcmoe_gguf.gguf.export import convert, export_pmq  # noqa: E402
+from mcmoe_gguf.quant.pmq import PMQConfig, quantize  # noqa: E402
+from mcmoe_gguf.apps.inspect import gguf_sizes  # noqa: E402
+from mcmoe_gguf.model.tiny import tiny_model  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

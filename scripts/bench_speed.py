@@ -34,10 +34,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mcmoe_gguf.cache import cache_dir  # noqa: E402
-from mcmoe_gguf.cpu_variant import cpu_model  # noqa: E402
-from mcmoe_gguf.report import _EXPERT, gguf_sizes, read_gguf  # noqa: E402
-from mcmoe_gguf.tiny import tiny_model  # noqa: E402
+from mcmoe_gguf.base.cache import cache_dir  # noqa: E402
+from mcmoe_gguf.engine.cpu_variant import cpu_model  # noqa: E402
+from mcmoe_gguf.apps.inspect import _EXPERT, gguf_sizes, read_gguf  # noqa: E402
+from mcmoe_gguf.model.tiny import tiny_model  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 FILES = ["tiny-f16", "tiny-q3_k_s", "tiny-q2_k", "tiny-iq2_xs", "tiny-iq2_xxs", "tiny-q2_0", "tiny-pmq-3.0",
@@ -45,9 +45,9 @@ FILES = ["tiny-f16", "tiny-q3_k_s", "tiny-q2_k", "tiny-iq2_xs", "tiny-iq2_xxs", 
 
 
 def time_file(path: Path, threads: int, n_pp: int, n_tg: int, repeat: int) -> tuple[float, float]:
-    """mcmoe_gguf.speed.time_file with ODP off: this benchmark compares the quantized files themselves
+    """mcmoe_gguf.engine.speed.time_file with ODP off: this benchmark compares the quantized files themselves
     (our files carry ODP thresholds and would prune by default; scripts/bench_odp.py measures that)."""
-    from mcmoe_gguf.speed import time_file as timed
+    from mcmoe_gguf.engine.speed import time_file as timed
     return timed(path, threads, n_pp, n_tg, repeat, odp=False)
 
 

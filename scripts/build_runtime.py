@@ -30,8 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from mcmoe_gguf.cache import cache_dir, locked  # noqa: E402
-from mcmoe_gguf.sources import source_hash  # noqa: E402
+from mcmoe_gguf.base.cache import cache_dir, locked  # noqa: E402
+from mcmoe_gguf.base.sources import source_hash  # noqa: E402
 sys.path.insert(0, str(REPO / "scripts"))
 from llama_tree import (CPP_DEST, SDIST_DIR, SDIST_SHA256, SDIST_VERSION, VENDOR, apply_patches, patch_files,  # noqa: E402
                         patched_tree, run, unpack_sdist, write_hash_header)

@@ -34,8 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from mcmoe_gguf.cache import cache_dir, fetch, locked  # noqa: E402
-from mcmoe_gguf.sources import source_hash  # noqa: E402
+from mcmoe_gguf.base.cache import cache_dir, fetch, locked  # noqa: E402
+from mcmoe_gguf.base.sources import source_hash  # noqa: E402
 
 ARCHS = ("80", "86", "89", "90")
 CHECK_VERSION = 1   # bump when the flags or the keying change

@@ -49,9 +49,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-# mcmoe_gguf.cache (and the package's __init__) import only the standard library, so this works on the GPU
+# mcmoe_gguf.base.cache (and the package's __init__) import only the standard library, so this works on the GPU
 # machine's bare Python too
-from mcmoe_gguf.cache import sha256_file as _sha256  # noqa: E402
+from mcmoe_gguf.base.cache import sha256_file as _sha256  # noqa: E402
 
 BUNDLE = REPO / ".device-bundle"
 TOOLS = ["test-backend-ops", "llama-perplexity", "llama-bench", "llama-quantize"]
@@ -97,9 +97,9 @@ def _keep(rel: Path) -> bool:
 
 
 def _model_files(work: Path) -> dict[str, Path]:
-    """tiny F16, PMQ 2.5 (the demo's, mcmoe_gguf.selfcheck.demo_files) and imatrix files, and held-out text."""
-    from mcmoe_gguf.baselines import imatrix
-    from mcmoe_gguf.selfcheck import demo_files
+    """tiny F16, PMQ 2.5 (the demo's, mcmoe_gguf.apps.selfcheck.demo_files) and imatrix files, and held-out text."""
+    from mcmoe_gguf.apps.baselines import imatrix
+    from mcmoe_gguf.apps.selfcheck import demo_files
     model, f16, pmq = demo_files()
     im = f16.parent / "imatrix.gguf"
     if not im.exists():
@@ -112,7 +112,7 @@ def _model_files(work: Path) -> dict[str, Path]:
 
 def prepare(bundle: Path = BUNDLE) -> Path:
     sys.path.insert(0, str(REPO))
-    from mcmoe_gguf.sources import source_hash
+    from mcmoe_gguf.base.sources import source_hash
     src_hash = source_hash(REPO)
     manifest_path = bundle / "manifest.json"
     with tempfile.TemporaryDirectory() as tmp:
@@ -487,7 +487,7 @@ def main() -> int:
     tools_dir = None
     if a.dry_run and not a.build:
         sys.path.insert(0, str(REPO))
-        from mcmoe_gguf.runtime import tools_dir as runtime_tools
+        from mcmoe_gguf.engine.runtime import tools_dir as runtime_tools
         tools_dir = runtime_tools()
         missing = [t for t in TOOLS if not (tools_dir / t).exists()]
         if missing:

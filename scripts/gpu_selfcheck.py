@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mcmoe_gguf.selfcheck import run_selfcheck  # noqa: E402
+from mcmoe_gguf.apps.selfcheck import run_selfcheck  # noqa: E402
 
 
 def main() -> int:

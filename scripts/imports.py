@@ -21,24 +21,18 @@ REPO = Path(__file__).resolve().parent.parent
 PKG = "mcmoe_gguf"
 
 
-# docs/ARCHITECTURE.md's layers, top to bottom: a module may import its own layer and the ones below
-LAYERS = {
-    "apps": ("cli", "demo", "selfcheck", "report", "baselines", "speed", "evaluate"),
-    "engine": ("runtime", "odp", "libllama", "cpu_variant"),
-    "gguf": ("export", "gguf_keys", "gguf_types", "gguf_check", "vocab"),
-    "quant": ("pmq", "calibration", "allocate", "gptq", "formats"),
-    "model": ("checkpoint", "arch", "arch.mixtral", "tiny"),
-    "base": ("cache", "sources"),
-}
+# docs/ARCHITECTURE.md's layers, top to bottom, one sub-package each: a module may import its own layer
+# and the ones below
+LAYERS = ("apps", "engine", "gguf", "quant", "model", "base")
 
 
 def layer_of(module: str) -> int | None:
-    """Index of the layer of a package module (0 = top), None for the package itself and scripts."""
-    short = module.removeprefix(PKG + ".")
-    for i, (_, mods) in enumerate(LAYERS.items()):
-        if short in mods:
-            return i
-    return None
+    """Index of the layer of a package module (0 = top), None for the package itself, scripts and modules
+    outside every layer folder."""
+    parts = module.split(".")
+    if parts[0] != PKG or len(parts) < 2 or parts[1] not in LAYERS:
+        return None
+    return LAYERS.index(parts[1])
 
 
 def upward(g: dict[str, set[str]]) -> list[tuple[str, str]]:
@@ -84,6 +78,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             else:
                 mod = node.module or ""
             targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        resolved = set()
         for t in targets:
             if name.startswith("scripts.") and f"scripts.{t}" in known:
                 t = f"scripts.{t}"
@@ -91,7 +86,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             while t and t not in known:
                 t = t.rpartition(".")[0]
             if t and t != name and not (t == PKG and not is_pkg):
-                found.add(t)
+                resolved.add(t)
+        # `from pkg.sub import mod` names mod; the sub-package it passes through is not a dependency of its own
+        found |= {t for t in resolved if not any(u.startswith(t + ".") for u in resolved)}
     return found
 
 
@@ -144,7 +141,7 @@ def main() -> int:
     if a.layers:
         unplaced = [m for m in g if m.startswith(PKG + ".") and layer_of(m) is None]
         for m in unplaced:
-            print(f"not in any layer: {m} (add it to LAYERS)")
+            print(f"not in any layer: {m} (move it into one of the folders {', '.join(LAYERS)})")
         up = upward(g)
         for m, d in up:
             print(f"runs up: {m} -> {d}")

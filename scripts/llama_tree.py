@@ -16,8 +16,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from mcmoe_gguf.cache import fetch  # noqa: E402
-from mcmoe_gguf.sources import source_hash  # noqa: E402
+from mcmoe_gguf.base.cache import fetch  # noqa: E402
+from mcmoe_gguf.base.sources import source_hash  # noqa: E402
 
 SDIST_VERSION = "0.3.36"
 SDIST_URL = ("https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca"

@@ -3,10 +3,10 @@
 times on it, built once and cached under ~/.cache/mcmoe-gguf/bench/mixtral-shaped/<recipe hash>/.
 
     hf/                 random HF checkpoint (bf16, one shard per layer, generated layer by layer)
-    f16.gguf            mcmoe_gguf.export.convert
+    f16.gguf            mcmoe_gguf.gguf.export.convert
     imatrix.gguf        llama-imatrix on a few chunks of the tiny model's calibration text
     q2_k.gguf ...       llama-quantize (Q3_K_S, Q2_K, Q2_0, IQ2_XXS; imatrix for all), MCQ2 (no imatrix)
-    pmq-2.5.gguf ...    mcmoe_gguf.pmq.quantize (method rtn, a few calibration sequences) + export_pmq
+    pmq-2.5.gguf ...    mcmoe_gguf.quant.pmq.quantize (method rtn, a few calibration sequences) + export_pmq
 
 Every step writes atomically (temporary name, rename at the end), so a crash leaves no half artifact and a
 rerun continues with the first missing one. Weights are random (quality is meaningless); the files exist
@@ -29,10 +29,10 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mcmoe_gguf.arch import mixtral as mx  # noqa: E402
-from mcmoe_gguf.baselines import imatrix, stock_quantize  # noqa: E402
-from mcmoe_gguf.cache import cache_dir, locked  # noqa: E402
-from mcmoe_gguf.tiny import tiny_model  # noqa: E402
+from mcmoe_gguf.model.arch import mixtral as mx  # noqa: E402
+from mcmoe_gguf.apps.baselines import imatrix, stock_quantize  # noqa: E402
+from mcmoe_gguf.base.cache import cache_dir, locked  # noqa: E402
+from mcmoe_gguf.model.tiny import tiny_model  # noqa: E402
 
 RECIPE_VERSION = 1          # bump when the generator below changes the weights
 
@@ -142,9 +142,10 @@ def build_pmq(r: Recipe, d: Path, hf: Path, budget: str) -> Path:
 
 
 def _build_pmq(r: Recipe, d: Path, hf: Path, budget: str, out: Path) -> None:
-    from mcmoe_gguf import formats, pmq
-    from mcmoe_gguf.calibration import moe_stats, rtn_dequant
-    from mcmoe_gguf.export import export_pmq
+    from mcmoe_gguf.quant import formats
+    from mcmoe_gguf.quant import pmq
+    from mcmoe_gguf.quant.calibration import moe_stats, rtn_dequant
+    from mcmoe_gguf.gguf.export import export_pmq
     work = d / f"pmq-{budget}.work"
     cfg = pmq.PMQConfig(budget=budget, method="rtn", param_method=r.pmq_fit, n_seq=r.pmq_n_seq, seq_len=256,
                         calib_text=str(tiny_model() / "calib.txt"))
@@ -168,7 +169,7 @@ def _build_pmq(r: Recipe, d: Path, hf: Path, budget: str, out: Path) -> None:
 
 def build_all(r: Recipe = Recipe(), threads: int = 2) -> dict[str, Path]:
     """name -> GGUF of every file the Mixtral-shaped speed benchmark times (built if missing)."""
-    from mcmoe_gguf.export import convert
+    from mcmoe_gguf.gguf.export import convert
     d = model_dir(r)
     names = [t.lower() for t in r.stock_types] + ["mcq2"] + [f"pmq-{b}" for b in r.pmq_budgets]
     files = {n: d / f"{n}.gguf" for n in names}

@@ -24,6 +24,6 @@ def machine() -> str:
     """The machine a benchmark ran on, for its RESULTS.md section: CPU model, cores and the SIMD flags that
     choose our kernels (not a fixed string: the machines differ between sessions)."""
     sys.path.insert(0, str(RESULTS.parent.parent))
-    from mcmoe_gguf.cpu_variant import cpu_flags, cpu_model
+    from mcmoe_gguf.engine.cpu_variant import cpu_flags, cpu_model
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "f16c", "fma")))
     return f"{cpu_model()}, {os.cpu_count()} cores, flags {' '.join(flags) or 'none of AVX/AMX'}"

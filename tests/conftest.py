@@ -14,7 +14,7 @@ from crash_harness import (pytest_configure, pytest_handlecrashitem, pytest_runt
 @pytest.fixture(scope="session")
 def small_tokenizer_dir(tmp_path_factory):
     """A byte-level BPE of 512 tokens trained on a slice of the calibration text (seconds)."""
-    from mcmoe_gguf.tiny import PRESETS, corpus_splits, train_tokenizer
+    from mcmoe_gguf.model.tiny import PRESETS, corpus_splits, train_tokenizer
     d = tmp_path_factory.mktemp("tok")
     train_tokenizer(corpus_splits(PRESETS["default"])["calib"][:100_000], 512).save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps(
@@ -26,13 +26,13 @@ def small_tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dir():
     """The embedded default tiny model (trained once per machine, then cached)."""
-    from mcmoe_gguf.tiny import tiny_model
+    from mcmoe_gguf.model.tiny import tiny_model
     return tiny_model("default")
 
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_dir, tmp_path_factory):
     """{outtype: path} of the tiny model converted to f32 and f16."""
-    from mcmoe_gguf.export import convert
+    from mcmoe_gguf.gguf.export import convert
     d = tmp_path_factory.mktemp("tiny-gguf")
     return {t: convert(tiny_dir, d / f"tiny-{t}.gguf", outtype=t, progress=False) for t in ("f32", "f16")}

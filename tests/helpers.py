@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mcmoe_gguf.arch import mixtral as mx
+from mcmoe_gguf.model.arch import mixtral as mx
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,5 +95,5 @@ def save_checkpoint(path: Path, cfg: dict, sd: dict[str, torch.Tensor], tokenize
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mcmoe_gguf.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mcmoe_gguf.apps.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=timeout)

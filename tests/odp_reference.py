@@ -16,8 +16,8 @@ import math
 import numpy as np
 import torch
 
-from mcmoe_gguf.arch import mixtral as mx
-from mcmoe_gguf.odp import FLAG_PROTECTED, FLAG_PRUNED, FLAG_RULE, n_protect
+from mcmoe_gguf.model.arch import mixtral as mx
+from mcmoe_gguf.engine.odp import FLAG_PROTECTED, FLAG_PRUNED, FLAG_RULE, n_protect
 
 
 def _attention(att: mx.Attention, x, cos, sin):
@@ -102,7 +102,7 @@ def forward(model: mx.CompactMixtral, tokens: list[int], mu: list[float] | None,
 
 def load_model(model_dir) -> mx.CompactMixtral:
     """A legacy-layout checkpoint (the tiny model) as a float64 CompactMixtral."""
-    from mcmoe_gguf.checkpoint import Checkpoint
+    from mcmoe_gguf.model.checkpoint import Checkpoint
     ck = Checkpoint(model_dir)
     model = mx.CompactMixtral(ck.hp)
     model.load_state_dict({k: ck.get(k) for k in model.state_dict()})

@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from mcmoe_gguf import allocate as A
+from mcmoe_gguf.quant import allocate as A
 
 BLOCK_BYTES = {1: 20, 2: 36, 3: 52}  # per 128 weights: 128 * b / 8 + fp16 scale + fp16 min
 ALL8 = np.array(list(itertools.product((1, 2, 3), repeat=8)))  # 6561 x 8

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import random_state, save_checkpoint, small_config
-from mcmoe_gguf.cpu_variant import cpu_flags
+from mcmoe_gguf.engine.cpu_variant import cpu_flags
 
 
 pytestmark = pytest.mark.skipif("amx_int8" not in cpu_flags(),
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif("amx_int8" not in cpu_flags(),
 
 @pytest.fixture(scope="module")
 def micro_files(tmp_path_factory, small_tokenizer_dir):
-    from mcmoe_gguf.baselines import stock_quantize
-    from mcmoe_gguf.export import convert
+    from mcmoe_gguf.apps.baselines import stock_quantize
+    from mcmoe_gguf.gguf.export import convert
     root = tmp_path_factory.mktemp("amx")
     cfg = small_config(n_layers=2, hidden=256, ff=512, vocab=512)
     ck = save_checkpoint(root / "ckpt", cfg, random_state(cfg, seed=3, dtype=torch.float32), small_tokenizer_dir)
@@ -40,7 +40,7 @@ def logits(path, extra_bufts: bool, tokens) -> tuple[np.ndarray, str]:
     import llama_cpp
     from llama_cpp import _logger
 
-    from mcmoe_gguf.runtime import check_runtime
+    from mcmoe_gguf.engine.runtime import check_runtime
     check_runtime()
     log = []
 

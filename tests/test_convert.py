@@ -13,7 +13,7 @@ from helpers import REPO, cli, random_state, save_checkpoint, small_config, to_f
 
 
 def llama_logits(gguf_path, tokens):
-    from mcmoe_gguf.runtime import load
+    from mcmoe_gguf.engine.runtime import load
     llm = load(gguf_path, n_ctx=max(64, len(tokens)), n_batch=len(tokens), logits_all=True, n_threads=2)
     llm.eval(tokens)
     return np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
@@ -47,7 +47,7 @@ def test_tiny_f32_logits_match_transformers(tiny_dir, tiny_gguf):
 def test_tiny_tokenization_matches_transformers(tiny_dir, tiny_gguf):
     from tokenizers import Tokenizer
 
-    from mcmoe_gguf.runtime import load
+    from mcmoe_gguf.engine.runtime import load
     text = (tiny_dir / "eval.txt").read_text()[:30000]
     ref = Tokenizer.from_file(str(tiny_dir / "tokenizer.json")).encode(text).ids
     llm = load(tiny_gguf["f16"], n_ctx=64, vocab_only=True)
@@ -55,7 +55,7 @@ def test_tiny_tokenization_matches_transformers(tiny_dir, tiny_gguf):
 
 
 def test_tiny_f16_perplexity_within_1pct_of_torch(tiny_dir, tiny_gguf):
-    from mcmoe_gguf.evaluate import ppl_llama, ppl_torch
+    from mcmoe_gguf.apps.evaluate import ppl_llama, ppl_torch
     text = (tiny_dir / "eval.txt").read_text()
     ref = ppl_torch(tiny_dir, text, ctx=256, max_chunks=24, progress=False)
     got = ppl_llama(tiny_gguf["f16"], text, ctx=256, max_chunks=24, n_threads=2, progress=False)
@@ -120,7 +120,7 @@ def test_gguf_metadata_and_types(release_layout, tmp_path):
 # pytest's own peak. A small launcher measures its child instead (RUSAGE_CHILDREN).
 RSS_SNIPPET = """
 import resource, subprocess, sys
-code = "import sys; from mcmoe_gguf.export import convert; convert(sys.argv[1], sys.argv[2], progress=False)"
+code = "import sys; from mcmoe_gguf.gguf.export import convert; convert(sys.argv[1], sys.argv[2], progress=False)"
 subprocess.run([sys.executable, "-c", code, sys.argv[1], sys.argv[2]], check=True)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """

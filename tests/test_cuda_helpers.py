@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mcmoe_gguf import formats as F
+from mcmoe_gguf.quant import formats as F
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER_DIR = REPO / "cpp" / "ggml"

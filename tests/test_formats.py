@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcmoe_gguf import formats as F
+from mcmoe_gguf.quant import formats as F
 
 BITS = (1, 2, 3, 4)
 

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from helpers import random_state, save_checkpoint, small_config
-from mcmoe_gguf import formats as F
-from mcmoe_gguf.runtime import REBUILD_HINT, lib_path
+from mcmoe_gguf.quant import formats as F
+from mcmoe_gguf.engine.runtime import REBUILD_HINT, lib_path
 
 BITS = (1, 2, 3, 4)
 TYPE_ID = {b: F.TYPES[b].type_id for b in BITS}
@@ -67,7 +67,7 @@ def _open(d: Path, stem: str, mode: int = ctypes.RTLD_GLOBAL) -> ctypes.CDLL:
 def cpu_variants() -> list[str]:
     """The CPU backend modules of the runtime that this CPU can run (the portable build has one per ISA
     level); tests of the kernels run on each, so the AVX2 and scalar paths are both checked on any x86."""
-    from mcmoe_gguf.cpu_variant import runnable_variants
+    from mcmoe_gguf.engine.cpu_variant import runnable_variants
     return runnable_variants() if list(lib_path().parent.glob("libggml-cpu-*.so")) else [None]
 
 
@@ -75,7 +75,7 @@ class Ggml:
     def __init__(self, variant: str | None = None):
         """ggml-base and one CPU backend: `variant` (libggml-cpu-<variant>.so, opened privately so several
         can live in one process), by default the one ggml itself picks for this CPU."""
-        from mcmoe_gguf.cpu_variant import expected_variant
+        from mcmoe_gguf.engine.cpu_variant import expected_variant
         d = lib_path().parent
         self.dir = d
         self.base = _open(d, "libggml-base")
@@ -390,7 +390,7 @@ def expected_simd(features: set[str]) -> str:
 def test_simd_kernel_is_in_use(ggml_variant):
     """Each variant runs the mcq kernel its instruction set allows: AVX-512 VNNI, AVX2 with or without
     AVX-VNNI, the scalar twin elsewhere."""
-    from mcmoe_gguf.cpu_variant import FEATURES, VARIANTS, cpu_flags
+    from mcmoe_gguf.engine.cpu_variant import FEATURES, VARIANTS, cpu_flags
     simd = ggml_variant.cpu.mcq_cpu_simd().decode()
     if ggml_variant.variant is None:    # a native (non-DL) build: follows this machine's flags
         flags = cpu_flags()
@@ -555,7 +555,7 @@ def test_backend_ops_cpu_simd_vs_reference():
     reference mode, where the patch makes mul_mat / mul_mat_id use the scalar mcq vec_dot (stock ggml's
     reference mode changes nothing for quantized mul_mat, so on a CPU-only machine it would compare a kernel
     with itself). GET_ROWS and the copies go through to_float / from_float on both sides."""
-    from mcmoe_gguf.runtime import run_tool
+    from mcmoe_gguf.engine.runtime import run_tool
     for op in ("MUL_MAT", "MUL_MAT_ID", "GET_ROWS", "CPY"):
         r = run_tool("test-backend-ops", "test", "-b", "CPU", "-o", op, "-p", "mcq", capture_output=True, text=True,
                      timeout=600)
@@ -663,7 +663,7 @@ def gguf_tensor_types(path: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def tiny_f16(small_tokenizer_dir, tmp_path_factory):
-    from mcmoe_gguf.export import convert
+    from mcmoe_gguf.gguf.export import convert
     d = tmp_path_factory.mktemp("quantize")
     cfg = small_config(n_layers=2, hidden=256, ff=512, vocab=512)
     ck = save_checkpoint(d / "ckpt", cfg, random_state(cfg, seed=4), small_tokenizer_dir)
@@ -690,7 +690,7 @@ def run_model(path: Path, tmp_path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", BITS)
 def test_llama_quantize_f16_to_mcq_runs(tiny_f16, tmp_path, bits):
-    from mcmoe_gguf.runtime import run_tool
+    from mcmoe_gguf.engine.runtime import run_tool
     out = tmp_path / f"tiny-mcq{bits}.gguf"
     r = run_tool("llama-quantize", tiny_f16, out, f"MCQ{bits}", "2", capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

@@ -5,8 +5,8 @@ Small matrices (W [256, 512], 2048 tokens) so the whole file runs in seconds on 
 import pytest
 import torch
 
-from mcmoe_gguf import formats
-from mcmoe_gguf.gptq import GPTQ, GPTQError, GPTQResult, rtn
+from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant.gptq import GPTQ, GPTQError, GPTQResult, rtn
 
 OUT, N, TOKENS = 256, 512, 2048
 

@@ -26,8 +26,8 @@ def test_cycle_finder_finds_a_cycle():
 def test_graph_sees_function_level_and_relative_imports():
     g = imports.graph()
     # odp's only import of the engine is inside a function (engine_lib), relative
-    assert "mcmoe_gguf.libllama" in g["mcmoe_gguf.odp"]
-    assert "mcmoe_gguf.runtime" not in g["mcmoe_gguf.odp"]
+    assert "mcmoe_gguf.engine.libllama" in g["mcmoe_gguf.engine.odp"]
+    assert "mcmoe_gguf.engine.runtime" not in g["mcmoe_gguf.engine.odp"]
     assert "scripts.llama_tree" in g["scripts.check_cuda"]
 
 
@@ -40,7 +40,7 @@ def test_no_import_runs_up_the_layers():
 
 
 def test_layer_check_flags_an_upward_import():
-    g = {"mcmoe_gguf.formats": {"mcmoe_gguf.runtime"},      # quant -> engine: up
-         "mcmoe_gguf.runtime": {"mcmoe_gguf.odp", "mcmoe_gguf.sources"},   # same layer, and down
-         "scripts.x": {"mcmoe_gguf.cli"}}                    # scripts are above the package
-    assert imports.upward(g) == [("mcmoe_gguf.formats", "mcmoe_gguf.runtime")]
+    g = {"mcmoe_gguf.quant.formats": {"mcmoe_gguf.engine.runtime"},      # quant -> engine: up
+         "mcmoe_gguf.engine.runtime": {"mcmoe_gguf.engine.odp", "mcmoe_gguf.base.sources"},   # same layer, and down
+         "scripts.x": {"mcmoe_gguf.apps.cli"}}                    # scripts are above the package
+    assert imports.upward(g) == [("mcmoe_gguf.quant.formats", "mcmoe_gguf.engine.runtime")]

@@ -287,7 +287,7 @@ def verdict(ans: dict) -> str | None:
 
 @pytest.fixture(scope="module")
 def pmq_file(micro):
-    from mcmoe_gguf.export import export_pmq
+    from mcmoe_gguf.gguf.export import export_pmq
     wd = workdir_with_bits(micro["u2"], micro["root"] / "wd-mixed", MIXED_BITS)
     f = micro["root"] / "fuzz-src.gguf"
     return f if f.exists() else export_pmq(wd, f, progress=False)
@@ -343,8 +343,8 @@ def test_python_reader_is_guarded(pmq_file, tmp_path):
     returns the same mcmoe.* metadata as gguf-py."""
     import gguf
 
-    from mcmoe_gguf.gguf_check import check_gguf
-    from mcmoe_gguf.gguf_types import register
+    from mcmoe_gguf.gguf.check import check_gguf
+    from mcmoe_gguf.gguf.types import register
     register()
     clean = check_gguf(pmq_file)
     rd = gguf.GGUFReader(pmq_file)

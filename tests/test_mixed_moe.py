@@ -29,9 +29,10 @@ import pytest
 import torch
 
 from helpers import random_state, save_checkpoint, small_config
-from mcmoe_gguf import formats, pmq
-from mcmoe_gguf.arch import mixtral as mx
-from mcmoe_gguf.checkpoint import Checkpoint
+from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant import pmq
+from mcmoe_gguf.model.arch import mixtral as mx
+from mcmoe_gguf.model.checkpoint import Checkpoint
 from test_ggml_types import GGML_TYPE_F32, GGML_TYPE_I32, TYPE_ID, Ggml, Graph, weights
 
 N_LAYERS, HIDDEN, FF, VOCAB, E = 2, 256, 256, 512, 8
@@ -44,7 +45,7 @@ GGML_TYPE_Q8_0 = 8
 @pytest.fixture(scope="module", autouse=True)
 def runtime_has_the_features():
     """A stale or stock build would run the skip tests into undefined behaviour (a crash, not a failure)."""
-    from mcmoe_gguf.runtime import REBUILD_HINT, runtime_info
+    from mcmoe_gguf.engine.runtime import REBUILD_HINT, runtime_info
     features = runtime_info().get("features", "").split(",")
     missing = {"mmid-skip", "split-experts"} - set(features)
     if missing:
@@ -131,7 +132,7 @@ def test_mul_mat_id_skip_is_a_real_skip(ggml):
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory, small_tokenizer_dir):
     """A 2-layer random Mixtral (d=256, 8 experts of 256) and a PMQ work directory of it (uniform 2 bits, RTN)."""
-    from mcmoe_gguf.tiny import PRESETS, corpus_splits
+    from mcmoe_gguf.model.tiny import PRESETS, corpus_splits
     root = tmp_path_factory.mktemp("mixed")
     cfg = small_config(n_layers=N_LAYERS, hidden=HIDDEN, ff=FF, vocab=VOCAB, experts=E)
     ck = save_checkpoint(root / "ckpt", cfg, random_state(cfg, seed=11, dtype=torch.float32), small_tokenizer_dir)
@@ -195,7 +196,7 @@ def make_files(root: Path, wd_u2: Path) -> dict:
     """GGUF files: mixed (contiguous by width, as export_pmq writes), mixed in expert-id order (non-contiguous),
     uniform 2 bits per expert, the same bytes in merged ffn_*_exps tensors, uniform 3 bits, and the mixed
     file's experts re-encoded as mcq3 (same values) in merged tensors."""
-    from mcmoe_gguf.export import export_pmq
+    from mcmoe_gguf.gguf.export import export_pmq
     wd_mixed = workdir_with_bits(wd_u2, root / "wd-mixed", MIXED_BITS)
     wd_u3 = workdir_with_bits(wd_u2, root / "wd-u3", UNIFORM3)
     wd_as3 = workdir_as_mcq3(wd_mixed, root / "wd-mixed-as3")
@@ -217,9 +218,9 @@ def write_variant(workdir: Path, out: Path, kind: str) -> Path:
     3-D ffn_*_exps tensor per projection (all experts must share a type)."""
     import gguf
 
-    from mcmoe_gguf.export import Planned, add_metadata, add_pmq_metadata, plan_pmq, write_gguf
-    from mcmoe_gguf.gguf_types import register
-    from mcmoe_gguf.vocab import add_tokenizer
+    from mcmoe_gguf.gguf.export import Planned, add_metadata, add_pmq_metadata, plan_pmq, write_gguf
+    from mcmoe_gguf.gguf.types import register
+    from mcmoe_gguf.gguf.vocab import add_tokenizer
     register()
     ck = Checkpoint(json.loads((workdir / "manifest.json").read_text())["model_dir"])
     tensors, bits = plan_pmq(ck, workdir)
@@ -259,7 +260,7 @@ TOKENS = [int(t) for t in np.random.default_rng(5).integers(3, VOCAB, 40)]
 
 def llama_logits(path: Path, tokens=TOKENS, decode: bool = False, **kw) -> np.ndarray:
     """All positions' logits; prefill = one batch, decode = one token per llama_decode (KV cache)."""
-    from mcmoe_gguf.runtime import load
+    from mcmoe_gguf.engine.runtime import load
     kw.setdefault("odp", False)     # the quantized model itself (ODP: tests/test_odp.py)
     llm = load(path, n_ctx=128, n_batch=64, n_ubatch=64, logits_all=True, n_threads=2, seed=0, **kw)
     if decode:
@@ -311,7 +312,7 @@ def torch_logits(workdir: Path, tokens=TOKENS, emulate: bool = False) -> np.ndar
     emulate=True also applies what the CPU kernels do to activations: every mcq matmul reads its input as
     Q8_K (one fp32 scale per 256, exact integer block sums for the min term), the F16 output
     matmul reads fp16, and attention runs as llama.cpp's CPU graph does it (attention_as_llama_cpu)."""
-    from mcmoe_gguf.evaluate import fake_quant_model
+    from mcmoe_gguf.apps.evaluate import fake_quant_model
     model, _ = fake_quant_model(workdir)
     model = model.double()
     if emulate:
@@ -418,7 +419,7 @@ def test_layout_of_the_pmq_file(files):
     zero-copy case); layer 1 of the mixed file has no 2-bit expert."""
     import gguf
 
-    from mcmoe_gguf.gguf_types import register
+    from mcmoe_gguf.gguf.types import register
     register()
     rd = gguf.GGUFReader(files["mixed"])
     t = {x.name: x for x in rd.tensors}
@@ -459,7 +460,7 @@ def _copy(src: Path, dst: Path) -> Path:
 def _edit_gguf(path: Path, fn) -> None:
     import gguf
 
-    from mcmoe_gguf.gguf_types import register
+    from mcmoe_gguf.gguf.types import register
     register()
     rd = gguf.GGUFReader(path, "r+")
     fn(rd)
@@ -515,7 +516,7 @@ def bad_truncated(src, dst):
 def bad_truncated_in_experts(src, dst):
     import gguf
 
-    from mcmoe_gguf.gguf_types import register
+    from mcmoe_gguf.gguf.types import register
     register()
     rd = gguf.GGUFReader(src)
     t = next(x for x in rd.tensors if x.name == "blk.1.ffn_down.4.weight")
@@ -571,7 +572,7 @@ def test_stock_merged_f32_file_matches_float64(micro, tmp_path, decode):
     """A stock file (merged ffn_*_exps, F32, `convert --outtype f32`) still loads and runs through the stock
     path: float32 weights, so the only roundings are float32 arithmetic and the F16 KV cache (measured
     ~4e-4 of the largest logit)."""
-    from mcmoe_gguf.export import convert
+    from mcmoe_gguf.gguf.export import convert
     f = convert(micro["ck"], tmp_path / "stock-f32.gguf", outtype="f32", progress=False)
     got = llama_logits(f, decode=decode)
     want = float64_reference(micro["ck"])

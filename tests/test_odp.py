@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 
-from mcmoe_gguf import odp
+from mcmoe_gguf.engine import odp
 from odp_reference import forward, load_model, routing_case, rule_numpy
 
 N_TOKENS = 160
@@ -35,7 +35,7 @@ def tiny(tiny_dir, tiny_gguf):
 
 def engine(path, tokens, decode=False, **odp_kw):
     """(logits [T, V], per-layer counters, per-layer flags of the last micro-batch)"""
-    from mcmoe_gguf.runtime import load
+    from mcmoe_gguf.engine.runtime import load
     llm = load(path, n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True, n_threads=2, seed=0, **odp_kw)
     odp.odp_reset()
     if decode:
@@ -66,14 +66,14 @@ class InitParams(ctypes.Structure):
 
 
 def _libs():
-    from mcmoe_gguf.runtime import check_runtime
+    from mcmoe_gguf.engine.runtime import check_runtime
     check_runtime()
     # ggml-base functions through libllama's handle: the instance the engine uses, whose counters odp.*
     # reads (see odp.engine_lib); the CPU backend module ggml loaded for this CPU (opening its path again
     # returns the same instance)
     import llama_cpp
 
-    from mcmoe_gguf.cpu_variant import loaded_module
+    from mcmoe_gguf.engine.cpu_variant import loaded_module
     base = odp.engine_lib()
     llama_cpp.llama_backend_init()
     module = loaded_module()

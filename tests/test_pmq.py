@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from helpers import random_state, save_checkpoint, small_config
-from mcmoe_gguf import calibration, formats, pmq
-from mcmoe_gguf.arch import mixtral as mx
+from mcmoe_gguf.quant import calibration
+from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant import pmq
+from mcmoe_gguf.model.arch import mixtral as mx
 
 
 def _toy_moe(seed=0):
@@ -68,7 +70,7 @@ def test_never_routed_expert_gives_zero_stats_not_nan():
 
 @pytest.fixture(scope="module")
 def micro_checkpoint(tmp_path_factory, small_tokenizer_dir):
-    from mcmoe_gguf.tiny import PRESETS, corpus_splits
+    from mcmoe_gguf.model.tiny import PRESETS, corpus_splits
     cfg = small_config(n_layers=2, hidden=256, ff=256, vocab=512)
     d = save_checkpoint(tmp_path_factory.mktemp("pmq") / "m", cfg, random_state(cfg, seed=3, dtype=torch.float32),
                         small_tokenizer_dir)
@@ -140,7 +142,7 @@ def test_other_settings_in_same_workdir_are_refused(micro_checkpoint, tmp_path):
 
 
 def test_fake_quant_model_uses_the_stored_bytes(micro_checkpoint, tmp_path):
-    from mcmoe_gguf.evaluate import fake_quant_model
+    from mcmoe_gguf.apps.evaluate import fake_quant_model
     pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
     model, _ = fake_quant_model(tmp_path / "q")
     f = torch.load(tmp_path / "q" / "layers" / "layer_01.pt")
@@ -153,8 +155,9 @@ def test_fake_quant_model_uses_the_stored_bytes(micro_checkpoint, tmp_path):
 def test_pmq_gguf_holds_the_stored_bytes(micro_checkpoint, tmp_path):
     import gguf
 
-    from mcmoe_gguf.export import export_pmq, permute_qk
-    from mcmoe_gguf.gguf_types import register
+    from mcmoe_gguf.gguf.export import export_pmq
+    from mcmoe_gguf.model.arch.mixtral import permute_qk
+    from mcmoe_gguf.gguf.types import register
     pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
     path = export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False)
     register()
@@ -184,9 +187,9 @@ def test_pmq_gguf_holds_the_stored_bytes(micro_checkpoint, tmp_path):
 def test_file_bytes_equal_the_size_report_and_embeddings_match_fake_quant(micro_checkpoint, tmp_path):
     import gguf
 
-    from mcmoe_gguf.evaluate import fake_quant_model
-    from mcmoe_gguf.export import export_pmq
-    from mcmoe_gguf.gguf_types import register
+    from mcmoe_gguf.apps.evaluate import fake_quant_model
+    from mcmoe_gguf.gguf.export import export_pmq
+    from mcmoe_gguf.gguf.types import register
     r = pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
     register()
     rd = gguf.GGUFReader(export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False))
@@ -201,8 +204,8 @@ def test_file_bytes_equal_the_size_report_and_embeddings_match_fake_quant(micro_
 def test_llama_cpp_perplexity_of_pmq_file_equals_fake_quant(micro_checkpoint, tmp_path):
     """The engine computes what the quantized state means: llama.cpp PPL of the PMQ GGUF within 0.5% of
     the torch fake-quant model's (the gap is the engine's 8-bit activation rounding, Q8_0/Q8_1)."""
-    from mcmoe_gguf.evaluate import ppl_fake_quant, ppl_llama
-    from mcmoe_gguf.export import export_pmq
+    from mcmoe_gguf.apps.evaluate import ppl_fake_quant, ppl_llama
+    from mcmoe_gguf.gguf.export import export_pmq
     pmq.quantize(micro_checkpoint, tmp_path / "q", pmq.PMQConfig(**CFG), progress=False)
     path = export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False)
     text = (micro_checkpoint / "calib.txt").read_text()

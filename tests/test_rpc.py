@@ -26,7 +26,7 @@ CLIENT = r"""
 import json, sys
 import numpy as np
 import mcmoe_gguf
-from mcmoe_gguf import odp
+from mcmoe_gguf.engine import odp
 path, servers, out = sys.argv[1], sys.argv[2], sys.argv[3]
 tokens = [int(t) for t in np.random.default_rng(4).integers(3, 512, 48)]
 res = {}
@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def rpc_servers():
-    from mcmoe_gguf.runtime import rpc_probe, tools_dir
+    from mcmoe_gguf.engine.runtime import rpc_probe, tools_dir
     exe = tools_dir() / "ggml-rpc-server"
     if not exe.exists():
         pytest.fail(f"{exe} missing: the runtime was built without the RPC backend (make runtime)")
@@ -97,7 +97,7 @@ def test_two_rpc_servers_equal_one_process(pmq_file, rpc_servers, tmp_path):
 
 
 def test_unreachable_server_is_a_clear_error():
-    from mcmoe_gguf.runtime import add_rpc_servers
+    from mcmoe_gguf.engine.runtime import add_rpc_servers
     port = _free_port()                      # nothing listens there
     with pytest.raises(ValueError, match=f"RPC server 127.0.0.1:{port}: cannot connect"):
         add_rpc_servers(f"127.0.0.1:{port}")

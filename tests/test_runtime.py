@@ -11,14 +11,15 @@ from helpers import REPO, cli
 
 
 def test_runtime_reports_this_checkouts_source_hash():
-    from mcmoe_gguf.runtime import check_runtime
-    from mcmoe_gguf.sources import source_hash
+    from mcmoe_gguf.engine.runtime import check_runtime
+    from mcmoe_gguf.base.sources import source_hash
     info = check_runtime()
     assert info["abi"] == "1" and info["source_hash"] == source_hash()
 
 
 def test_stale_runtime_is_refused(monkeypatch):
-    from mcmoe_gguf import libllama, runtime
+    from mcmoe_gguf.engine import libllama
+    from mcmoe_gguf.engine import runtime
     monkeypatch.setattr(libllama, "source_hash", lambda: "0" * 64)
     monkeypatch.delenv("MCMOE_ALLOW_STALE", raising=False)
     with pytest.raises(runtime.RuntimeMismatch, match="stale.*make runtime"):
@@ -53,7 +54,7 @@ def test_stock_runtime_is_refused_by_load(stock_lib_dir, tmp_path):
 
 
 def test_llama_cpp_tools_are_built():
-    from mcmoe_gguf.runtime import run_tool
+    from mcmoe_gguf.engine.runtime import run_tool
     for tool in ("llama-quantize", "llama-imatrix", "llama-perplexity"):
         r = run_tool(tool, "--help", capture_output=True, text=True, timeout=60)
         assert "usage" in (r.stdout + r.stderr).lower(), tool
@@ -67,8 +68,8 @@ def test_patches_apply_to_pristine_sources():
 
 
 def test_cpu_variant_rule_on_known_cpus():
-    """The mirror of ggml's variant score (mcmoe_gguf.cpu_variant) on the flag sets of known CPUs."""
-    from mcmoe_gguf.cpu_variant import expected_variant
+    """The mirror of ggml's variant score (mcmoe_gguf.engine.cpu_variant) on the flag sets of known CPUs."""
+    from mcmoe_gguf.engine.cpu_variant import expected_variant
     haswell = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
     avx512 = haswell | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
     zen4 = avx512 | {"avx512vbmi", "avx512_vnni", "avx512_bf16"}
@@ -88,24 +89,24 @@ def test_loaded_cpu_variant_matches_this_cpu():
             "print(llama_cpp.llama_print_system_info().decode())\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    from mcmoe_gguf.cpu_variant import cpu_model, expected_variant
+    from mcmoe_gguf.engine.cpu_variant import cpu_model, expected_variant
     loaded, system_info = r.stdout.splitlines()[0], r.stdout
     print(f"\n{cpu_model()}: loaded libggml-cpu-{loaded}.so")
     assert loaded == expected_variant(), (loaded, system_info)
     # what the loaded module says it was compiled for agrees with the CPU
-    from mcmoe_gguf.cpu_variant import cpu_flags
+    from mcmoe_gguf.engine.cpu_variant import cpu_flags
     flags = cpu_flags()
     for feat, flag in (("AVX2", "avx2"), ("AVX512", "avx512f"), ("AMX_INT8", "amx_int8"), ("AVX_VNNI", "avx_vnni")):
         assert (f"{feat} = 1" in system_info) == (flag in flags and feat in _variant_features(loaded)), feat
 
 
 def _variant_features(v: str) -> tuple[str, ...]:
-    from mcmoe_gguf.cpu_variant import VARIANTS
+    from mcmoe_gguf.engine.cpu_variant import VARIANTS
     return VARIANTS[v]
 
 
 def test_runtime_command_names_the_cpu_variant():
-    from mcmoe_gguf.cpu_variant import expected_variant
+    from mcmoe_gguf.engine.cpu_variant import expected_variant
     r = cli("runtime", timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"CPU backend loaded: {expected_variant()}" in r.stdout, r.stdout

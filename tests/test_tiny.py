@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mcmoe_gguf import tiny
+from mcmoe_gguf.model import tiny
 
 
 def test_splits_are_deterministic_and_disjoint():
@@ -25,7 +25,7 @@ def test_compact_forward_equals_transformers(tiny_dir):
     from safetensors.torch import load_file
     from transformers import MixtralForCausalLM
 
-    from mcmoe_gguf.arch.mixtral import CompactMixtral, MixtralHParams
+    from mcmoe_gguf.model.arch.mixtral import CompactMixtral, MixtralHParams
     import json
     hp = MixtralHParams.from_config(json.loads((tiny_dir / "config.json").read_text()))
     ours = CompactMixtral(hp)

@@ -15,7 +15,7 @@ def spm_model(tmp_path_factory):
     """A Llama/Mixtral-style tokenizer (SentencePiece BPE with byte fallback, "▁" for spaces)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
-    from mcmoe_gguf.tiny import PRESETS, corpus_splits
+    from mcmoe_gguf.model.tiny import PRESETS, corpus_splits
     text = corpus_splits(PRESETS["default"])["calib"][:60_000]
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -31,7 +31,7 @@ def spm_model(tmp_path_factory):
         "unk_token": "<unk>"}))
     cfg = small_config(n_layers=1, vocab=512)
     src = save_checkpoint(d / "model", cfg, random_state(cfg), d)
-    from mcmoe_gguf.export import convert
+    from mcmoe_gguf.gguf.export import convert
     return src, convert(src, d / "spm.gguf", progress=False), text
 
 
@@ -39,7 +39,7 @@ def test_llama_tokenizer_matches_transformers(spm_model):
     import gguf
     from tokenizers import Tokenizer
 
-    from mcmoe_gguf.runtime import load
+    from mcmoe_gguf.engine.runtime import load
     src, path, text = spm_model
     kv = {f.name: f.contents() for f in gguf.GGUFReader(path).fields.values()}
     assert kv["tokenizer.ggml.model"] == "llama" and kv["tokenizer.ggml.add_bos_token"] is True
@@ -52,7 +52,7 @@ def test_llama_tokenizer_matches_transformers(spm_model):
 
 
 def test_gpt2_tokenizer_round_trips_bytes(tiny_gguf):
-    from mcmoe_gguf.runtime import load
+    from mcmoe_gguf.engine.runtime import load
     llm = load(tiny_gguf["f16"], vocab_only=True)
     ids = llm.tokenize(SAMPLE.encode(), add_bos=False, special=False)
     assert llm.detokenize(ids).decode() == SAMPLE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runtime import run_tool
+from mcmoe_gguf.engine.runtime import run_tool
 
 STOCK_TYPES = ("Q3_K_S", "Q2_K", "IQ2_XS", "IQ2_XXS", "Q2_0", "IQ1_M", "IQ1_S", "Q1_0")
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .gguf_keys import IMPORTANCE_MODES, ODP_DEFAULT_PROTECT
+from mcmoe_gguf.gguf.keys import IMPORTANCE_MODES, ODP_DEFAULT_PROTECT
 
 EPILOG = """examples:
   mcmoe-gguf tiny                                  train (or reuse) the embedded tiny Mixtral, print its path
@@ -17,7 +17,7 @@ EPILOG = """examples:
 
 
 def cmd_tiny(a) -> int:
-    from .tiny import describe, tiny_model
+    from mcmoe_gguf.model.tiny import describe, tiny_model
     path = tiny_model(a.preset)
     if a.print_path:
         print(path)
@@ -27,11 +27,11 @@ def cmd_tiny(a) -> int:
 
 
 def cmd_convert(a) -> int:
-    from .export import convert, export_pmq
+    from mcmoe_gguf.gguf.export import convert, export_pmq
     if a.from_workdir:
         out = export_pmq(a.model_dir, a.output, force=a.force, name=a.name)
     elif a.bits:
-        from .pmq import PMQConfig, quantize
+        from mcmoe_gguf.quant.pmq import PMQConfig, quantize
         workdir = Path(a.workdir or f"{a.output}.pmq")
         quantize(a.model_dir, workdir, PMQConfig(budget=a.bits, scope=a.scope, n_seq=a.n_seq, seq_len=a.seq_len,
                                                  calib_text=a.calib_text, device=a.device, eps_method=a.eps_method))
@@ -39,7 +39,7 @@ def cmd_convert(a) -> int:
     else:
         mu = None
         if a.odp_calibrate:
-            from .pmq import odp_thresholds
+            from mcmoe_gguf.quant.pmq import odp_thresholds
             text = Path(a.calib_text or Path(a.model_dir) / "calib.txt")
             if not text.exists():
                 raise FileNotFoundError(f"{text}: calibration text not found (pass --calib-text)")
@@ -52,7 +52,7 @@ def cmd_convert(a) -> int:
 
 def cmd_rpc_server(a) -> int:
     """llama.cpp's rpc-server of this runtime (same types and ops as the client), in the foreground."""
-    from .runtime import run_tool
+    from mcmoe_gguf.engine.runtime import run_tool
     args = ["-H", a.host, "-p", str(a.port)] + (["-t", str(a.threads)] if a.threads else [])
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: rpc-server on {a.host} accepts anyone who can reach the port: it has no authentication; "
@@ -71,7 +71,7 @@ def odp_kwargs(a) -> dict:
 
 
 def print_odp_stats() -> None:
-    from .odp import odp_stats, summary
+    from mcmoe_gguf.engine.odp import odp_stats, summary
     stats = odp_stats()
     if not stats:
         print("ODP: off (or no MoE layer ran)")
@@ -83,8 +83,8 @@ def print_odp_stats() -> None:
 
 
 def cmd_generate(a) -> int:
-    from .odp import odp_reset
-    from .runtime import load
+    from mcmoe_gguf.engine.odp import odp_reset
+    from mcmoe_gguf.engine.runtime import load
     llm = load(a.file, n_ctx=a.ctx, seed=a.seed, n_threads=a.threads, **odp_kwargs(a))
     odp_reset()
     out = llm(a.prompt, max_tokens=a.n, temperature=a.temp, echo=True)
@@ -95,8 +95,8 @@ def cmd_generate(a) -> int:
 
 
 def cmd_ppl(a) -> int:
-    from .evaluate import ppl_llama
-    from .odp import odp_reset
+    from mcmoe_gguf.apps.evaluate import ppl_llama
+    from mcmoe_gguf.engine.odp import odp_reset
     odp_reset()
     r = ppl_llama(a.file, Path(a.text).read_text(encoding="utf-8"), ctx=a.ctx, max_chunks=a.max_chunks,
                   n_threads=a.threads, **odp_kwargs(a))
@@ -106,8 +106,8 @@ def cmd_ppl(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .odp import odp_reset
-    from .speed import time_file
+    from mcmoe_gguf.engine.odp import odp_reset
+    from mcmoe_gguf.engine.speed import time_file
     odp_reset()
     pp, tg = time_file(a.file, a.threads, a.pp, a.tg, a.repeat, **odp_kwargs(a))
     print(f"{Path(a.file).name}: pp {pp:.1f} tok/s ({a.pp}-token prompt), tg {tg:.1f} tok/s ({a.tg} tokens), "
@@ -117,7 +117,7 @@ def cmd_bench(a) -> int:
 
 
 def cmd_quantize(a) -> int:
-    from .pmq import PMQConfig, quantize
+    from mcmoe_gguf.quant.pmq import PMQConfig, quantize
     cfg = PMQConfig(budget=a.bits, scope=a.scope, strategy=a.strategy, method=a.method, alpha=a.alpha,
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
@@ -129,7 +129,7 @@ def cmd_quantize(a) -> int:
 
 
 def cmd_ppl_torch(a) -> int:
-    from .evaluate import ppl_fake_quant
+    from mcmoe_gguf.apps.evaluate import ppl_fake_quant
     text = Path(a.text).read_text(encoding="utf-8") if a.text else None
     r = ppl_fake_quant(a.outdir, text, ctx=a.ctx, max_chunks=a.max_chunks)
     print(f"perplexity {r['ppl']:.4f} over {r['tokens']} tokens (ctx {r['ctx']}, torch fake-quant of {a.outdir})")
@@ -137,7 +137,7 @@ def cmd_ppl_torch(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .report import describe, describe_gguf, heatmap
+    from mcmoe_gguf.apps.inspect import describe, describe_gguf, heatmap
     if Path(a.outdir).is_file():
         print(describe_gguf(Path(a.outdir)))
         return 0
@@ -148,10 +148,10 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_runtime(a) -> int:
-    from .runtime import check_runtime, tools_dir
+    from mcmoe_gguf.engine.runtime import check_runtime, tools_dir
     info = check_runtime()
     print(f"patched runtime ok: {info['lib']} (sources {info['source_hash'][:12]}, abi {info['abi']})")
-    from . import cpu_variant
+    from mcmoe_gguf.engine import cpu_variant
     import llama_cpp
     llama_cpp.llama_backend_init()
     loaded, want = cpu_variant.loaded_variant(), cpu_variant.expected_variant()
@@ -166,7 +166,7 @@ def cmd_runtime(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from .demo import run_demo
+    from mcmoe_gguf.apps.demo import run_demo
     return run_demo(preset=a.preset, max_chunks=a.max_chunks, threads=a.threads)
 
 
@@ -196,7 +196,7 @@ def add_odp_options(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_selfcheck(a) -> int:
-    from .selfcheck import run_selfcheck
+    from mcmoe_gguf.apps.selfcheck import run_selfcheck
     return run_selfcheck(gpu=a.gpu, threads=a.threads)
 
 
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rpc_options(s)
     s.set_defaults(fn=cmd_bench)
 
-    from .allocate import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_GAMMA
+    from mcmoe_gguf.quant.allocate import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_GAMMA
     s = sub.add_parser("quantize", help="PMQ: calibrate, allocate 1/2/3 bits per expert, GPTQ (resumable)",
                        description="Writes a resumable work directory: a killed run continues after its last "
                        "finished layer with identical results.")
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import RuntimeMismatch
+    from mcmoe_gguf.engine.runtime import RuntimeMismatch
 
     a = build_parser().parse_args(argv)
     try:

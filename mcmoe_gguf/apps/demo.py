@@ -4,16 +4,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .cache import cache_dir
+from mcmoe_gguf.base.cache import cache_dir
 
 PROMPT = "KING HENRY.\nNow, lords,"
 
 
 def run_demo(preset: str = "default", max_chunks: int = 64, threads: int | None = None) -> int:
-    from .evaluate import ppl_llama, ppl_torch
-    from .export import convert
-    from .runtime import check_runtime, load
-    from .tiny import describe, tiny_model
+    from mcmoe_gguf.apps.evaluate import ppl_llama, ppl_torch
+    from mcmoe_gguf.gguf.export import convert
+    from mcmoe_gguf.engine.runtime import check_runtime, load
+    from mcmoe_gguf.model.tiny import describe, tiny_model
 
     info = check_runtime()
     print(f"[1/6] patched runtime: {info['lib']} (sources {info['source_hash'][:12]})")
@@ -45,9 +45,9 @@ def run_demo(preset: str = "default", max_chunks: int = 64, threads: int | None 
 def odp_on_off(path: Path, eval_text: str, max_chunks: int, threads: int | None) -> None:
     """Our PMQ file with online dynamic pruning off and on (the file's calibrated thresholds, 2% protection):
     perplexity, the engine's count of skipped expert evaluations, prompt / decode speed."""
-    from .evaluate import ppl_llama
-    from .odp import odp_reset, odp_stats, summary
-    from .speed import time_file
+    from mcmoe_gguf.apps.evaluate import ppl_llama
+    from mcmoe_gguf.engine.odp import odp_reset, odp_stats, summary
+    from mcmoe_gguf.engine.speed import time_file
     n_threads = threads or 2
     print(f"[6/6] ODP (skip the second expert of unimportant tokens) on {path.name}, same held-out chunks:")
     print(f"      {'setting':<26}{'PPL':>10}{'skipped':>10}{'pp tok/s':>10}{'tg tok/s':>10}")
@@ -63,10 +63,10 @@ def compare_low_bit(model: Path, f16: Path, eval_text: str, max_chunks: int, thr
     """Our PMQ file at ~2.5 real expert bpw beside F16 and llama.cpp's Q2_K (imatrix from the same
     calibration text), all through the patched llama.cpp on the same held-out chunks (ODP off: the
     quantization alone). Returns our file."""
-    from .baselines import imatrix, stock_quantize
-    from .evaluate import ppl_llama
-    from .export import export_pmq
-    from .pmq import PMQConfig, quantize
+    from mcmoe_gguf.apps.baselines import imatrix, stock_quantize
+    from mcmoe_gguf.apps.evaluate import ppl_llama
+    from mcmoe_gguf.gguf.export import export_pmq
+    from mcmoe_gguf.quant.pmq import PMQConfig, quantize
 
     out_dir = f16.parent
     work = out_dir / "pmq-2.5"
@@ -75,7 +75,7 @@ def compare_low_bit(model: Path, f16: Path, eval_text: str, max_chunks: int, thr
     ours = export_pmq(work, out_dir / "tiny-pmq2.5.gguf", force=True, progress=False)
     im = imatrix(f16, model / "calib.txt", out_dir / "imatrix.gguf", chunks=64)
     q2k = stock_quantize(f16, "Q2_K", out_dir / "tiny-q2_k.gguf", im)
-    from .report import gguf_sizes
+    from mcmoe_gguf.apps.inspect import gguf_sizes
     print(f"      {'file':<26}{'MiB':>8}{'bpw':>8}{'expert bpw':>12}{'PPL':>10}{'x F16':>8}")
     base = None
     for name, path in (("F16", f16), ("mcmoe PMQ 2.5", ours), ("llama.cpp Q2_K + imatrix", q2k)):

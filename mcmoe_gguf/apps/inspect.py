@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gguf_keys as K
+from mcmoe_gguf.gguf import keys as K
 
 
 def load_workdir(outdir: Path) -> tuple[dict, list[dict], dict]:
@@ -65,7 +65,7 @@ _EXPERT = r"blk\.(\d+)\.ffn_(gate|up|down)(?:\.(\d+)|_exps)\.weight"
 
 def read_gguf(path: Path):
     """gguf.GGUFReader of a file that passed the bounded structural check (gguf_check)."""
-    from .gguf_check import checked_reader
+    from mcmoe_gguf.gguf.check import checked_reader
     return checked_reader(path)
 
 

@@ -64,10 +64,10 @@ def vram_used_mib() -> float | None:
 def demo_files(log=print) -> tuple[Path, Path, Path]:
     """(tiny model dir, its F16 GGUF, its mixed PMQ 2.5 GGUF): `make demo`'s files in its cache folder, made
     here with the demo's configuration when missing. Shared by this check and scripts/device_check.py."""
-    from .cache import cache_dir
-    from .export import convert, export_pmq
-    from .pmq import PMQConfig, quantize
-    from .tiny import tiny_model
+    from mcmoe_gguf.base.cache import cache_dir
+    from mcmoe_gguf.gguf.export import convert, export_pmq
+    from mcmoe_gguf.quant.pmq import PMQConfig, quantize
+    from mcmoe_gguf.model.tiny import tiny_model
 
     model = tiny_model("default", log=log)
     demo = cache_dir("demo", model.name)
@@ -83,8 +83,8 @@ def demo_files(log=print) -> tuple[Path, Path, Path]:
 
 
 def make_files(log=print) -> dict[str, Path]:
-    from .baselines import stock_quantize
-    from .cache import cache_dir
+    from mcmoe_gguf.apps.baselines import stock_quantize
+    from mcmoe_gguf.base.cache import cache_dir
 
     model, f16, mixed = demo_files(log)
     out = cache_dir("selfcheck", model.name)
@@ -96,7 +96,7 @@ def make_files(log=print) -> dict[str, Path]:
 
 
 def prompt_tokens(llm) -> list[int]:
-    from .tiny import tiny_model
+    from mcmoe_gguf.model.tiny import tiny_model
     text = (Path(tiny_model("default", log=lambda *_: None)) / "eval.txt").read_text(encoding="utf-8")
     return llm.tokenize(text[:4000].encode(), add_bos=False)[:PROMPT_TOKENS]
 
@@ -105,8 +105,8 @@ def run_one(path: Path, n_gpu_layers: int, threads: int | None, **load_kw) -> di
     """One file on one device. load_kw: mcmoe_gguf.load's ODP arguments (odp=...), default otherwise.
     Returns the prompt's logits, pp / tg speed, VRAM, and the ODP counters: per layer of the prompt
     (`odp_pp`: LayerStats, `flags_pp`: {layer: per-token flags}) and the summary of the decode (`odp_tg`)."""
-    from .odp import last_flags, odp_reset, odp_stats, summary
-    from .runtime import load
+    from mcmoe_gguf.engine.odp import last_flags, odp_reset, odp_stats, summary
+    from mcmoe_gguf.engine.runtime import load
     before = vram_used_mib() if n_gpu_layers else None
     llm = load(path, n_ctx=256, n_batch=PROMPT_TOKENS, n_ubatch=PROMPT_TOKENS, logits_all=True, seed=0,
                n_gpu_layers=n_gpu_layers, n_threads=threads, **load_kw)
@@ -183,7 +183,7 @@ def compare(cpu: np.ndarray, gpu: np.ndarray) -> tuple[float, float]:
 
 
 def run_selfcheck(gpu: bool = True, threads: int | None = None, log=print) -> int:
-    from .runtime import check_runtime
+    from mcmoe_gguf.engine.runtime import check_runtime
     info = check_runtime()
     log(f"runtime: {info['lib']}")
     usable, desc = gpu_status() if gpu else (False, "GPU part not requested")

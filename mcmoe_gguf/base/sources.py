@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]   # mcmoe_gguf/base/sources.py
 SOURCE_DIRS = ("cpp", "patches")
 
 

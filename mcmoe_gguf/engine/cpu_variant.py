@@ -86,7 +86,7 @@ def loaded_module() -> Path | None:
     """The file of the CPU backend ggml registered in this process (after llama_backend_init), None if
     there is none. Asked of ggml itself, not read from the process's mappings: a process may have mapped
     other CPU modules on its own (the kernel tests open every variant)."""
-    from .runtime import engine_ggml
+    from mcmoe_gguf.engine.runtime import engine_ggml
     lib = engine_ggml()
     reg = lib.ggml_backend_reg_by_name(b"CPU")
     fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features") if reg else None

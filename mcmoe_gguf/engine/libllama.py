@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .sources import source_hash
+from mcmoe_gguf.base.sources import source_hash
 
 REBUILD_HINT = ("build it with `make runtime` (or `python scripts/build_runtime.py`); for a development "
                 "build, `make dev-runtime` and LLAMA_CPP_LIB_PATH=.dev/build/bin")

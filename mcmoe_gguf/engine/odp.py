@@ -11,8 +11,8 @@ import ctypes
 import math
 from dataclasses import dataclass
 
-from . import gguf_keys as K
-from .gguf_keys import IMPORTANCE_MODES  # noqa: F401  (re-exported: the CLI's choices)
+from mcmoe_gguf.gguf import keys as K
+from mcmoe_gguf.gguf.keys import IMPORTANCE_MODES  # noqa: F401  (re-exported: the CLI's choices)
 
 MAX_LAYERS = 256      # MCMOE_ODP_MAX_LAYERS
 FLAG_RULE, FLAG_PROTECTED, FLAG_PRUNED = 1, 2, 4
@@ -56,7 +56,7 @@ def engine_lib() -> ctypes.CDLL:
     itself uses. Opening a libggml-base file by path would not do: the wheel ships libggml-base.so, .so.0
     and .so.0.25.3 as separate copies, and whichever copy a process maps first (by any name) is the one
     libllama binds to through its soname, so a second path can be a second instance with zero counters."""
-    from .libllama import lib_path
+    from mcmoe_gguf.engine.libllama import lib_path
     return ctypes.CDLL(str(lib_path()))
 
 

@@ -10,7 +10,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .libllama import REBUILD_HINT, RuntimeMismatch, check_runtime, ensure_checked, lib_path, runtime_info  # noqa: F401
+from mcmoe_gguf.engine.libllama import REBUILD_HINT, RuntimeMismatch, check_runtime, ensure_checked, lib_path, runtime_info  # noqa: F401
 
 
 def load(path: str | os.PathLike, verbose: bool = False, odp: bool = True, protect: float | None = None,
@@ -18,7 +18,7 @@ def load(path: str | os.PathLike, verbose: bool = False, odp: bool = True, prote
          rpc_servers: str | None = None, **llama_kwargs):
     """A ``llama_cpp.Llama`` for ``path`` on the checked, patched runtime.
 
-    ODP (online dynamic pruning of the second expert, mcmoe_gguf.odp): odp=True prunes where the file has
+    ODP (online dynamic pruning of the second expert, mcmoe_gguf.engine.odp): odp=True prunes where the file has
     calibrated thresholds (our converter writes them) or `mu` gives one for every layer; `mu_scale`
     scales them, `protect` is the fraction of a prompt's tokens kept whole, `importance` how they are
     chosen (attn | rowsum | norm | none). None keeps the file's value (the engine's default, 1 / 0.02 /
@@ -34,7 +34,7 @@ def load(path: str | os.PathLike, verbose: bool = False, odp: bool = True, prote
     if rpc_servers:
         add_rpc_servers(rpc_servers)
         llama_kwargs.setdefault("n_gpu_layers", -1)
-    from .odp import overrides
+    from mcmoe_gguf.engine.odp import overrides
     kv = overrides(odp=odp, protect=protect, mu_scale=mu_scale, mu=mu, importance=importance)
     kv.update(llama_kwargs.pop("kv_overrides", None) or {})
     with engine_errors(path):

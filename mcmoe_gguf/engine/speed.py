@@ -8,7 +8,7 @@ from pathlib import Path
 def time_file(path: str | Path, threads: int, n_pp: int, n_tg: int, repeat: int, **load_kw) -> tuple[float, float]:
     """(pp tok/s, tg tok/s): pp = one batch of n_pp tokens, tg = n_tg single-token evaluations after it;
     best of `repeat` runs. load_kw go to runtime.load (ODP options, ...)."""
-    from .runtime import load
+    from mcmoe_gguf.engine.runtime import load
     llm = load(path, n_ctx=n_pp + n_tg + 8, n_batch=n_pp, n_ubatch=n_pp, n_threads=threads,
                n_threads_batch=threads, **load_kw)
     prompt = list(range(10, 10 + n_pp))

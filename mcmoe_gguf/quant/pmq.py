@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import allocate, formats
-from .arch import mixtral as mx
-from .calibration import LayerStats, calibration_tokens, moe_stats, odp_mu, rtn_dequant
-from .checkpoint import Checkpoint
-from .gptq import GPTQ, rtn
+from mcmoe_gguf.quant import allocate
+from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant.calibration import LayerStats, calibration_tokens, moe_stats, odp_mu, rtn_dequant
+from mcmoe_gguf.model.checkpoint import Checkpoint
+from mcmoe_gguf.quant.gptq import GPTQ, rtn
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -131,7 +131,7 @@ def _bits_of(choice) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- the layers
 @torch.no_grad()
-def _attention_inputs(layer: mx.DecoderLayer, h: torch.Tensor, cos, sin, chunk: int):
+def _attention_inputs(layer: torch.nn.Module, h: torch.Tensor, cos, sin, chunk: int):
     """Inputs of q/k/v (normed h) and of o_proj (attention output), over the calibration batch."""
     captured = []
     hook = layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
@@ -153,7 +153,7 @@ def _gptq_or_rtn(H: GPTQ | None, W, bits, cfg: PMQConfig):
 
 
 @torch.no_grad()
-def quantize_attention(layer: mx.DecoderLayer, h, cos, sin, cfg: PMQConfig, chunk: int) -> dict:
+def quantize_attention(layer: torch.nn.Module, h, cos, sin, cfg: PMQConfig, chunk: int) -> dict:
     att = layer.self_attn
     xa, _ = _attention_inputs(layer, h, cos, sin, chunk)
     H = GPTQ(xa.shape[-1], device=xa.device)
@@ -174,7 +174,7 @@ def quantize_attention(layer: mx.DecoderLayer, h, cos, sin, cfg: PMQConfig, chun
 
 
 @torch.no_grad()
-def moe_input(layer: mx.DecoderLayer, h, cos, sin, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_input(layer: torch.nn.Module, h, cos, sin, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     mids = [h[s:s + chunk] + layer.self_attn(layer.input_layernorm(h[s:s + chunk]), cos, sin)
             for s in range(0, h.shape[0], chunk)]
     h_mid = torch.cat(mids)
@@ -182,10 +182,10 @@ def moe_input(layer: mx.DecoderLayer, h, cos, sin, chunk: int) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def quantize_experts(moe: mx.SparseMoeBlock, x: torch.Tensor, bits: np.ndarray, cfg: PMQConfig, desc: str,
+def quantize_experts(moe: torch.nn.Module, x: torch.Tensor, bits: np.ndarray, cfg: PMQConfig, desc: str,
                      progress: bool = True) -> dict:
     """GPTQ each expert at its width on the tokens routed to it; w2's Hessian from the quantized w1/w3."""
-    _, _, ids = mx.route(moe.gate(x), moe.hp.num_experts_per_tok)
+    _, _, ids = moe.route(x)
     out = {}
     for e in tqdm(range(moe.hp.num_local_experts), desc=desc, unit="expert", leave=False, disable=not progress):
         ex, b = moe.experts[e], int(bits[e])
@@ -211,7 +211,7 @@ def quantize_experts(moe: mx.SparseMoeBlock, x: torch.Tensor, bits: np.ndarray, 
 
 
 @torch.no_grad()
-def layer_forward(layer: mx.DecoderLayer, h, cos, sin, chunk: int) -> torch.Tensor:
+def layer_forward(layer: torch.nn.Module, h, cos, sin, chunk: int) -> torch.Tensor:
     return torch.cat([layer(h[s:s + chunk], cos, sin)[0] for s in range(0, h.shape[0], chunk)])
 
 
@@ -257,9 +257,9 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, outdir: Path, cos, sin, chunk) -> l
             continue
         if h is None:
             h = _embed(ck, tokens, cfg.device) if l == 0 else _load_state(outdir / "state" / f"fp_h_{l:02d}.pt", cfg)
-        layer = mx.decoder_layer_from(ck, l).to(cfg.device)
+        layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
         _, x = moe_input(layer, h, cos, sin, chunk)
-        s = moe_stats(l, layer.block_sparse_moe, x, _eps_quantizer(cfg))
+        s = moe_stats(l, layer.moe, x, _eps_quantizer(cfg))
         _atomic_save(s.to_dict(), path, as_json=True)
         stats.append(s)
         if l < hp.num_hidden_layers - 1:
@@ -278,33 +278,32 @@ def odp_thresholds(model_dir: str | Path, text: str, n_seq: int = 32, seq_len: i
     ck = Checkpoint(model_dir)
     hp = ck.hp
     tokens = calibration_tokens(Path(model_dir) / "tokenizer.json", text, n_seq, min(seq_len, hp.max_position_embeddings))
-    cos, sin = mx.rope_tables(hp, tokens.shape[1])
+    cos, sin = ck.arch.rope_tables(hp, tokens.shape[1])
     chunk = max(1, 16384 // tokens.shape[1])
     h = _embed(ck, tokens, "cpu")
     mu = []
     with torch.no_grad():
         for l in tqdm(range(hp.num_hidden_layers), desc="ODP thresholds", unit="layer", disable=not progress):
-            layer = mx.decoder_layer_from(ck, l)
+            layer = ck.arch.decoder_layer_from(ck, l)
             _, x = moe_input(layer, h, cos, sin, chunk)
-            moe = layer.block_sparse_moe
-            mu.append(odp_mu(mx.route(moe.gate(x), hp.num_experts_per_tok)[1]))   # routing only, no eps
+            mu.append(odp_mu(layer.moe.route(x)[1]))   # routing only, no eps
             h = layer_forward(layer, h, cos, sin, chunk)
     return mu
 
 
 def _embed(ck: Checkpoint, tokens: torch.Tensor, device: str) -> torch.Tensor:
-    return torch.nn.functional.embedding(tokens, ck.get(mx.GLOBAL_KEYS["embed"]).float()).to(device)
+    return torch.nn.functional.embedding(tokens, ck.get(ck.arch.GLOBAL_KEYS["embed"]).float()).to(device)
 
 
 def _load_state(path: Path, cfg: PMQConfig) -> torch.Tensor:
     return torch.load(path).to(cfg.device)
 
 
-def expert_params(hp: mx.MixtralHParams) -> np.ndarray:
+def expert_params(hp) -> np.ndarray:
     return np.full((hp.num_hidden_layers, hp.num_local_experts), 3 * hp.hidden_size * hp.intermediate_size)
 
 
-def check_row_lengths(hp: mx.MixtralHParams) -> None:
+def check_row_lengths(hp) -> None:
     """The engine's CPU kernels read activations per 256 (Q8_K, docs/FORMAT.md), so every row of an mcq
     matrix (the input dimension of each projection) must be a multiple of 256: refuse before hours of work."""
     dims = {"hidden_size": hp.hidden_size, "intermediate_size": hp.intermediate_size,
@@ -330,7 +329,7 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     # sequences never longer than the model's context (the tiny model's is 1024, Mixtral's 32k)
     tokens = calibration_tokens(Path(model_dir) / "tokenizer.json", text_path.read_text(encoding="utf-8"),
                                 cfg.n_seq, min(cfg.seq_len, hp.max_position_embeddings))
-    cos, sin = mx.rope_tables(hp, tokens.shape[1], cfg.device)
+    cos, sin = ck.arch.rope_tables(hp, tokens.shape[1], cfg.device)
     chunk = max(1, 16384 // tokens.shape[1])
     n_params = expert_params(hp)
     L = hp.num_hidden_layers
@@ -346,13 +345,13 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     h = _embed(ck, tokens, cfg.device) if start == 0 else \
         (_load_state(outdir / "state" / f"h_{start:02d}.pt", cfg) if start < L else None)
     for l in tqdm(range(start, L), desc="PMQ", unit="layer", initial=start, total=L, disable=not progress):
-        layer = mx.decoder_layer_from(ck, l).to(cfg.device)
+        layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
         tensors = {f"self_attn.{k}": v for k, v in quantize_attention(layer, h, cos, sin, cfg, chunk).items()}
         _, x = moe_input(layer, h, cos, sin, chunk)
-        s = moe_stats(l, layer.block_sparse_moe, x, _eps_quantizer(cfg))
+        s = moe_stats(l, layer.moe, x, _eps_quantizer(cfg))
         _atomic_save(s.to_dict(), outdir / "stats" / f"layer_{l:02d}.json", as_json=True)
         bits = global_bits[l] if global_bits is not None else _bits_of(choose_bits([s], n_params[l:l + 1], cfg))[0]
-        for k, v in quantize_experts(layer.block_sparse_moe, x, bits, cfg, f"layer {l} experts", progress).items():
+        for k, v in quantize_experts(layer.moe, x, bits, cfg, f"layer {l} experts", progress).items():
             proj, e = k.split(".")
             tensors[f"block_sparse_moe.experts.{e}.{proj}"] = v
         _atomic_save({"layer": l, "bits": [int(b) for b in bits], "tensors": tensors},

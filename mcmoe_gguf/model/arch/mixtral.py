@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+NAME = "mixtral"                        # config.json model_type
 ARCHITECTURES = ("MixtralForCausalLM",)
+GGUF_ARCH = "llama"                     # llama.cpp runs Mixtral as its llama architecture with experts
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,32 @@ def attn_keys(layer: int) -> dict[str, str]:
 GLOBAL_KEYS = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 
 
+# ------------------------------------------------------------------------------------------ GGUF
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF stores q/k rows for NEOX-style (half-split) RoPE; llama.cpp's llama arch rotates adjacent
+    pairs, so rows are interleaved back as convert_hf_to_gguf.py does. Rows move whole, so this applies
+    to float rows and to rows of quantized blocks alike."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_metadata(w, hp: MixtralHParams) -> None:
+    """The GGUF_ARCH hyper-parameter keys llama.cpp reads for this model (w: a gguf.GGUFWriter)."""
+    w.add_context_length(hp.max_position_embeddings)
+    w.add_embedding_length(hp.hidden_size)
+    w.add_block_count(hp.num_hidden_layers)
+    w.add_feed_forward_length(hp.intermediate_size)
+    w.add_head_count(hp.num_attention_heads)
+    w.add_head_count_kv(hp.num_key_value_heads)
+    w.add_key_length(hp.d_head)
+    w.add_value_length(hp.d_head)
+    w.add_rope_dimension_count(hp.d_head)
+    w.add_rope_freq_base(float(hp.rope_theta))
+    w.add_layer_norm_rms_eps(float(hp.rms_norm_eps))
+    w.add_expert_count(hp.num_local_experts)
+    w.add_expert_used_count(hp.num_experts_per_tok)
+    w.add_vocab_size(hp.vocab_size)
+
+
 # ------------------------------------------------------------------------------------- torch math
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -181,10 +209,14 @@ class SparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(Expert(hp.hidden_size, hp.intermediate_size)
                                      for _ in range(hp.num_local_experts))
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probabilities over all experts, kept weights, kept ids) of tokens x [n, d]."""
+        return route(self.gate(x), self.hp.num_experts_per_tok)
+
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs, w, ids = route(self.gate(x), self.hp.num_experts_per_tok)
+        probs, w, ids = self.route(x)
         out = torch.zeros_like(x)
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)          # group (token, slot) pairs by expert
@@ -209,7 +241,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
         self.self_attn = Attention(hp)
         self.post_attention_layernorm = RMSNorm(hp.hidden_size, hp.rms_norm_eps)
-        self.block_sparse_moe = SparseMoeBlock(hp)
+        self.block_sparse_moe = SparseMoeBlock(hp)   # the release's name (state-dict keys)
+
+    @property
+    def moe(self) -> SparseMoeBlock:
+        return self.block_sparse_moe
 
     def forward(self, x, cos, sin):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -254,6 +290,9 @@ class CompactMixtral(nn.Module):
             aux_total = aux_total + aux
             counts.append(c)
         return self.lm_head(self.model.norm(x)), aux_total / len(self.model.layers), torch.stack(counts)
+
+
+CompactModel = CompactMixtral   # the adapter interface's name (arch/__init__.py)
 
 
 # --------------------------------------------------------------------- one layer from a checkpoint
