@@ -349,7 +349,7 @@ def judge_ppl(name: str, cpu: str, other: str, odp_on: bool, chunks: int) -> tup
     return row, problems
 
 
-def _until_parsed(rep: Report, args: list, env: dict, parse, tries: int = 5) -> str:
+def _until_parsed(rep: Report, args: list, env: dict, parse, tries: int = 8) -> str:
     """rep.run(args) again while parse(output) finds its line missing (see _chunk_ppl's note)."""
     for i in range(tries):
         out = rep.run(args, env=env)

@@ -3,7 +3,7 @@
 
     gpu_selfcheck.py [--threads N] [--cpu-only]
 
-Same as `mcmoe-gguf selfcheck --gpu` (mcmoe_gguf/selfcheck.py): logits CPU vs CUDA per file, pp/tg tok/s
+Same as `mcmoe-gguf selfcheck --gpu` (mcmoe_gguf/apps/selfcheck.py): logits CPU vs CUDA per file, pp/tg tok/s
 and VRAM. Without a GPU it says so, runs the CPU part and exits 0.
 """
 from __future__ import annotations

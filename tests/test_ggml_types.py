@@ -233,7 +233,7 @@ def formats_quantize(w: np.ndarray, bits: int, method: str, tmp_path: Path) -> n
     if method == "minmax" or not _needs_avx2_torch():
         return F.quantize(torch.from_numpy(w), bits, method)
     np.save(tmp_path / "w.npy", w)
-    code = ("import sys, numpy as np, torch; from mcmoe_gguf import formats as F\n"
+    code = ("import sys, numpy as np, torch; from mcmoe_gguf.quant import formats as F\n"
             "w = np.load(sys.argv[1]); np.save(sys.argv[2], F.quantize(torch.from_numpy(w), int(sys.argv[3]), sys.argv[4]))")
     subprocess.run([sys.executable, "-c", code, tmp_path / "w.npy", tmp_path / "q.npy", str(bits), method], check=True,
                    env=dict(os.environ, ATEN_CPU_CAPABILITY="avx2"))

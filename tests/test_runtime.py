@@ -84,7 +84,7 @@ def test_cpu_variant_rule_on_known_cpus():
 
 def test_loaded_cpu_variant_matches_this_cpu():
     """A fresh process loads the variant ggml's rule picks for this CPU's flags, and it runs our kernels."""
-    code = ("import llama_cpp\nfrom mcmoe_gguf import cpu_variant, check_runtime\ncheck_runtime()\n"
+    code = ("import llama_cpp\nfrom mcmoe_gguf import check_runtime\nfrom mcmoe_gguf.engine import cpu_variant\ncheck_runtime()\n"
             "llama_cpp.llama_backend_init()\nprint(cpu_variant.loaded_variant())\n"
             "print(llama_cpp.llama_print_system_info().decode())\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)

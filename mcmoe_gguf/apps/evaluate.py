@@ -46,16 +46,15 @@ def ppl_torch(model_dir: str | Path, text: str, ctx: int = 256, max_chunks: int 
 def fake_quant_model(outdir: str | Path):
     """The compact torch model of a PMQ work directory: original weights, quantized tensors replaced by
     their dequantized stored bytes (what llama.cpp will compute with, up to float rounding)."""
-    import json
-
     import torch
 
     from mcmoe_gguf.model.checkpoint import Checkpoint
     from mcmoe_gguf.quant.formats import stock_quantize
     from mcmoe_gguf.quant.pmq import dequantized_state
-    manifest = json.loads((Path(outdir) / "manifest.json").read_text())
-    cfg = manifest["config"]
-    ck = Checkpoint(manifest["model_dir"])
+    from mcmoe_gguf.quant.workdir import WorkDir
+    wd = WorkDir(outdir)
+    cfg = wd.config()
+    ck = Checkpoint(wd.model_dir())
     model = ck.arch.CompactModel(ck.hp)
     sd = {k: ck.get(v).float() for k, v in ck.arch.GLOBAL_KEYS.items() if ck.has(v)}
     emb = torch.from_numpy(stock_quantize(sd["embed"], cfg["embed_type"])[1])

@@ -1,22 +1,18 @@
 """`mcmoe-gguf inspect OUTDIR`: the allocation at a glance (table + heatmap like the paper's Fig. 10)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from mcmoe_gguf.gguf import keys as K
+from mcmoe_gguf.quant.workdir import WorkDir
 
 
 def load_workdir(outdir: Path) -> tuple[dict, list[dict], dict]:
-    outdir = Path(outdir)
-    alloc_path = outdir / "allocation.json"
-    if not alloc_path.exists():
-        raise FileNotFoundError(f"{outdir}: no allocation.json (run `mcmoe-gguf quantize` to completion first)")
-    alloc = json.loads(alloc_path.read_text())
-    stats = [json.loads(p.read_text()) for p in sorted((outdir / "stats").glob("layer_*.json"))]
-    return alloc, stats, json.loads((outdir / "manifest.json").read_text())
+    """(allocation, per-layer statistics, manifest) of a finished PMQ work directory."""
+    wd = WorkDir(outdir)
+    return wd.allocation(), wd.all_stats(), wd.manifest()
 
 
 def describe(outdir: Path) -> str:

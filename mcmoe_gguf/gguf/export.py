@@ -8,7 +8,6 @@ half-written OUT.gguf, and an existing file is only replaced with force=True.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from mcmoe_gguf.quant import formats
 from mcmoe_gguf.gguf import keys as K
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.gguf.vocab import add_tokenizer
+from mcmoe_gguf.quant.workdir import WorkDir
 
 OUTTYPES = {  # name (as in convert_hf_to_gguf --outtype) -> (ggml type, general.file_type)
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -208,12 +208,12 @@ def _check_destination(ck: Checkpoint, out: Path, force: bool) -> None:
 EXPERT_TENSORS = (("w1", "ffn_gate"), ("w3", "ffn_up"), ("w2", "ffn_down"))
 
 
-def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
+def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndarray]:
     """Tensors of a PMQ file: attention in mcq4, one tensor per expert in its own width
     (blk.N.ffn_{gate,up,down}.E.weight), experts of one width written next to each other (widest first,
     then by expert id) so the loader can group them into one 3-D tensor without copying; router, norms
     F32; embeddings and output in the work directory's embed_type/output_type (Q8_0 by default)."""
-    hp = ck.hp
+    hp, wd = ck.hp, WorkDir.of(wd)
     f16 = plan(ck, "f16")
     by_name = {t.name: t for t in f16}
     layer_cache: dict[int, dict] = {}
@@ -221,10 +221,9 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
     def layer(i: int) -> dict:
         if i not in layer_cache:
             layer_cache.clear()         # one layer file in memory at a time
-            path = workdir / "layers" / f"layer_{i:02d}.pt"
-            if not path.exists():
-                raise ExportError(f"{workdir}: layer {i} is not quantized yet (resume `mcmoe-gguf quantize`)")
-            layer_cache[i] = torch.load(path)
+            if not wd.has_layer(i):
+                raise ExportError(f"{wd.path}: layer {i} is not quantized yet (resume `mcmoe-gguf quantize`)")
+            layer_cache[i] = wd.load_layer(i)
         return layer_cache[i]
 
     def packed(i: int, key: str, n_head: int | None = None) -> Planned:
@@ -239,7 +238,7 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
             return ck.arch.permute_qk(torch.from_numpy(data), n_head).numpy() if n_head else data
         return Planned("", (out_rows, n_in), spec.type_id, load)
 
-    cfg = json.loads((workdir / "manifest.json").read_text())["config"]
+    cfg = wd.config()
 
     def stock(t: Planned, type_name: str) -> Planned:
         if type_name == "f16":
@@ -248,7 +247,7 @@ def plan_pmq(ck: Checkpoint, workdir: Path) -> tuple[list[Planned], np.ndarray]:
         return Planned(t.name, t.shape, qt, lambda t=t: formats.stock_quantize(t.load(), type_name)[0])
 
     # the widths are in allocation.json: no extra pass over the (large) layer files just to read them
-    bits = np.array(json.loads((workdir / "allocation.json").read_text())["bits"])
+    bits = np.array(wd.allocation()["bits"])
     out = [stock(by_name["token_embd.weight"], cfg["embed_type"])]
     for i in range(hp.num_hidden_layers):
         out.append(by_name[f"blk.{i}.attn_norm.weight"])
@@ -281,10 +280,10 @@ def add_odp_metadata(w: gguf.GGUFWriter, mu) -> None:
     w.add_string(K.ODP_IMPORTANCE, K.ODP_DEFAULT_IMPORTANCE)
 
 
-def add_pmq_metadata(w: gguf.GGUFWriter, workdir: Path, bits: np.ndarray) -> None:
-    manifest = json.loads((workdir / "manifest.json").read_text())
-    alloc = json.loads((workdir / "allocation.json").read_text())
-    cfg = manifest["config"]
+def add_pmq_metadata(w: gguf.GGUFWriter, wd: WorkDir | Path, bits: np.ndarray) -> None:
+    wd = WorkDir.of(wd)
+    alloc = wd.allocation()
+    cfg = wd.config()
     w.add_uint32(K.VERSION, 1)
     w.add_array(K.EXPERT_BITS, [int(b) for b in bits.ravel()])           # layer-major, E per layer
     add_odp_metadata(w, alloc["mu"])
@@ -305,15 +304,15 @@ def export_pmq(workdir: str | Path, out: str | Path, force: bool = False, name: 
     """GGUF of a finished PMQ work directory (see pmq.py), written atomically."""
     from mcmoe_gguf.gguf.types import register
     register()
-    workdir = Path(workdir)
-    if not (workdir / "allocation.json").exists():
+    wd = WorkDir(workdir)
+    if not wd.is_finished():
         raise ExportError(f"{workdir}: not a finished PMQ work directory (no allocation.json)")
-    ck = Checkpoint(json.loads((workdir / "manifest.json").read_text())["model_dir"])
+    ck = Checkpoint(wd.model_dir())
     out = Path(out)
     _check_destination(ck, out, force)
-    tensors, bits = plan_pmq(ck, workdir)
+    tensors, bits = plan_pmq(ck, wd)
     w = gguf.GGUFWriter(path=None, arch=ck.arch.GGUF_ARCH)
     add_metadata(w, ck, name or ck.dir.resolve().name, "f16")
-    add_pmq_metadata(w, workdir, bits)
+    add_pmq_metadata(w, wd, bits)
     add_tokenizer(w, ck.dir, ck.hp.vocab_size)
     return write_gguf(w, tensors, out, progress)

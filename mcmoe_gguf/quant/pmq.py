@@ -1,13 +1,7 @@
 """PMQ (paper section 3.2): calibrate, allocate 1/2/3 bits per expert, GPTQ every expert at its width.
 
 `quantize(model_dir, outdir, cfg)` streams the checkpoint one decoder layer at a time and writes a
-resumable work directory:
-
-    OUTDIR/manifest.json        settings + source; a resumed run must use the same ones
-    OUTDIR/stats/layer_XX.json  calibration statistics of layer XX (phi, w, eps, mu)
-    OUTDIR/layers/layer_XX.pt   quantized tensors of layer XX (packed bytes as stored in GGUF, + bits)
-    OUTDIR/state/h_XX.pt        hidden states entering layer XX (outputs of the quantized layer XX-1)
-    OUTDIR/allocation.json      bits [layer][expert] and the real-byte accounting (written at the end)
+resumable work directory (its files: quant/workdir.py).
 
 Sequential, as GPTQ is: layer l is calibrated and quantized on the outputs of the already quantized
 layers before it, so each layer compensates the error upstream. With scope="model" the integer program
@@ -26,8 +20,6 @@ of Mixtral.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +33,7 @@ from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant.calibration import LayerStats, calibration_tokens, moe_stats, odp_mu, rtn_dequant
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant.gptq import GPTQ, rtn
+from mcmoe_gguf.quant.workdir import WorkDir, WorkdirMismatch  # noqa: F401  (WorkdirMismatch: part of this API)
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -67,20 +60,7 @@ class PMQConfig:
     output_type: str = "q8_0"           # output projection: f16 or q8_0
 
 
-class WorkdirMismatch(ValueError):
-    pass
-
-
-# ------------------------------------------------------------------------------------------ I/O
-def _atomic_save(obj, path: Path, as_json: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if as_json:
-        tmp.write_text(json.dumps(obj, indent=1))
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
+# ------------------------------------------------------------------------------------- packed tensors
 def _packed(res, bits: int) -> dict:
     return {"bits": bits, "shape": list(res.codes.shape),
             "data": torch.from_numpy(formats.pack(res.codes, res.scale, res.mn, bits))}
@@ -231,43 +211,28 @@ def _with_defaults(manifest: dict) -> dict:
     return {**manifest, "config": {**asdict(PMQConfig()), **manifest.get("config", {})}}
 
 
-def _open_workdir(outdir: Path, manifest: dict) -> None:
-    for sub in ("stats", "layers", "state"):
-        (outdir / sub).mkdir(parents=True, exist_ok=True)
-    mpath = outdir / "manifest.json"
-    if mpath.exists():
-        old = json.loads(mpath.read_text())
-        if _with_defaults(old) != manifest:
-            raise WorkdirMismatch(f"{outdir} holds a run with other settings or another model; "
-                                  "use a new output directory (or delete this one)")
-    else:
-        _atomic_save(manifest, mpath, as_json=True)
-
-
-def _stats_pass(ck: Checkpoint, tokens, cfg, outdir: Path, cos, sin, chunk) -> list[LayerStats]:
+def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk) -> list[LayerStats]:
     """scope='model': statistics of every layer on the unquantized model (resumable per layer)."""
     hp = ck.hp
     h = None
     stats = []
     for l in tqdm(range(hp.num_hidden_layers), desc="calibrate (fp)", unit="layer"):
-        path = outdir / "stats" / f"fp_layer_{l:02d}.json"
-        if path.exists() and l < hp.num_hidden_layers - 1 and (outdir / "state" / f"fp_h_{l + 1:02d}.pt").exists():
-            stats.append(LayerStats(**json.loads(path.read_text())))
+        path = wd.stats_path(l, fp=True)
+        if path.exists() and l < hp.num_hidden_layers - 1 and wd.state_path(l + 1, fp=True).exists():
+            stats.append(LayerStats(**wd.load_stats(l, fp=True)))
             h = None
             continue
         if h is None:
-            h = _embed(ck, tokens, cfg.device) if l == 0 else _load_state(outdir / "state" / f"fp_h_{l:02d}.pt", cfg)
+            h = _embed(ck, tokens, cfg.device) if l == 0 else _load_state(wd.state_path(l, fp=True), cfg)
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
         _, x = moe_input(layer, h, cos, sin, chunk)
         s = moe_stats(l, layer.moe, x, _eps_quantizer(cfg))
-        _atomic_save(s.to_dict(), path, as_json=True)
+        wd.save(s.to_dict(), path, as_json=True)
         stats.append(s)
         if l < hp.num_hidden_layers - 1:
             h = layer_forward(layer, h, cos, sin, chunk)
-            _atomic_save(h.cpu(), outdir / "state" / f"fp_h_{l + 1:02d}.pt")
-            prev = outdir / "state" / f"fp_h_{l:02d}.pt"
-            if prev.exists():
-                prev.unlink()
+            wd.save(h.cpu(), wd.state_path(l + 1, fp=True))
+            wd.drop_state(l, fp=True)
     return stats
 
 
@@ -319,10 +284,10 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     hp = ck.hp
     check_row_lengths(hp)
     _eps_quantizer(cfg)                 # a bad eps_method fails before any work
-    outdir = Path(outdir)
-    _open_workdir(outdir, _manifest(model_dir, cfg))
-    if all((outdir / "layers" / f"layer_{l:02d}.pt").exists() for l in range(hp.num_hidden_layers)):
-        return finish(outdir, ck)       # a finished run (e.g. rerun after a failed export): nothing to redo
+    wd = WorkDir(outdir)
+    wd.open(_manifest(model_dir, cfg), same=lambda old, new: _with_defaults(old) == new)
+    if all(wd.has_layer(l) for l in range(hp.num_hidden_layers)):
+        return finish(wd, ck)           # a finished run (e.g. rerun after a failed export): nothing to redo
     text_path = Path(cfg.calib_text) if cfg.calib_text else Path(model_dir) / "calib.txt"
     if not text_path.exists():
         raise FileNotFoundError(f"{text_path}: calibration text not found (pass --calib-text)")
@@ -336,44 +301,42 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
 
     global_bits = None
     if cfg.scope == "model" and not cfg.strategy.startswith("uniform"):
-        global_bits = _bits_of(choose_bits(_stats_pass(ck, tokens, cfg, outdir, cos, sin, chunk), n_params, cfg))
+        global_bits = _bits_of(choose_bits(_stats_pass(ck, tokens, cfg, wd, cos, sin, chunk), n_params, cfg))
 
     start = 0
-    while start < L and (outdir / "layers" / f"layer_{start:02d}.pt").exists() and \
-            (start == L - 1 or (outdir / "state" / f"h_{start + 1:02d}.pt").exists()):
+    while start < L and wd.has_layer(start) and (start == L - 1 or wd.state_path(start + 1).exists()):
         start += 1
     h = _embed(ck, tokens, cfg.device) if start == 0 else \
-        (_load_state(outdir / "state" / f"h_{start:02d}.pt", cfg) if start < L else None)
+        (_load_state(wd.state_path(start), cfg) if start < L else None)
     for l in tqdm(range(start, L), desc="PMQ", unit="layer", initial=start, total=L, disable=not progress):
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
         tensors = {f"self_attn.{k}": v for k, v in quantize_attention(layer, h, cos, sin, cfg, chunk).items()}
         _, x = moe_input(layer, h, cos, sin, chunk)
         s = moe_stats(l, layer.moe, x, _eps_quantizer(cfg))
-        _atomic_save(s.to_dict(), outdir / "stats" / f"layer_{l:02d}.json", as_json=True)
+        wd.save(s.to_dict(), wd.stats_path(l), as_json=True)
         bits = global_bits[l] if global_bits is not None else _bits_of(choose_bits([s], n_params[l:l + 1], cfg))[0]
         for k, v in quantize_experts(layer.moe, x, bits, cfg, f"layer {l} experts", progress).items():
             proj, e = k.split(".")
             tensors[f"block_sparse_moe.experts.{e}.{proj}"] = v
-        _atomic_save({"layer": l, "bits": [int(b) for b in bits], "tensors": tensors},
-                     outdir / "layers" / f"layer_{l:02d}.pt")
+        wd.save({"layer": l, "bits": [int(b) for b in bits], "tensors": tensors}, wd.layer_path(l))
         if l < L - 1:
             h = layer_forward(layer, h, cos, sin, chunk)
-            _atomic_save(h.cpu(), outdir / "state" / f"h_{l + 1:02d}.pt")
-        prev = outdir / "state" / f"h_{l:02d}.pt"
-        if prev.exists():
-            prev.unlink()
+            wd.save(h.cpu(), wd.state_path(l + 1))
+        wd.drop_state(l)
         del layer, x        # before the next layer is built: peak memory of one layer, not two
-    return finish(outdir, ck)
+    return finish(wd, ck)
 
 
-def finish(outdir: Path, ck: Checkpoint) -> dict:
+def finish(wd: WorkDir | Path, ck: Checkpoint) -> dict:
+    """allocation.json of a run whose layers are all quantized (returned too)."""
+    wd = WorkDir.of(wd)
     hp = ck.hp
-    bits = np.array([torch.load(outdir / "layers" / f"layer_{l:02d}.pt")["bits"] for l in range(hp.num_hidden_layers)])
-    stats = [json.loads((outdir / "stats" / f"layer_{l:02d}.json").read_text()) for l in range(hp.num_hidden_layers)]
-    cfg = json.loads((outdir / "manifest.json").read_text())["config"]
+    bits = np.array([wd.load_layer(l)["bits"] for l in range(hp.num_hidden_layers)])
+    stats = [wd.load_stats(l) for l in range(hp.num_hidden_layers)]
+    cfg = wd.config()
     report = {"bits": bits.tolist(), "mu": [s["mu"] for s in stats],
               **size_report(ck, bits, cfg["attn_bits"], cfg["embed_type"], cfg["output_type"])}
-    _atomic_save(report, outdir / "allocation.json", as_json=True)
+    wd.save(report, wd.allocation_path, as_json=True)
     return report
 
 
@@ -403,7 +366,7 @@ def size_report(ck: Checkpoint, bits: np.ndarray, attn_bits: int = 4, embed_type
 def dequantized_state(outdir: Path) -> dict[str, torch.Tensor]:
     """HF-key state dict of every quantized tensor, dequantized (torch fake-quant of the stored bytes)."""
     sd = {}
-    for f in sorted((Path(outdir) / "layers").glob("layer_*.pt")):
+    for f in WorkDir(outdir).layer_files():
         d = torch.load(f)
         for name, entry in d["tensors"].items():
             sd[f"model.layers.{d['layer']}.{name}.weight"] = dequantize_entry(entry)

@@ -1,0 +1,120 @@
+"""The PMQ work directory: the one module that knows its files (pmq writes them; export, inspect and the
+fake-quant evaluation read them through here).
+
+    manifest.json          settings + source; a resumed run must use the same ones
+    stats/layer_XX.json    calibration statistics of layer XX (phi, w, eps, mu)
+    stats/fp_layer_XX.json the same on the unquantized model (scope="model" only)
+    layers/layer_XX.pt     quantized tensors of layer XX (packed bytes as stored in GGUF, + bits)
+    state/h_XX.pt          hidden states entering layer XX (outputs of the quantized layer XX-1)
+    state/fp_h_XX.pt       the same on the unquantized model (scope="model" only)
+    allocation.json        bits [layer][expert] and the real-byte accounting (written at the end)
+
+Every file is written atomically (temporary name, then rename), so a killed run leaves whole files only
+and resumes after the last one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class WorkdirMismatch(ValueError):
+    pass
+
+
+class WorkDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, x: "WorkDir | str | Path") -> "WorkDir":
+        return x if isinstance(x, WorkDir) else cls(x)
+
+    def __repr__(self) -> str:
+        return f"WorkDir({str(self.path)!r})"
+
+    # ---------------------------------------------------------------- paths
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def allocation_path(self) -> Path:
+        return self.path / "allocation.json"
+
+    def layer_path(self, l: int) -> Path:
+        return self.path / "layers" / f"layer_{l:02d}.pt"
+
+    def stats_path(self, l: int, fp: bool = False) -> Path:
+        return self.path / "stats" / f"{'fp_' if fp else ''}layer_{l:02d}.json"
+
+    def state_path(self, l: int, fp: bool = False) -> Path:
+        """hidden states entering layer l"""
+        return self.path / "state" / f"{'fp_' if fp else ''}h_{l:02d}.pt"
+
+    # ---------------------------------------------------------------- writing
+    @staticmethod
+    def save(obj, path: Path, as_json: bool = False) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        if as_json:
+            tmp.write_text(json.dumps(obj, indent=1))
+        else:
+            import torch
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+    def open(self, manifest: dict, same=lambda old, new: old == new) -> None:
+        """Create the directory for a run with `manifest`, or check that it holds the same run
+        (same(old, new), e.g. with defaults filled in for fields added since)."""
+        for sub in ("stats", "layers", "state"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        if self.manifest_path.exists():
+            if not same(json.loads(self.manifest_path.read_text()), manifest):
+                raise WorkdirMismatch(f"{self.path} holds a run with other settings or another model; "
+                                      "use a new output directory (or delete this one)")
+        else:
+            self.save(manifest, self.manifest_path, as_json=True)
+
+    def drop_state(self, l: int, fp: bool = False) -> None:
+        p = self.state_path(l, fp)
+        if p.exists():
+            p.unlink()
+
+    # ---------------------------------------------------------------- reading
+    def manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            raise FileNotFoundError(f"{self.path}: not a PMQ work directory (no manifest.json)")
+        return json.loads(self.manifest_path.read_text())
+
+    def config(self) -> dict:
+        return self.manifest()["config"]
+
+    def model_dir(self) -> Path:
+        return Path(self.manifest()["model_dir"])
+
+    def is_finished(self) -> bool:
+        return self.allocation_path.exists()
+
+    def allocation(self) -> dict:
+        if not self.allocation_path.exists():
+            raise FileNotFoundError(f"{self.path}: no allocation.json, not a finished PMQ work directory "
+                                    "(run `mcmoe-gguf quantize` to completion first)")
+        return json.loads(self.allocation_path.read_text())
+
+    def has_layer(self, l: int) -> bool:
+        return self.layer_path(l).exists()
+
+    def load_layer(self, l: int) -> dict:
+        import torch
+        return torch.load(self.layer_path(l))
+
+    def layer_files(self) -> list[Path]:
+        return sorted((self.path / "layers").glob("layer_*.pt"))
+
+    def load_stats(self, l: int, fp: bool = False) -> dict:
+        return json.loads(self.stats_path(l, fp).read_text())
+
+    def all_stats(self) -> list[dict]:
+        """The quantized run's per-layer statistics, in layer order."""
+        return [json.loads(p.read_text()) for p in sorted((self.path / "stats").glob("layer_*.json"))]
