@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# shared harnesses and builders (tests/support/) import by their module names
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 # a segfault or abort fails one test, not the run (under `make test`'s pytest-xdist; see crash_harness.py)
 from crash_harness import (pytest_configure, pytest_handlecrashitem, pytest_runtest_logstart,  # noqa: E402,F401
@@ -21,6 +22,20 @@ def small_tokenizer_dir(tmp_path_factory):
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
          "unk_token": "<unk>", "add_bos_token": False}))
     return d
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory, small_tokenizer_dir):
+    """The micro model and its uniform 2-bit RTN work directory (support/micro_model.py)."""
+    from micro_model import make_micro
+    return make_micro(tmp_path_factory.mktemp("mixed"), small_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def pmq_file(micro):
+    """A mixed PMQ GGUF of the micro model (all three widths in layer 0)."""
+    from micro_model import make_pmq_file
+    return make_pmq_file(micro)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Child process of the loader fuzz test (tests/test_loader_fuzz.py): loads GGUF files one by one.
+"""Child process of the loader fuzz test (tests/gguf/test_loader_fuzz.py): loads GGUF files one by one.
 
 Reads one path per line on stdin; for each, `mcmoe_gguf.load(path)` and, if that succeeds, a 3-token
 evaluation; answers one JSON line on stdout: {"ok": true} or {"ok": false, "type": ..., "error": ...}.

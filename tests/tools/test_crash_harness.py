@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+SUPPORT = Path(__file__).resolve().parents[1] / "support"   # crash_harness.py
 
 VICTIMS = '''
 import ctypes, os, signal
@@ -27,7 +27,7 @@ def test_after():
 def test_native_crash_fails_that_test_only(tmp_path):
     (tmp_path / "test_victims.py").write_text(VICTIMS)
     (tmp_path / "conftest.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
+        f"import sys\nsys.path.insert(0, {str(SUPPORT)!r})\n"
         "from crash_harness import pytest_configure, pytest_handlecrashitem, pytest_runtest_logstart, "
         "pytest_sessionstart  # noqa\n")
     r = subprocess.run([sys.executable, "-m", "pytest", "-n", "1", "-p", "no:cacheprovider", "-q", "-rf",

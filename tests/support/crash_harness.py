@@ -5,7 +5,7 @@ xdist leaves out, the signal and where it happened: each worker writes faulthand
 Python stack of every thread) to a file of its own, and the controller puts that file into the crashed
 test's failure. pytest-timeout (thread method) turns a hang into the same kind of failure.
 
-Loaded from conftest.py; tests/test_crash_harness.py runs it on a test that segfaults.
+Loaded from conftest.py; tests/tools/test_crash_harness.py runs it on a test that segfaults.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ _files: list = []      # keep the worker's report file open for the life of the 
 def pytest_configure(config):
     # the controller (or a run without xdist) makes a fresh directory for its workers, passed on through
     # the environment. Worker or not is decided by xdist's config.workerinput, not by inherited variables:
-    # a pytest started from inside a test (tests/test_crash_harness.py) inherits PYTEST_XDIST_WORKER and
+    # a pytest started from inside a test (tests/tools/test_crash_harness.py) inherits PYTEST_XDIST_WORKER and
     # this directory from the outer worker, and took itself for a worker of the outer run, sharing (and
     # truncating, in the hook below) its own workers' report files.
     if not hasattr(config, "workerinput"):

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from mcmoe_gguf.model.arch import mixtral as mx
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The config.json of the Mixtral-8x7B release (mistralai/Mixtral-8x7B-v0.1), dimensions shrunk by tests.
 MIXTRAL_8X7B_CONFIG = {

@@ -19,8 +19,6 @@ import time
 import numpy as np
 import pytest
 
-from test_loader_fuzz import pmq_file  # noqa: F401 (fixture: a mixed PMQ file of the micro model)
-from test_mixed_moe import micro  # noqa: F401 (fixture pmq_file depends on)
 
 CLIENT = r"""
 import json, sys

@@ -18,7 +18,7 @@ import pytest
 
 from mcmoe_gguf.quant import formats as F
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HEADER_DIR = REPO / "cpp" / "ggml"
 BITS = (1, 2, 3, 4)
 

@@ -1,5 +1,5 @@
 """ODP inside the engine (cpp/ggml/mcmoe-odp.h, cpp/runtime/mcmoe-moe.h) against the torch reference of the
-rule (tests/odp_reference.py) on the tiny model, plus the op itself against a Python twin.
+rule (tests/support/odp_reference.py) on the tiny model, plus the op itself against a Python twin.
 
 - the op: random ids / weights / importances (ties included) through a ggml graph == the rule in numpy;
 - mu = 0 gives exactly the logits of ODP off (prefill and decode);

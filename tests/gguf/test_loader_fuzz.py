@@ -5,7 +5,7 @@ FUZZ_N times (default 1000; MCMOE_FUZZ_N overrides): bit flips in the header and
 type ids in and out of range, shapes, dimension counts, data offsets, truncation inside every region,
 mcmoe.* values (NaN, infinite, negative, huge), array and string lengths, counts and value types. Each
 copy goes through `mcmoe_gguf.load` and a 3-token evaluation in a worker process with a capped address
-space (tests/fuzz_worker.py); each must end in success or a ValueError that says what is wrong, within
+space (tests/support/fuzz_worker.py); each must end in success or a ValueError that says what is wrong, within
 CASE_SECONDS. A worker that dies (signal), hangs or runs out of memory is a failure, reported with the
 seed and the mutation, and `MCMOE_FUZZ_SEED=<seed>` replays the run. The seed is printed either way.
 """
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_mixed_moe import MIXED_BITS, micro, workdir_with_bits  # noqa: F401 (micro is a fixture)
 
 FUZZ_N = int(os.environ.get("MCMOE_FUZZ_N", "1000"))
 CASE_SECONDS = 10.0          # per file; a clean answer takes well under a second
 MEMORY_MIB = 4096            # the worker's address-space cap (the micro model needs ~1 GiB of it)
-HERE = Path(__file__).resolve().parent
+SUPPORT = Path(__file__).resolve().parents[1] / "support"   # fuzz_worker.py
+REPO = SUPPORT.parents[1]
 GENERIC = "Failed to load model from file"
 
 # ---------------------------------------------------------------- where things are in a GGUF
@@ -232,9 +232,9 @@ class Worker:
         self.p = None
 
     def start(self):
-        self.p = subprocess.Popen([sys.executable, str(HERE / "fuzz_worker.py"), str(MEMORY_MIB)],
+        self.p = subprocess.Popen([sys.executable, str(SUPPORT / "fuzz_worker.py"), str(MEMORY_MIB)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                  text=True, cwd=HERE.parent)
+                                  text=True, cwd=REPO)
         ans = self._answer(120.0)
         assert ans == {"ready": True}, f"fuzz worker did not start: {ans}"
 
@@ -283,14 +283,6 @@ def verdict(ans: dict) -> str | None:
     if ans["error"].rstrip().endswith(GENERIC) or GENERIC + ":" in ans["error"] and "refused" not in ans["error"]:
         return f"generic error without llama.cpp's reason: {ans['error'][:300]}"
     return None
-
-
-@pytest.fixture(scope="module")
-def pmq_file(micro):
-    from mcmoe_gguf.gguf.export import export_pmq
-    wd = workdir_with_bits(micro["u2"], micro["root"] / "wd-mixed", MIXED_BITS)
-    f = micro["root"] / "fuzz-src.gguf"
-    return f if f.exists() else export_pmq(wd, f, progress=False)
 
 
 def run_cases(src: Path, tmp: Path, cases: list[tuple[str, bytes]]) -> tuple[list[str], list[float], dict]:
