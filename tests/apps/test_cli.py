@@ -1,0 +1,43 @@
+"""The command line: help that explains itself, and bad input ends with a message and a non-zero exit."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import cli
+from mcmoe_gguf.apps.cli import build_parser
+
+COMMANDS = ("tiny", "convert", "generate", "ppl", "bench", "quantize", "ppl-torch", "inspect", "selfcheck",
+            "rpc-server", "runtime", "demo")
+
+
+def test_help_lists_every_command():
+    r = cli("--help", timeout=60)
+    assert r.returncode == 0
+    for c in COMMANDS:
+        assert c in r.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and command in out.splitlines()[0]
+
+
+def test_unknown_command_and_missing_argument_exit_2():
+    r = cli("frobnicate", timeout=60)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = cli("convert", timeout=60)
+    assert r.returncode == 2 and "required" in r.stderr
+
+
+def test_bad_input_is_an_error_line_not_a_traceback(tmp_path):
+    r = cli("convert", tmp_path / "nope", "-o", tmp_path / "x.gguf", timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.startswith("mcmoe-gguf: error: ") and "no such model directory" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = cli("inspect", tmp_path, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.gguf").exists()
