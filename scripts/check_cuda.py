@@ -4,7 +4,7 @@
     check_cuda.py                    the tree of this checkout (pinned sdist + cpp/ + patches/, prepared
                                      once in the cache): every ggml-cuda .cu our patches change + cpp/ggml-cuda/*.cu
     check_cuda.py --dev              the same files of the .dev tree (unsaved edits included)
-    check_cuda.py --files A.cu ...   these files only (e.g. a deliberately broken copy, tests/test_cuda_compile.py)
+    check_cuda.py --files A.cu ...   these files only (e.g. a deliberately broken copy, tests/engine/test_cuda_compile.py)
     check_cuda.py --arch 86          one architecture (default: 80 86 89 90)
 
 Each file is one `nvcc -c` for all architectures (one --generate-code each, as CMake does) with the defines, include paths and flags of ggml-cuda's CMake build

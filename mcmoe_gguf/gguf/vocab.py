@@ -2,7 +2,7 @@
 
 Special token ids, add_bos/add_eos, merges and the chat template go through gguf's SpecialVocab, as in
 llama.cpp's own convert_hf_to_gguf.py, so llama.cpp tokenizes exactly as transformers does
-(tests/test_convert.py compares the two token for token on the held-out text).
+(tests/gguf/test_convert.py compares the two token for token on the held-out text).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def _add_llama(writer: gguf.GGUFWriter, tj: dict, n_vocab: int) -> str:
     """SentencePiece-style BPE (Llama, Mistral, Mixtral): llama.cpp's "llama" model merges the adjacent
     pair whose result has the highest score, so a token's score is minus the rank of the merge that
     creates it (earlier merge = higher score). gguf's LlamaHfVocab writes -1000 for every token, which
-    makes llama.cpp merge in the wrong order (tests/test_vocab.py shows the difference)."""
+    makes llama.cpp merge in the wrong order (tests/gguf/test_vocab.py shows the difference)."""
     model = tj["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     added = {a["id"]: a for a in tj.get("added_tokens", [])}

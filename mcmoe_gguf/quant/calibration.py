@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant.gptq import rtn
 
 BITS = (1, 2, 3)
 
@@ -37,8 +37,8 @@ def calibration_tokens(tokenizer_json: str, text: str, n_seq: int, seq_len: int)
 
 
 def rtn_dequant(W: torch.Tensor, bits: int, method: str = "mse") -> torch.Tensor:
-    scale, mn = formats.fit_params(W, bits, method=method)
-    return formats.dequantize_codes(formats.quantize_codes(W, scale, mn, bits), scale, mn)
+    """W rounded to nearest on the stored grid, dequantized (the eps statistic's quantizer)."""
+    return rtn(W, bits, method).dequantized
 
 
 @dataclass
@@ -55,8 +55,14 @@ class LayerStats:
         return asdict(self)
 
 
+def expert_inner(w1, w3, x):
+    """The input of an expert's down projection: silu(x w1^T) * (x w3^T) (also GPTQ's Hessian of w2)."""
+    return torch.nn.functional.silu(x @ w1.t()) * (x @ w3.t())
+
+
 def expert_forward(w1, w2, w3, x):
-    return torch.nn.functional.linear(torch.nn.functional.silu(x @ w1.t()) * (x @ w3.t()), w2)
+    """An expert's output with the given (e.g. quantized) weights."""
+    return torch.nn.functional.linear(expert_inner(w1, w3, x), w2)
 
 
 @torch.no_grad()

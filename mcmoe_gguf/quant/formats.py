@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 GROUP_SIZE = 128
+# rows of an mcq tensor are whole Q8_K blocks: the CPU kernels quantize activations per 256 (MCQ_ROW_MULTIPLE, cpp/ggml/mcq.h)
+ROW_MULTIPLE = 256
 FP16_MAX = 65504.0
 _PARAM_BYTES = 4  # d and m, fp16 each
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mcmoe_gguf.quant import allocate
 from mcmoe_gguf.quant import formats
-from mcmoe_gguf.quant.calibration import LayerStats, calibration_tokens, moe_stats, odp_mu, rtn_dequant
+from mcmoe_gguf.quant.calibration import LayerStats, calibration_tokens, expert_inner, moe_stats, odp_mu, rtn_dequant
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant.gptq import GPTQ, rtn
 from mcmoe_gguf.quant.workdir import WorkDir, WorkdirMismatch  # noqa: F401  (WorkdirMismatch: part of this API)
@@ -181,7 +181,7 @@ def quantize_experts(moe: torch.nn.Module, x: torch.Tensor, bits: np.ndarray, cf
             out[name + f".{e}"] = _packed(res, b)
         H2 = None
         if gptq:
-            inner = torch.nn.functional.silu(xe @ ex.w1.weight.t()) * (xe @ ex.w3.weight.t())
+            inner = expert_inner(ex.w1.weight, ex.w3.weight, xe)
             H2 = GPTQ(inner.shape[-1], device=x.device)
             H2.add_batch(inner)
         res = _gptq_or_rtn(H2, ex.w2.weight, b, cfg)
@@ -273,9 +273,9 @@ def check_row_lengths(hp) -> None:
     matrix (the input dimension of each projection) must be a multiple of 256: refuse before hours of work."""
     dims = {"hidden_size": hp.hidden_size, "intermediate_size": hp.intermediate_size,
             "num_attention_heads * head_dim": hp.num_attention_heads * hp.d_head}
-    bad = {k: v for k, v in dims.items() if v % 256}
+    bad = {k: v for k, v in dims.items() if v % formats.ROW_MULTIPLE}
     if bad:
-        raise ValueError("the mcq types need input dimensions that are multiples of 256; this model has "
+        raise ValueError(f"the mcq types need input dimensions that are multiples of {formats.ROW_MULTIPLE}; this model has "
                          + ", ".join(f"{k}={v}" for k, v in bad.items()))
 
 

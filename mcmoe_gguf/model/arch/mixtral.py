@@ -3,7 +3,7 @@
 The compact model trains the embedded tiny MoE ~10x faster than transformers' per-expert loop on a CPU
 (tokens are grouped per expert once per layer) and is what later stages run one decoder layer at a
 time. Its state dict uses the original Mixtral release keys, so a saved checkpoint loads in
-transformers' ``MixtralForCausalLM`` (tests/test_tiny.py checks the logits agree).
+transformers' ``MixtralForCausalLM`` (tests/model/test_tiny.py checks the logits agree).
 """
 from __future__ import annotations
 
