@@ -3,7 +3,7 @@
 The CUDA kernels (cpp/ggml-cuda/mcq.cu) and the CPU reference dequantization (cpp/ggml/mcq.c) do their
 per-block arithmetic with these helpers only, so testing them here tests the math the GPU runs (no GPU
 needed). A small C shim is compiled with gcc (and the header is also checked as C++), loaded with ctypes
-and compared with mcmoe_gguf/formats.py (dequantization: bit for bit) and numpy (integer dots exactly,
+and compared with mcmoe_gguf/quant/formats.py (dequantization: bit for bit) and numpy (integer dots exactly,
 float dots against float64 within rounding). Every helper, every type (mcq1..mcq4), every code path.
 """
 from __future__ import annotations

@@ -317,7 +317,7 @@ def test_known_hang_is_refused_quickly(pmq_file, tmp_path):
 
 def test_inspect_refuses_the_hostile_file_quickly(pmq_file, tmp_path):
     """`mcmoe-gguf inspect` reads files with gguf-py, which hung on the same array: the bounded check
-    (mcmoe_gguf/gguf_check.py) refuses it first, naming the key."""
+    (mcmoe_gguf/gguf/check.py) refuses it first, naming the key."""
     from helpers import cli
     kvs, *_ = layout(pmq_file.read_bytes())
     buf = bytearray(pmq_file.read_bytes())
