@@ -53,20 +53,28 @@ void ggml_vec_dot_mcq4_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, c
 
 #define MCQ_TILE 16   // rows and columns of a prompt-batch tile (see the tiles section)
 
-// code n (0..127) of a block whose planes start at c (right after d and m)
-static inline int mcq_code_at(int bits, const uint8_t * c, int n) {
-    switch (bits) {
-        case 1:  return (c[n >> 3] >> (n & 7)) & 1;
-        case 2:  return (c[n & 31] >> (2*(n >> 5))) & 3;
-        case 3:  return ((c[n & 31] >> (2*(n >> 5))) & 3) | (((c[QK_MCQ/4 + (n >> 3)] >> (n & 7)) & 1) << 2);
-        default: return (c[n & 63] >> (4*(n >> 6))) & 15;
+// sum of the 128 activation codes of half `half` of a Q8_K block, from its 8 bsums of 16
+static inline int mcq_q8k_half_sum(const block_q8_K * yb, int half) {
+    int s = 0;
+    for (int j = 0; j < QK_MCQ/16; ++j) {
+        s += yb->bsums[half*(QK_MCQ/16) + j];
     }
+    return s;
+}
+
+// sum over the block of code * activation code (exact in int), codes read as the CUDA kernels read them
+static inline int mcq_block_isum(int bits, const uint8_t * blk, const int8_t * qy) {
+    int isum = 0;
+    for (int i = 0; i < QK_MCQ; ++i) {
+        isum += mcq_hd_code(bits, blk + 4, i) * qy[i];
+    }
+    return isum;
 }
 
 static inline void mcq_vec_dot_generic_impl(int bits, int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx,
                                             const void * GGML_RESTRICT vy) {
     assert(n % QK_K == 0);
-    const size_t       bb = 4 + (size_t) bits*QK_MCQ/8;
+    const size_t       bb = (size_t) MCQ_HD_BLOCK_BYTES(bits);
     const uint8_t    * x  = (const uint8_t *) vx;
     const block_q8_K * y  = (const block_q8_K *) vy;
 
@@ -80,14 +88,8 @@ static inline void mcq_vec_dot_generic_impl(int bits, int n, float * GGML_RESTRI
         memcpy(&m16, blk + 2, 2);
         const float d = GGML_CPU_FP16_TO_FP32(d16);
         const float m = GGML_CPU_FP16_TO_FP32(m16);
-        int sumi = 0;
-        for (int i = 0; i < QK_MCQ; ++i) {
-            sumi += mcq_code_at(bits, blk + 4, i) * yb->qs[half*QK_MCQ + i];
-        }
-        int sumy = 0;                             // sum of the 128 activation codes, from the 8 bsums of 16
-        for (int j = 0; j < QK_MCQ/16; ++j) {
-            sumy += yb->bsums[half*(QK_MCQ/16) + j];
-        }
+        const int sumi = mcq_block_isum(bits, blk, yb->qs + half*QK_MCQ);
+        const int sumy = mcq_q8k_half_sum(yb, half);
         sumf += (d*yb->d)*(float) sumi + (m*yb->d)*(float) sumy;
     }
     *s = sumf;
@@ -230,7 +232,7 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_avx2_impl(
         const int bits, const int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
     assert(n % QK_K == 0);
     const int          nb = n / QK_MCQ;
-    const size_t       bb = 4 + (size_t) bits*QK_MCQ/8;
+    const size_t       bb = (size_t) MCQ_HD_BLOCK_BYTES(bits);
     const uint8_t    * x  = (const uint8_t *) vx;
     const block_q8_K * y  = (const block_q8_K *) vy;
 
@@ -303,7 +305,7 @@ static MCQ_FORCE_INLINE void mcq_vec_dot_avx512_impl(
         const int bits, const int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
     assert(n % QK_K == 0);
     const int          nb = n / QK_MCQ;
-    const size_t       bb = 4 + (size_t) bits*QK_MCQ/8;
+    const size_t       bb = (size_t) MCQ_HD_BLOCK_BYTES(bits);
     const uint8_t    * x  = (const uint8_t *) vx;
     const block_q8_K * y  = (const block_q8_K *) vy;
 
@@ -372,13 +374,9 @@ static MCQ_FORCE_INLINE void mcq_tile_cols(const void * const * ys, const int nc
     for (int c = 0; c < nc; ++c) {
         const block_q8_K * yb   = (const block_q8_K *) ys[c] + kb/2;
         const int          half = kb & 1;
-        int s = 0;
-        for (int j = 0; j < QK_MCQ/16; ++j) {
-            s += yb->bsums[half*(QK_MCQ/16) + j];
-        }
         qy[c] = yb->qs + half*QK_MCQ;
         dy[c] = yb->d;
-        sy[c] = yb->d * (float) s;
+        sy[c] = yb->d * (float) mcq_q8k_half_sum(yb, half);
     }
 }
 #endif
@@ -445,7 +443,7 @@ static MCQ_FORCE_INLINE void mcq_tile_isum4_avx512(const __m512i * W, const int8
 static MCQ_FORCE_INLINE void mcq_gemm_tile_simd(const int bits, const int n, const uint8_t * w, const size_t w_row,
                                                 const int nr, const void * const * ys, const int nc, float * const * dsts) {
     const int    nb = n / QK_MCQ;
-    const size_t bb = 4 + (size_t) bits*QK_MCQ/8;
+    const size_t bb = (size_t) MCQ_HD_BLOCK_BYTES(bits);
     __m512  acc[MCQ_TILE];
     __m512i W[QK_MCQ/4];
     for (int c = 0; c < nc; ++c) {
@@ -603,7 +601,7 @@ static MCQ_FORCE_INLINE void mcq_tile_isum_avx2(__m256i (*W)[2], const int8_t * 
 static MCQ_FORCE_INLINE void mcq_gemm_tile_simd(const int bits, const int n, const uint8_t * w, const size_t w_row,
                                                 const int nr, const void * const * ys, const int nc, float * const * dsts) {
     const int    nb = n / QK_MCQ;
-    const size_t bb = 4 + (size_t) bits*QK_MCQ/8;
+    const size_t bb = (size_t) MCQ_HD_BLOCK_BYTES(bits);
     __m256 acc[MCQ_TILE][2];
     __m256i W[QK_MCQ/4][2];                  // W[g][h]: rows 8h..8h+7
     for (int c = 0; c < nc; ++c) {
@@ -720,7 +718,7 @@ void mcq_gemm_tile_ref(enum ggml_type type, int n, const void * w, size_t w_row,
                        float * const * dsts) {
     const int bits = mcq_type_bits(type);
     GGML_ASSERT(bits != 0 && n % QK_K == 0 && nr >= 1 && nr <= MCQ_TILE && nc >= 1 && nc <= MCQ_TILE);
-    const size_t bb = 4 + (size_t) bits*QK_MCQ/8;
+    const size_t bb = (size_t) MCQ_HD_BLOCK_BYTES(bits);
     for (int c = 0; c < nc; ++c) {
         for (int r = 0; r < nr; ++r) {
             float acc = 0.0f;
@@ -731,13 +729,8 @@ void mcq_gemm_tile_ref(enum ggml_type type, int n, const void * w, size_t w_row,
                 uint16_t d16, m16;
                 memcpy(&d16, blk, 2);
                 memcpy(&m16, blk + 2, 2);
-                int isum = 0, s = 0;
-                for (int i = 0; i < QK_MCQ; ++i) {
-                    isum += mcq_code_at(bits, blk + 4, i) * yb->qs[half*QK_MCQ + i];
-                }
-                for (int j = 0; j < QK_MCQ/16; ++j) {
-                    s += yb->bsums[half*(QK_MCQ/16) + j];
-                }
+                const int isum = mcq_block_isum(bits, blk, yb->qs + half*QK_MCQ);
+                const int s    = mcq_q8k_half_sum(yb, half);
                 // the tile kernels' order of operations (see the tiles section), fmaf for their fused steps
                 acc = fmaf((float) isum, GGML_CPU_FP16_TO_FP32(d16) * yb->d, acc);
                 acc = fmaf(GGML_CPU_FP16_TO_FP32(m16), yb->d * (float) s, acc);

@@ -1,5 +1,5 @@
 // mcmoe-gguf: CUDA kernels of the mcq1..mcq4 types (see mcq.cuh). Every decode step is a helper of
-// ../ggml/mcq-common.h, the header the CPU reference and tests/test_cuda_helpers.py run on the host.
+// ../ggml/mcq-common.h, the header the CPU reference and tests/engine/test_cuda_helpers.py run on the host.
 #include "mcq.cuh"
 
 #include "mmvq.cuh"    // MMVQ_MAX_BATCH_SIZE

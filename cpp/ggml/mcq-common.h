@@ -4,7 +4,7 @@
 // int8 activations (Q8_1: d_y, s_y = d_y * sum)", compiled by
 //   - the CPU reference dequantization (mcq.c, C),
 //   - the CUDA kernels (cpp/ggml-cuda/mcq.cu, as __host__ __device__),
-//   - the host tests (tests/test_cuda_helpers.py builds them with gcc and compares with formats.py).
+//   - the host tests (tests/engine/test_cuda_helpers.py builds them with gcc and compares with formats.py).
 // Plain C99 / C++ / CUDA; depends on <stdint.h> (and <string.h> on the host) only.
 //
 // Blocks are addressed as bytes: blk[0..1] = fp16 d, blk[2..3] = fp16 m (little-endian), the code planes

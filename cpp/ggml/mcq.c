@@ -1,6 +1,6 @@
 // mcmoe-gguf: reference quantize / dequantize of the mcq types (see mcq.h, docs/FORMAT.md).
 //
-// Bit-exactness with mcmoe_gguf/formats.py (torch float32 eager ops):
+// Bit-exactness with mcmoe_gguf/quant/formats.py (torch float32 eager ops):
 //  - every operation is one float32 IEEE operation in the order formats.py performs it; no FMA
 //    contraction (this file is compiled with -ffp-contract=off, see the CMake hook, and the pragmas below);
 //  - rounding to the grid is nearbyintf (ties to even) on a true float32 division, clamped;
@@ -202,7 +202,7 @@ static void mcq_pack_block(const float * w, int bits, float d, float m, uint8_t 
 }
 
 static size_t mcq_block_bytes(int bits) {
-    return 4 + (size_t) bits * QK_MCQ / 8;
+    return (size_t) MCQ_HD_BLOCK_BYTES(bits);
 }
 
 void mcq_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k, int method) {

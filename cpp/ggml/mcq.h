@@ -1,9 +1,9 @@
 // mcmoe-gguf: the mcq1 / mcq2 / mcq3 / mcq4 tensor types of ggml (docs/FORMAT.md is authoritative).
 //
 // Block of QK_MCQ = 128 consecutive weights of a row: fp16 scale d, fp16 min m, then the code planes;
-// value = fp32(m) + fp32(d) * q, q in [0, 2^bits - 1]. mcmoe_gguf/formats.py is the Python twin:
+// value = fp32(m) + fp32(d) * q, q in [0, 2^bits - 1]. mcmoe_gguf/quant/formats.py is the Python twin:
 // the reference quantizer here produces the same bytes as formats.quantize(w, bits, "minmax" | "mse")
-// and the dequantization equals formats.dequantize bit for bit (tests/test_ggml_types.py).
+// and the dequantization equals formats.dequantize bit for bit (tests/engine/test_ggml_types.py).
 //
 // This header is compiled into ggml-base (mcq.c) and included by ggml.c (type traits, quantize_chunk),
 // ggml-quants.c (row validation) and the CPU backend (mcmoe/ggml-cpu). It depends on ggml.h only.

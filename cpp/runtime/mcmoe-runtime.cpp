@@ -2,7 +2,7 @@
 //
 // The hash of our sources (cpp/ + patches/) is computed by scripts/build_runtime.py and
 // written to mcmoe-source-hash.h next to this directory in the patched tree; Python
-// recomputes it from the checkout and compares (mcmoe_gguf/runtime.py).
+// recomputes it from the checkout and compares (mcmoe_gguf/engine/libllama.py).
 #include "mcmoe-runtime.h"
 
 #include "mcmoe-source-hash.h"
