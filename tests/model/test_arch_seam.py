@@ -46,21 +46,6 @@ def toy_attn_keys(i: int) -> dict[str, str]:
             "attn_norm": p + "norm1", "ffn_norm": p + "norm2"}
 
 
-def toy_decoder_layer_from(ck, i: int, dtype=torch.float32):
-    """The same torch math (the adapter may reuse another's modules), filled from the toy's own keys."""
-    layer = mx.DecoderLayer(ck.hp)
-    k = toy_attn_keys(i)
-    sd = {"input_layernorm.weight": ck.get(k["attn_norm"]), "post_attention_layernorm.weight": ck.get(k["ffn_norm"]),
-          "self_attn.q_proj.weight": ck.get(k["q"]), "self_attn.k_proj.weight": ck.get(k["k"]),
-          "self_attn.v_proj.weight": ck.get(k["v"]), "self_attn.o_proj.weight": ck.get(k["o"]),
-          "block_sparse_moe.gate.weight": ck.router(i)}
-    for proj in ("w1", "w2", "w3"):
-        for e, w in enumerate(ck.experts(i, proj)):
-            sd[f"block_sparse_moe.experts.{e}.{proj}.weight"] = w
-    layer.load_state_dict({n: t.to(dtype) for n, t in sd.items()})
-    return layer.eval()
-
-
 TOY = types.SimpleNamespace(
     NAME="toymoe", ARCHITECTURES=("ToyMoeForCausalLM",), GGUF_ARCH="llama", HParams=ToyHParams,
     GLOBAL_KEYS={"embed": "tok", "norm": "final_norm", "lm_head": "head"},
@@ -69,7 +54,8 @@ TOY = types.SimpleNamespace(
     fused_gate_up_key=lambda l: f"blocks.{l}.ffn.fused_gate_up",
     fused_down_key=lambda l: f"blocks.{l}.ffn.fused_down",
     fused_router_key=lambda l: f"blocks.{l}.fused_router",
-    attn_keys=toy_attn_keys, decoder_layer_from=toy_decoder_layer_from, rope_tables=mx.rope_tables,
+    attn_keys=toy_attn_keys, rope_tables=mx.rope_tables,
+    decoder_layer_from=mx.decoder_layer_from,       # the same math, read through the toy's keys (ck.arch)
     CompactModel=mx.CompactMixtral, permute_qk=mx.permute_qk, gguf_metadata=mx.gguf_metadata)
 
 

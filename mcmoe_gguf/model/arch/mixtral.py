@@ -297,9 +297,10 @@ CompactModel = CompactMixtral   # the adapter interface's name (arch/__init__.py
 
 # --------------------------------------------------------------------- one layer from a checkpoint
 def decoder_layer_from(ck, i: int, dtype=torch.float32) -> DecoderLayer:
-    """Decoder layer i of a Checkpoint as a compact torch module (the only layer in memory)."""
+    """Decoder layer i of a Checkpoint as a compact torch module (the only layer in memory). Key names come
+    from the checkpoint's adapter, so another architecture with this layer's math can reuse it."""
     layer = DecoderLayer(ck.hp)
-    k = attn_keys(i)
+    k = ck.arch.attn_keys(i)
     sd = {"input_layernorm.weight": ck.get(k["attn_norm"]), "post_attention_layernorm.weight": ck.get(k["ffn_norm"]),
           "self_attn.q_proj.weight": ck.get(k["q"]), "self_attn.k_proj.weight": ck.get(k["k"]),
           "self_attn.v_proj.weight": ck.get(k["v"]), "self_attn.o_proj.weight": ck.get(k["o"]),
