@@ -50,7 +50,6 @@ def fake_quant_model(outdir: str | Path):
 
     from mcmoe_gguf.model.checkpoint import Checkpoint
     from mcmoe_gguf.quant.formats import stock_quantize
-    from mcmoe_gguf.quant.pmq import dequantized_state
     from mcmoe_gguf.quant.workdir import WorkDir
     wd = WorkDir(outdir)
     cfg = wd.config()
@@ -62,7 +61,7 @@ def fake_quant_model(outdir: str | Path):
     model.model.norm.weight.data.copy_(sd["norm"])
     out = torch.from_numpy(stock_quantize(sd["lm_head"], cfg["output_type"])[1]) if "lm_head" in sd else emb
     model.lm_head.weight.data.copy_(out)
-    quantized = dequantized_state(outdir)
+    quantized = wd.dequantized_state()
     for i in range(ck.hp.num_hidden_layers):
         layer = ck.arch.decoder_layer_from(ck, i)
         prefix = f"model.layers.{i}."

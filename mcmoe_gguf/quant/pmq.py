@@ -33,6 +33,7 @@ from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant.calibration import LayerStats, calibration_tokens, expert_inner, moe_stats, odp_mu, rtn_dequant
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant.gptq import GPTQ, rtn
+from mcmoe_gguf.quant.budget import check_row_lengths, expert_params, size_report
 from mcmoe_gguf.quant.workdir import WorkDir, WorkdirMismatch  # noqa: F401  (WorkdirMismatch: part of this API)
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -64,11 +65,6 @@ class PMQConfig:
 def _packed(res, bits: int) -> dict:
     return {"bits": bits, "shape": list(res.codes.shape),
             "data": torch.from_numpy(formats.pack(res.codes, res.scale, res.mn, bits))}
-
-
-def dequantize_entry(entry: dict) -> torch.Tensor:
-    out, n = entry["shape"]
-    return torch.from_numpy(formats.dequantize(entry["data"].numpy(), entry["bits"], n)).reshape(out, n)
 
 
 # ------------------------------------------------------------------------------------- allocation
@@ -264,21 +260,6 @@ def _load_state(path: Path, cfg: PMQConfig) -> torch.Tensor:
     return torch.load(path).to(cfg.device)
 
 
-def expert_params(hp) -> np.ndarray:
-    return np.full((hp.num_hidden_layers, hp.num_local_experts), 3 * hp.hidden_size * hp.intermediate_size)
-
-
-def check_row_lengths(hp) -> None:
-    """The engine's CPU kernels read activations per 256 (Q8_K, docs/FORMAT.md), so every row of an mcq
-    matrix (the input dimension of each projection) must be a multiple of 256: refuse before hours of work."""
-    dims = {"hidden_size": hp.hidden_size, "intermediate_size": hp.intermediate_size,
-            "num_attention_heads * head_dim": hp.num_attention_heads * hp.d_head}
-    bad = {k: v for k, v in dims.items() if v % formats.ROW_MULTIPLE}
-    if bad:
-        raise ValueError(f"the mcq types need input dimensions that are multiples of {formats.ROW_MULTIPLE}; this model has "
-                         + ", ".join(f"{k}={v}" for k, v in bad.items()))
-
-
 def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress: bool = True) -> dict:
     ck = Checkpoint(model_dir)
     hp = ck.hp
@@ -338,36 +319,3 @@ def finish(wd: WorkDir | Path, ck: Checkpoint) -> dict:
               **size_report(ck, bits, cfg["attn_bits"], cfg["embed_type"], cfg["output_type"])}
     wd.save(report, wd.allocation_path, as_json=True)
     return report
-
-
-def _stock_bytes(n_params: int, name: str) -> int:
-    return n_params * 2 if name == "f16" else n_params // 32 * 34          # q8_0: fp16 d + 32 int8
-
-
-def size_report(ck: Checkpoint, bits: np.ndarray, attn_bits: int = 4, embed_type: str = "q8_0",
-                output_type: str = "q8_0") -> dict:
-    """Real bytes of the file this quantized state becomes (scales counted), experts and whole model."""
-    hp = ck.hp
-    n_exp = expert_params(hp)
-    exp_bytes = int(sum(int(n) * formats.block_bytes(int(b)) // formats.GROUP_SIZE
-                        for n, b in zip(n_exp.ravel(), bits.ravel())))
-    d, dh = hp.hidden_size, hp.d_head
-    attn_params = hp.num_hidden_layers * d * dh * (2 * hp.num_attention_heads + 2 * hp.num_key_value_heads)
-    attn_bytes = attn_params * formats.block_bytes(attn_bits) // formats.GROUP_SIZE
-    f32_params = hp.num_hidden_layers * (hp.num_local_experts * d + 2 * d) + d      # router + norms
-    vd = hp.vocab_size * d
-    emb_bytes = _stock_bytes(vd, embed_type) + (0 if hp.tie_word_embeddings else _stock_bytes(vd, output_type))
-    total_bytes = exp_bytes + attn_bytes + 4 * f32_params + emb_bytes
-    total_params = int(n_exp.sum()) + attn_params + f32_params + vd * (1 if hp.tie_word_embeddings else 2)
-    return {"expert_bytes": exp_bytes, "expert_bpw": 8 * exp_bytes / int(n_exp.sum()),
-            "total_bytes": total_bytes, "total_bpw": 8 * total_bytes / total_params}
-
-
-def dequantized_state(outdir: Path) -> dict[str, torch.Tensor]:
-    """HF-key state dict of every quantized tensor, dequantized (torch fake-quant of the stored bytes)."""
-    sd = {}
-    for f in WorkDir(outdir).layer_files():
-        d = torch.load(f)
-        for name, entry in d["tensors"].items():
-            sd[f"model.layers.{d['layer']}.{name}.weight"] = dequantize_entry(entry)
-    return sd

@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+from mcmoe_gguf.quant import formats
+
 
 class WorkdirMismatch(ValueError):
     pass
@@ -118,3 +120,22 @@ class WorkDir:
     def all_stats(self) -> list[dict]:
         """The quantized run's per-layer statistics, in layer order."""
         return [json.loads(p.read_text()) for p in sorted((self.path / "stats").glob("layer_*.json"))]
+
+    # ---------------------------------------------------------------- the quantized state
+    def dequantized_state(self) -> dict:
+        """HF-key state dict of every quantized tensor of the run, dequantized from its stored bytes (what
+        llama.cpp computes with, up to float rounding): the torch fake-quant model's weights."""
+        import torch
+        sd = {}
+        for f in self.layer_files():
+            d = torch.load(f)
+            for name, entry in d["tensors"].items():
+                sd[f"model.layers.{d['layer']}.{name}.weight"] = dequantize_entry(entry)
+        return sd
+
+
+def dequantize_entry(entry: dict):
+    """One stored tensor of a layer file ({bits, shape, data}) as float32 [out, in]."""
+    import torch
+    out, n = entry["shape"]
+    return torch.from_numpy(formats.dequantize(entry["data"].numpy(), entry["bits"], n)).reshape(out, n)

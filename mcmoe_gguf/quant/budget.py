@@ -1,0 +1,48 @@
+"""What a quantized model costs: real bytes of its file (block scales counted), per expert and in total.
+
+PMQ's budgets ("2.5" real expert bpw, "13GB") and allocation.json's accounting both come from here, with
+the block sizes of formats.py, so the numbers match the bytes the writer produces (tests/quant/test_pmq.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mcmoe_gguf.quant import formats
+
+
+def expert_params(hp) -> np.ndarray:
+    return np.full((hp.num_hidden_layers, hp.num_local_experts), 3 * hp.hidden_size * hp.intermediate_size)
+
+
+def check_row_lengths(hp) -> None:
+    """The engine's CPU kernels read activations per 256 (Q8_K, docs/FORMAT.md), so every row of an mcq
+    matrix (the input dimension of each projection) must be a multiple of 256: refuse before hours of work."""
+    dims = {"hidden_size": hp.hidden_size, "intermediate_size": hp.intermediate_size,
+            "num_attention_heads * head_dim": hp.num_attention_heads * hp.d_head}
+    bad = {k: v for k, v in dims.items() if v % formats.ROW_MULTIPLE}
+    if bad:
+        raise ValueError(f"the mcq types need input dimensions that are multiples of {formats.ROW_MULTIPLE}; this model has "
+                         + ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+
+def _stock_bytes(n_params: int, name: str) -> int:
+    return n_params * 2 if name == "f16" else n_params // 32 * 34          # q8_0: fp16 d + 32 int8
+
+
+def size_report(ck, bits: np.ndarray, attn_bits: int = 4, embed_type: str = "q8_0",
+                output_type: str = "q8_0") -> dict:
+    """Real bytes of the file this quantized state becomes (scales counted), experts and whole model."""
+    hp = ck.hp
+    n_exp = expert_params(hp)
+    exp_bytes = int(sum(int(n) * formats.block_bytes(int(b)) // formats.GROUP_SIZE
+                        for n, b in zip(n_exp.ravel(), bits.ravel())))
+    d, dh = hp.hidden_size, hp.d_head
+    attn_params = hp.num_hidden_layers * d * dh * (2 * hp.num_attention_heads + 2 * hp.num_key_value_heads)
+    attn_bytes = attn_params * formats.block_bytes(attn_bits) // formats.GROUP_SIZE
+    f32_params = hp.num_hidden_layers * (hp.num_local_experts * d + 2 * d) + d      # router + norms
+    vd = hp.vocab_size * d
+    emb_bytes = _stock_bytes(vd, embed_type) + (0 if hp.tie_word_embeddings else _stock_bytes(vd, output_type))
+    total_bytes = exp_bytes + attn_bytes + 4 * f32_params + emb_bytes
+    total_params = int(n_exp.sum()) + attn_params + f32_params + vd * (1 if hp.tie_word_embeddings else 2)
+    return {"expert_bytes": exp_bytes, "expert_bpw": 8 * exp_bytes / int(n_exp.sum()),
+            "total_bytes": total_bytes, "total_bpw": 8 * total_bytes / total_params}
