@@ -285,7 +285,8 @@ def backend_ops(rep: Report, tools: Path, backend: str) -> None:
             "|---|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
 
 
-ODP_ON = ["--override-kv", "mcmoe.odp.enabled=bool:true", "--override-kv", "mcmoe.odp.if_calibrated=bool:true"]
+# one flag, comma-separated: llama.cpp keeps only the last of repeated --override-kv flags
+ODP_ON = ["--override-kv", "mcmoe.odp.enabled=bool:true,mcmoe.odp.if_calibrated=bool:true"]
 ODP_OFF = ["--override-kv", "mcmoe.odp.enabled=bool:false"]
 
 

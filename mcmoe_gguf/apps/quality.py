@@ -26,7 +26,6 @@ _SUMMARY = {
     "kld": rf"^Mean\s+KLD:{_PM}",
     "top1": rf"^Same top p:{_PM}\s*%",
 }
-ODP_OFF = ("--override-kv", "mcmoe.odp.enabled=bool:false")
 
 
 @dataclass
@@ -41,6 +40,7 @@ class Quality:
     top1: float              # % of tokens whose most likely next token is the same as F16's
     top1_se: float
     chunks: int              # chunks scored
+    skipped: float | None = None   # ODP: fraction of routed expert evaluations pruned (engine counters)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,11 +62,15 @@ def parse_kld(output: str, name: str = "") -> Quality:
 
 
 def _perplexity(*args, tries: int = 8) -> str:
-    """llama-perplexity's output, rerun while its summary is missing (see parse_kld)."""
+    """llama-perplexity's output, rerun while its summary is missing (see parse_kld). MCMOE_ODP_REPORT=1: the
+    engine prints its ODP counters at exit."""
+    import os
+
     from mcmoe_gguf.engine.runtime import run_tool
     out = ""
     for _ in range(tries):
-        r = run_tool("llama-perplexity", *args, capture_output=True, text=True)
+        r = run_tool("llama-perplexity", *args, capture_output=True, text=True, line_buffered=True,
+                     env=dict(os.environ, MCMOE_ODP_REPORT="1"))
         out = r.stdout + r.stderr
         if r.returncode != 0:
             raise RuntimeError(f"llama-perplexity failed ({r.returncode}): {out[-2000:]}")
@@ -87,17 +91,35 @@ def kld_base(f16: Path, text_file: Path, out: Path, ctx: int = 256, chunks: int 
     if not out.exists():
         tmp = out.with_name(out.name + ".partial")
         _perplexity("-m", str(f16), "--kl-divergence-base", str(tmp), *_common(text_file, ctx, chunks, threads),
-                    *ODP_OFF)
+                    *odp_args(False))
         tmp.replace(out)
     return out
 
 
+def odp_args(odp: bool | dict) -> list[str]:
+    """llama.cpp --override-kv flags for ODP: False (off), True (the file's settings) or a dict of
+    engine.odp.overrides' knobs (protect, mu_scale, mu, importance) plus flash_attn."""
+    from mcmoe_gguf.engine.odp import overrides
+    kw = dict(odp) if isinstance(odp, dict) else {"odp": bool(odp)}
+    fa = kw.pop("flash_attn", False)
+    kv = []
+    for k, v in overrides(**kw).items():
+        typ = "bool" if isinstance(v, bool) else "str" if isinstance(v, str) else "float"
+        kv.append(f"{k}={typ}:{str(v).lower() if typ == 'bool' else v}")
+    # one flag, comma-separated: llama.cpp keeps only the last of repeated --override-kv flags
+    return ["-fa", "on" if fa else "off", "--override-kv", ",".join(kv)]
+
+
 def score(path: Path, base: Path, text_file: Path, name: str | None = None, ctx: int = 256,
-          chunks: int | None = None, threads: int = 2, odp: bool = False) -> Quality:
-    """One file against the saved F16 logits (same text, ctx and chunks as kld_base)."""
+          chunks: int | None = None, threads: int = 2, odp: bool | dict = False) -> Quality:
+    """One file against the saved F16 logits (same text, ctx and chunks as kld_base); ODP as odp_args."""
     out = _perplexity("-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence",
-                      *_common(text_file, ctx, chunks, threads), *(() if odp else ODP_OFF))
-    return parse_kld(out, name or Path(path).name)
+                      *_common(text_file, ctx, chunks, threads), *odp_args(odp))
+    q = parse_kld(out, name or Path(path).name)
+    m = re.findall(r"mcmoe-odp: total: (\d+) of (\d+) slots pruned", out)
+    if m and int(m[-1][1]):
+        q.skipped = int(m[-1][0]) / int(m[-1][1])
+    return q
 
 
 def markdown(rows: list[Quality], sizes: dict[str, dict] | None = None) -> str:

@@ -155,12 +155,17 @@ def tools_dir() -> Path:
     return Path(json.loads(marker.read_text())["tools"])
 
 
-def run_tool(name: str, *args: str, **kw):
-    """Run a llama.cpp tool of the patched build (its shared libraries sit beside it)."""
+def run_tool(name: str, *args: str, line_buffered: bool = False, **kw):
+    """Run a llama.cpp tool of the patched build (its shared libraries sit beside it). line_buffered: its
+    stdout line by line through coreutils' stdbuf where present: llama.cpp's logger can exit with a full
+    stdio buffer unwritten when stdout is a pipe (upstream #22142), which loses whole result tables."""
+    import shutil
     import subprocess
     d = tools_dir()
     exe = d / name
     if not exe.exists():
         raise RuntimeMismatch(f"{exe} not found; {REBUILD_HINT}")
-    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(d), os.environ.get("LD_LIBRARY_PATH")])))
-    return subprocess.run([str(exe), *map(str, args)], env=env, **kw)
+    base = kw.pop("env", None) or os.environ       # the caller's environment, if given, plus our libraries
+    env = dict(base, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(d), base.get("LD_LIBRARY_PATH")])))
+    pre = ["stdbuf", "-oL", "-eL"] if line_buffered and shutil.which("stdbuf") else []
+    return subprocess.run([*pre, str(exe), *map(str, args)], env=env, **kw)

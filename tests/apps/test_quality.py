@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mcmoe_gguf.apps.quality import Quality, kld_base, markdown, parse_kld, score
+from mcmoe_gguf.apps.quality import Quality, kld_base, markdown, odp_args, parse_kld, score
 
 SUMMARY = """
 chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS            Same top p
@@ -51,3 +51,19 @@ def test_f16_against_itself_and_a_pmq_file(micro, micro_f16, pmq_file, tmp_path)
     assert q.kld > 1e-4 and q.top1 < 100.0 and q.kld_se > 0
     table = markdown([same, q], {"F16": {"bytes": 1000, "bpw": 16.0, "expert_bpw": 16.0}})
     assert "| F16 | 1,000 | 16.000 | 16.000 |" in table and "| PMQ | | | |" in table
+
+
+def test_odp_flags_and_counters(micro, micro_f16, pmq_file, tmp_path):
+    assert odp_args(False) == ["-fa", "off", "--override-kv", "mcmoe.odp.enabled=bool:false"]
+    args = odp_args({"protect": 0.05, "importance": "norm", "flash_attn": True})
+    assert args[:3] == ["-fa", "on", "--override-kv"] and len(args) == 4
+    assert set(args[3].split(",")) == {"mcmoe.odp.enabled=bool:true", "mcmoe.odp.protect=float:0.05",
+                                       "mcmoe.odp.importance=str:norm", "mcmoe.odp.if_calibrated=bool:true"}
+    text = micro["ck"] / "calib.txt"
+    base = kld_base(micro_f16, text, tmp_path / "f16.kld", ctx=64, chunks=4)
+    off = score(pmq_file, base, text, "off", ctx=64, chunks=4)
+    on = score(pmq_file, base, text, "on", ctx=64, chunks=4, odp=True)
+    more = score(pmq_file, base, text, "x2", ctx=64, chunks=4, odp={"mu_scale": 2.0})
+    assert off.skipped is None                                   # the op never ran: no counters printed
+    assert 0 < on.skipped < more.skipped <= 0.5                  # at most the second of two experts
+    assert more.kld > off.kld
