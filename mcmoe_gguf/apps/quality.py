@@ -12,7 +12,7 @@ choices (KLD and top-1 show it), and on a weakly trained model PPL barely moves 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 _F = r"(-?(?:\d+(?:\.\d*)?|nan|inf))"
@@ -42,9 +42,6 @@ class Quality:
     chunks: int              # chunks scored
     skipped: float | None = None   # ODP: fraction of routed expert evaluations pruned (engine counters)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def parse_kld(output: str, name: str = "") -> Quality:
     """The summary of a llama-perplexity --kl-divergence run; ValueError naming the missing line if the
@@ -69,7 +66,7 @@ def _perplexity(*args, tries: int = 8) -> str:
     from mcmoe_gguf.engine.runtime import run_tool
     out = ""
     for _ in range(tries):
-        r = run_tool("llama-perplexity", *args, capture_output=True, text=True, line_buffered=True,
+        r = run_tool("llama-perplexity", *args, capture_output=True, text=True,
                      env=dict(os.environ, MCMOE_ODP_REPORT="1"))
         out = r.stdout + r.stderr
         if r.returncode != 0:

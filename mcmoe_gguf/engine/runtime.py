@@ -155,11 +155,9 @@ def tools_dir() -> Path:
     return Path(json.loads(marker.read_text())["tools"])
 
 
-def run_tool(name: str, *args: str, line_buffered: bool = False, **kw):
-    """Run a llama.cpp tool of the patched build (its shared libraries sit beside it). line_buffered: its
-    stdout line by line through coreutils' stdbuf where present: llama.cpp's logger can exit with a full
-    stdio buffer unwritten when stdout is a pipe (upstream #22142), which loses whole result tables."""
-    import shutil
+def run_tool(name: str, *args: str, **kw):
+    """Run a llama.cpp tool of the patched build (its shared libraries sit beside it); env, if given, is the
+    tool's environment (our library directory is added to its LD_LIBRARY_PATH)."""
     import subprocess
     d = tools_dir()
     exe = d / name
@@ -167,5 +165,4 @@ def run_tool(name: str, *args: str, line_buffered: bool = False, **kw):
         raise RuntimeMismatch(f"{exe} not found; {REBUILD_HINT}")
     base = kw.pop("env", None) or os.environ       # the caller's environment, if given, plus our libraries
     env = dict(base, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(d), base.get("LD_LIBRARY_PATH")])))
-    pre = ["stdbuf", "-oL", "-eL"] if line_buffered and shutil.which("stdbuf") else []
-    return subprocess.run([*pre, str(exe), *map(str, args)], env=env, **kw)
+    return subprocess.run([str(exe), *map(str, args)], env=env, **kw)

@@ -36,8 +36,6 @@ from mcmoe_gguf.quant.gptq import GPTQ, rtn
 from mcmoe_gguf.quant.budget import check_row_lengths, expert_params, size_report
 from mcmoe_gguf.quant.workdir import WorkDir, WorkdirMismatch  # noqa: F401  (WorkdirMismatch: part of this API)
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-
 
 @dataclass
 class PMQConfig:

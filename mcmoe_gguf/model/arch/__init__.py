@@ -35,7 +35,9 @@ class Adapter(Protocol):
     # torch: decoder layer i of a Checkpoint as a module with input_layernorm, self_attn (q_proj, k_proj,
     # v_proj, o_proj; called as self_attn(x, cos, sin)), post_attention_layernorm, moe (gate, route(x),
     # experts[e].w1/w2/w3; its parameters named block_sparse_moe.*), called as layer(x, cos, sin) ->
-    # (out, aux, counts); the rotary tables; the whole model for fake-quant evaluation
+    # (out, aux, counts); the rotary tables; the whole model for fake-quant evaluation: CompactModel(hp)
+    # with model.embed_tokens, model.layers (decoder layers as above), model.norm and lm_head, called
+    # as model(tokens) -> (logits, ...)
     decoder_layer_from: Callable
     rope_tables: Callable
     CompactModel: Any
