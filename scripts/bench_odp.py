@@ -60,7 +60,7 @@ def files() -> dict[str, Path]:
     if not pmq.exists():
         pmq = d / "tiny-pmq-2.5.gguf"
         if not pmq.exists():
-            quantize(model, d / "pmq-2.5", PMQConfig(budget="2.5", n_seq=64, seq_len=256))
+            quantize(model, d / "pmq-2.5", PMQConfig(budget="2.5", n_seq=64, seq_len=256, mix="q8"))
             export_pmq(d / "pmq-2.5", pmq)
     return {"F16": f16, "PMQ 2.5": pmq}
 

@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
-"""Our PMQ files against llama.cpp's own low-bit types on the tiny model: bytes vs held-out perplexity.
+"""Our PMQ files against llama.cpp's own low-bit types on a tiny model: bytes vs held-out perplexity.
 
-    .venv/bin/python scripts/bench_quality.py [--budgets 2.0,2.5,3.0] [--max-chunks 200] [--write-results]
+    .venv/bin/python scripts/bench_quality.py [--preset bench] [--budgets 2.0,2.5] [--mixes auto,q8]
+                                              [--max-chunks 200] [--write-results]
+
+--preset: "default" (the demo's weakly trained model) or "bench" (trained ~10x longer: low-bit types
+visibly hurt it, model/tiny.py). --mixes: the types outside the experts (quant/mixes.py), one PMQ file
+per budget and mix ("auto" = llama.cpp's own choice at the nearest width; "q8" = Q8_0 ends and mcq4
+attention, the files before issue 13).
 
 All files come from the same F16 GGUF (stock types via llama-quantize with an importance matrix computed
 by llama-imatrix on the calibration split; ours via PMQ on the same split) and are scored by the patched
@@ -20,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mcmoe_gguf.apps.baselines import STOCK_TYPES, imatrix, stock_quantize  # noqa: E402
+from mcmoe_gguf.apps.baselines import imatrix, stock_quantize  # noqa: E402
 from mcmoe_gguf.base.cache import cache_dir  # noqa: E402
 from results_md import machine, replace_section  # noqa: E402
 from mcmoe_gguf.apps.quality import kld_base, markdown, score  # noqa: E402
@@ -29,15 +35,22 @@ from mcmoe_gguf.quant.pmq import PMQConfig, quantize  # noqa: E402
 from mcmoe_gguf.apps.inspect import gguf_sizes  # noqa: E402
 from mcmoe_gguf.model.tiny import tiny_model  # noqa: E402
 
+# the issue's comparison points (llama.cpp's default mixes), and the two 1-2 bit scalar types
+STOCK = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "Q4_K_M", "Q2_0", "Q1_0")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="default", choices=["default", "bench"], help="which tiny model")
     ap.add_argument("--budgets", default="1.625,2.0,2.5,3.0", help="PMQ real expert bpw budgets")
+    ap.add_argument("--mixes", default="auto", help="comma-separated mixes outside the experts (auto, q8, stock:<ftype>)")
+    ap.add_argument("--stock", default=",".join(STOCK), help="llama.cpp types to compare with")
     ap.add_argument("--max-chunks", type=int, default=200, help="held-out chunks of 256 tokens (llama-perplexity "
                     "scores the second half of each)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
-    model = tiny_model()
+    model = tiny_model(a.preset)
     d = cache_dir("bench", model.name, "quality")
     f16 = d / "tiny-f16.gguf"
     if not f16.exists():
@@ -45,11 +58,14 @@ def main() -> int:
     im = imatrix(f16, model / "calib.txt", d / "imatrix.gguf", chunks=128, threads=a.threads)
     files = [("F16", f16)]
     files += [(f"llama.cpp {t} + imatrix", stock_quantize(f16, t, d / f"tiny-{t.lower()}.gguf", im, a.threads))
-              for t in STOCK_TYPES]
-    for b in a.budgets.split(","):
-        work = d / f"pmq-{b}"
-        quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256), progress=False)
-        files.append((f"mcmoe PMQ {b}", export_pmq(work, d / f"tiny-pmq-{b}.gguf", force=True, progress=False)))
+              for t in a.stock.split(",")]
+    for mix in a.mixes.split(","):
+        for b in a.budgets.split(","):
+            tag = b if mix == "q8" else f"{b}-{mix.replace(':', '_')}"     # q8: the cached runs of before
+            work = d / f"pmq-{tag}"
+            quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix), progress=False)
+            files.append((f"mcmoe PMQ {b} {mix}", export_pmq(work, d / f"tiny-pmq-{tag}.gguf", force=True,
+                                                             progress=False)))
     text = model / "eval.txt"
     base = kld_base(f16, text, d / f"f16-{a.max_chunks}.kld", ctx=256, chunks=a.max_chunks, threads=a.threads)
     rows, sizes = [], {}
@@ -60,22 +76,24 @@ def main() -> int:
     rows.sort(key=lambda r: sizes[r.name]["bytes"])
     table = markdown(rows, sizes)
     print(table)
-    plot(rows, sizes, REPO / "docs" / "quality_pareto.png")
+    png = "quality_pareto.png" if a.preset == "default" else f"quality_pareto_{a.preset}.png"
+    plot(rows, sizes, REPO / "docs" / png, a.preset)
     if a.write_results:
-        write_results(table, a)
+        write_results(table, a, png)
     return 0
 
 
-def plot(rows, sizes, png: Path) -> None:
+def plot(rows, sizes, png: Path, preset: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     mib = {r.name: sizes[r.name]["bytes"] / 2**20 for r in rows}
     for ax, key, label in ((axes[0], "ratio", "PPL / PPL(F16)"), (axes[1], "kld", "mean KLD vs F16 (nats/token)")):
-        ours = [r for r in rows if r.name.startswith("mcmoe")]
-        ax.errorbar([mib[r.name] for r in ours], [getattr(r, key) for r in ours],
-                    yerr=[getattr(r, key + "_se") for r in ours], fmt="o-", lw=2, label="mcmoe PMQ")
+        for mix in sorted({r.name.split()[-1] for r in rows if r.name.startswith("mcmoe")}):
+            ours = [r for r in rows if r.name.startswith("mcmoe") and r.name.endswith(" " + mix)]
+            ax.errorbar([mib[r.name] for r in ours], [getattr(r, key) for r in ours],
+                        yerr=[getattr(r, key + "_se") for r in ours], fmt="o-", lw=2, label=f"mcmoe PMQ, {mix} mix")
         for r in rows:
             if r.name.startswith("llama.cpp"):
                 ax.errorbar(mib[r.name], getattr(r, key), yerr=getattr(r, key + "_se"), fmt="s", color="gray")
@@ -85,17 +103,20 @@ def plot(rows, sizes, png: Path) -> None:
         ax.set_ylabel(label)
         ax.set_yscale("log")
         ax.legend()
-    fig.suptitle("tiny Mixtral: PMQ vs llama.cpp low-bit types (same F16, same imatrix text, same held-out tokens)")
+    fig.suptitle(f"tiny Mixtral ({preset}): PMQ vs llama.cpp low-bit types (same F16, same imatrix text, "
+                 "same held-out tokens)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
 
-def write_results(table: str, a) -> None:
-    block = (f"## Quality: PMQ files vs llama.cpp's low-bit types (tiny model, llama.cpp PPL, KLD, top-1 vs F16)\n\n"
-             f"`.venv/bin/python scripts/bench_quality.py --budgets {a.budgets} --max-chunks {a.max_chunks} "
-             f"--write-results` on {machine()}.\n\n{table}\n\n![Pareto](quality_pareto.png)")
-    replace_section("bench_quality", block)
+def write_results(table: str, a, png: str) -> None:
+    block = (f"## Quality: PMQ files vs llama.cpp's low-bit types ({a.preset} tiny model, llama.cpp PPL, KLD, "
+             f"top-1 vs F16)\n\n"
+             f"`.venv/bin/python scripts/bench_quality.py --preset {a.preset} --budgets {a.budgets} --mixes {a.mixes} "
+             f"--stock {a.stock} --max-chunks {a.max_chunks} --write-results` on {machine()}.\n\n{table}\n\n"
+             f"![Pareto]({png})")
+    replace_section("bench_quality" if a.preset == "default" else f"bench_quality_{a.preset}", block)
 
 
 if __name__ == "__main__":

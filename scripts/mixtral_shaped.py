@@ -142,13 +142,12 @@ def build_pmq(r: Recipe, d: Path, hf: Path, budget: str) -> Path:
 
 
 def _build_pmq(r: Recipe, d: Path, hf: Path, budget: str, out: Path) -> None:
-    from mcmoe_gguf.quant import formats
     from mcmoe_gguf.quant import pmq
     from mcmoe_gguf.quant.calibration import moe_stats, rtn_dequant
     from mcmoe_gguf.gguf.export import export_pmq
     work = d / f"pmq-{budget}.work"
     cfg = pmq.PMQConfig(budget=budget, method="rtn", param_method=r.pmq_fit, n_seq=r.pmq_n_seq, seq_len=256,
-                        calib_text=str(tiny_model() / "calib.txt"))
+                        calib_text=str(tiny_model() / "calib.txt"), mix="q8")
     saved = pmq.moe_stats
     if r.pmq_fit != "mse":
         pmq.moe_stats = partial(moe_stats, quantize=partial(rtn_dequant, method=r.pmq_fit))
@@ -156,14 +155,7 @@ def _build_pmq(r: Recipe, d: Path, hf: Path, budget: str, out: Path) -> None:
         pmq.quantize(hf, work, cfg, progress=True)
     finally:
         pmq.moe_stats = saved
-    # formats.stock_quantize (Q8_0 embeddings/output) hands a bf16 tensor to numpy, which has no bf16
-    # (TypeError): the tiny model is f32 so it never showed; cast here until formats._as_numpy does
-    stock = formats.stock_quantize
-    formats.stock_quantize = lambda w, name: stock(w.float() if isinstance(w, torch.Tensor) else w, name)
-    try:
-        export_pmq(work, out, progress=False)
-    finally:
-        formats.stock_quantize = stock
+    export_pmq(work, out, progress=False)
     shutil.rmtree(work)       # ~ the size of the file again; the GGUF is what is kept
 
 

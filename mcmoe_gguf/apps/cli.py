@@ -6,6 +6,13 @@ import sys
 from pathlib import Path
 
 from mcmoe_gguf.gguf.keys import IMPORTANCE_MODES, ODP_DEFAULT_PROTECT
+from mcmoe_gguf.model.tiny import PRESETS
+from mcmoe_gguf.quant.mixes import names as mix_names
+
+MIX_HELP = ("types of the tensors outside the experts: auto (default: llama.cpp's own choice for the stock "
+            "type of the nearest expert width, e.g. Q2_K embeddings, Q5_K output, Q4_K/Q5_K attention at ~2 "
+            "bits), stock:<ftype> (that stock type's choice), q8 (Q8_0 embeddings and output, mcq4 "
+            "attention: files before issue 13)")
 
 EPILOG = """examples:
   mcmoe-gguf tiny                                  train (or reuse) the embedded tiny Mixtral, print its path
@@ -30,10 +37,11 @@ def cmd_convert(a) -> int:
     from mcmoe_gguf.gguf.export import convert, export_pmq
     if a.from_workdir:
         out = export_pmq(a.model_dir, a.output, force=a.force, name=a.name)
-    elif a.bits:
+    elif a.bits or a.size:
         from mcmoe_gguf.quant.pmq import PMQConfig, quantize
         workdir = Path(a.workdir or f"{a.output}.pmq")
-        quantize(a.model_dir, workdir, PMQConfig(budget=a.bits, scope=a.scope, n_seq=a.n_seq, seq_len=a.seq_len,
+        quantize(a.model_dir, workdir, PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix,
+                                                 scope=a.scope, n_seq=a.n_seq, seq_len=a.seq_len,
                                                  calib_text=a.calib_text, device=a.device, eps_method=a.eps_method))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
@@ -116,9 +124,24 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _tensor_size(a) -> str | None:
+    """--size is the file's bytes: the header (metadata, vocabulary, tensor index) comes off first."""
+    if not a.size:
+        return None
+    from mcmoe_gguf.gguf.export import header_bytes
+    from mcmoe_gguf.quant.allocate import parse_budget
+    b = parse_budget(a.size)
+    if b.unit != "bytes":
+        raise ValueError(f"--size {a.size!r} is file bytes and needs a unit (e.g. 5MB, 13GB); for bits per "
+                         "weight use --bits")
+    return f"{int(b.value) - header_bytes(a.model_dir)}B"
+
+
 def cmd_quantize(a) -> int:
     from mcmoe_gguf.quant.pmq import PMQConfig, quantize
-    cfg = PMQConfig(budget=a.bits, scope=a.scope, strategy=a.strategy, method=a.method, alpha=a.alpha,
+    if a.bits and a.size:
+        raise ValueError("give --bits or --size, not both")
+    cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=a.scope, strategy=a.strategy, method=a.method, alpha=a.alpha,
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
                     eps_method=a.eps_method)
@@ -207,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("tiny", help="train or reuse the embedded tiny Mixtral (cached)")
-    s.add_argument("--preset", default="default", choices=["default", "smoke"],
-                   help="'smoke' trains briefly, for tests where quality does not matter")
+    s.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="'default': the demo's and CI's model; 'smoke' trains briefly, for tests where quality "
+                        "does not matter; 'bench': the benchmarks' model, trained ~1 h on speeches")
     s.add_argument("--print-path", action="store_true", help="print only the model directory")
     s.set_defaults(fn=cmd_tiny)
 
@@ -220,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="general.name in the file (default: the model directory's name)")
     s.add_argument("--bits", help="run PMQ at this budget (real expert bpw like 2.5, or bytes like 13GB) and write "
                    "per-expert 1/2/3-bit tensors (mcq types; needs the patched runtime to run)")
+    s.add_argument("--size", help="run PMQ so that the whole file has at most this many bytes (e.g. 13GB = 13e9, "
+                   "12GiB): the mix outside the experts first, the rest to the experts")
+    s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
     s.add_argument("--workdir", help="PMQ work directory (default OUT.gguf.pmq; resumable)")
     s.add_argument("--scope", choices=["layer", "model"], default="layer", help="PMQ allocation scope")
     s.add_argument("--n-seq", type=int, default=128, help="PMQ calibration sequences (default 128)")
@@ -273,8 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "finished layer with identical results.")
     s.add_argument("model_dir")
     s.add_argument("-o", "--output", required=True, help="work directory for the quantized state")
-    s.add_argument("--bits", default="2.5", help="budget: real expert bpw (scales counted, e.g. 2.5) or expert "
+    s.add_argument("--bits", help="budget: real expert bpw (scales counted, e.g. 2.5) or expert "
                    "bytes (e.g. 13GB = 13e9, 12GiB); default 2.5")
+    s.add_argument("--size", help="budget as whole-file bytes instead (e.g. 13GB): the mix outside the experts "
+                   "first, the rest to the experts")
+    s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
     s.add_argument("--scope", choices=["layer", "model"], default="layer",
                    help="one integer program per layer (paper) or one for the whole model")
     s.add_argument("--strategy", default="pmq", help="pmq | uniform:B | random:SEED | frequency | weight | eps")
@@ -288,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
     s.add_argument("--eps-method", choices=["mse", "minmax"], default="mse", help="grid fit of the RTN used for the eps statistics: mse (default, as the stored weights) or minmax (about 5x faster on Mixtral-size experts)")
     s.add_argument("--device", default="cpu", help="torch device for calibration and GPTQ (cpu, cuda, cuda:1)")
-    s.add_argument("--embed-type", choices=["q8_0", "f16"], default="q8_0", help="token embeddings (default q8_0)")
-    s.add_argument("--output-type", choices=["q8_0", "f16"], default="q8_0", help="output projection (default q8_0)")
+    s.add_argument("--embed-type", help="token embeddings in this ggml type (f16, q8_0, q4_k, ...) instead of the mix's")
+    s.add_argument("--output-type", help="output projection in this ggml type instead of the mix's")
     s.set_defaults(fn=cmd_quantize)
 
     s = sub.add_parser("ppl-torch", help="held-out perplexity of a quantized work directory (torch fake-quant)")
@@ -323,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_runtime)
 
     s = sub.add_parser("demo", help="tiny model -> GGUF -> generate -> torch vs llama.cpp perplexity")
-    s.add_argument("--preset", default="default", choices=["default", "smoke"])
+    s.add_argument("--preset", default="default", choices=sorted(PRESETS))
     s.add_argument("--max-chunks", type=int, default=64, help="perplexity chunks of 256 tokens (default 64)")
     s.add_argument("--threads", type=int, default=None)
     s.set_defaults(fn=cmd_demo)

@@ -9,6 +9,17 @@ from mcmoe_gguf.base.cache import cache_dir
 PROMPT = "KING HENRY.\nNow, lords,"
 
 
+# The demo's PMQ run (selfcheck and the device check reuse its files). Named after the mix, so a cache
+# from before mixes existed (Q8_0 ends, mcq4 attention) is not mistaken for this run.
+DEMO_PMQ_ARGS = dict(budget="2.5", n_seq=64, seq_len=256, mix="auto")
+DEMO_WORK, DEMO_FILE = "pmq-2.5-auto", "tiny-pmq2.5-auto.gguf"
+
+
+def _demo_pmq():
+    from mcmoe_gguf.quant.pmq import PMQConfig
+    return PMQConfig(**DEMO_PMQ_ARGS)
+
+
 def run_demo(preset: str = "default", max_chunks: int = 64, threads: int | None = None) -> int:
     from mcmoe_gguf.apps.evaluate import ppl_llama, ppl_torch
     from mcmoe_gguf.gguf.export import convert
@@ -66,13 +77,13 @@ def compare_low_bit(model: Path, f16: Path, eval_text: str, max_chunks: int, thr
     from mcmoe_gguf.apps.baselines import imatrix, stock_quantize
     from mcmoe_gguf.apps.evaluate import ppl_llama
     from mcmoe_gguf.gguf.export import export_pmq
-    from mcmoe_gguf.quant.pmq import PMQConfig, quantize
+    from mcmoe_gguf.quant.pmq import quantize
 
     out_dir = f16.parent
-    work = out_dir / "pmq-2.5"
+    work = out_dir / DEMO_WORK
     print("[5/6] PMQ at 2.5 real expert bpw vs llama.cpp Q2_K (imatrix), same held-out chunks:")
-    quantize(model, work, PMQConfig(budget="2.5", n_seq=64, seq_len=256), progress=False)
-    ours = export_pmq(work, out_dir / "tiny-pmq2.5.gguf", force=True, progress=False)
+    quantize(model, work, _demo_pmq(), progress=False)
+    ours = export_pmq(work, out_dir / DEMO_FILE, force=True, progress=False)
     im = imatrix(f16, model / "calib.txt", out_dir / "imatrix.gguf", chunks=64)
     q2k = stock_quantize(f16, "Q2_K", out_dir / "tiny-q2_k.gguf", im)
     from mcmoe_gguf.apps.inspect import gguf_sizes

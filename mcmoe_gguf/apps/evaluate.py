@@ -46,20 +46,23 @@ def ppl_torch(model_dir: str | Path, text: str, ctx: int = 256, max_chunks: int 
 def fake_quant_model(outdir: str | Path):
     """The compact torch model of a PMQ work directory: original weights, quantized tensors replaced by
     their dequantized stored bytes (what llama.cpp will compute with, up to float rounding)."""
-    import torch
 
     from mcmoe_gguf.model.checkpoint import Checkpoint
-    from mcmoe_gguf.quant.formats import stock_quantize
-    from mcmoe_gguf.quant.workdir import WorkDir
+    from mcmoe_gguf.quant.pmq import finish
+    from mcmoe_gguf.quant.workdir import WorkDir, dequantize_entry
     wd = WorkDir(outdir)
-    cfg = wd.config()
     ck = Checkpoint(wd.model_dir())
+    if not wd.globals_path.exists():
+        finish(wd, ck)
+    glob = wd.load_globals()
     model = ck.arch.CompactModel(ck.hp)
     sd = {k: ck.get(v).float() for k, v in ck.arch.GLOBAL_KEYS.items() if ck.has(v)}
-    emb = torch.from_numpy(stock_quantize(sd["embed"], cfg["embed_type"])[1])
+    emb = dequantize_entry(glob["embed"]) if "embed" in glob else sd["embed"].half().float()
     model.model.embed_tokens.weight.data.copy_(emb)
     model.model.norm.weight.data.copy_(sd["norm"])
-    out = torch.from_numpy(stock_quantize(sd["lm_head"], cfg["output_type"])[1]) if "lm_head" in sd else emb
+    out = emb
+    if "lm_head" in sd:
+        out = dequantize_entry(glob["lm_head"]) if "lm_head" in glob else sd["lm_head"].half().float()
     model.lm_head.weight.data.copy_(out)
     quantized = wd.dequantized_state()
     for i in range(ck.hp.num_hidden_layers):

@@ -66,6 +66,7 @@ def demo_files(log=print) -> tuple[Path, Path, Path]:
     here with the demo's configuration when missing. Shared by this check and scripts/device_check.py."""
     from mcmoe_gguf.base.cache import cache_dir
     from mcmoe_gguf.gguf.export import convert, export_pmq
+    from mcmoe_gguf.apps.demo import DEMO_FILE, DEMO_PMQ_ARGS, DEMO_WORK
     from mcmoe_gguf.quant.pmq import PMQConfig, quantize
     from mcmoe_gguf.model.tiny import tiny_model
 
@@ -74,10 +75,10 @@ def demo_files(log=print) -> tuple[Path, Path, Path]:
     f16 = demo / "tiny-f16.gguf"
     if not f16.exists():
         convert(model, f16, outtype="f16", force=True, progress=False)
-    mixed = demo / "tiny-pmq2.5.gguf"
+    mixed = demo / DEMO_FILE
     if not mixed.exists():
-        work = demo / "pmq-2.5"                    # the demo's configuration: resumes a finished run instantly
-        quantize(model, work, PMQConfig(budget="2.5", n_seq=64, seq_len=256), progress=False)
+        work = demo / DEMO_WORK                    # the demo's configuration: resumes a finished run instantly
+        quantize(model, work, PMQConfig(**DEMO_PMQ_ARGS), progress=False)
         export_pmq(work, mixed, force=True, progress=False)
     return model, f16, mixed
 

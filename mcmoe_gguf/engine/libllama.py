@@ -9,11 +9,11 @@ runtime cannot read. (The bottom of the engine layer: runtime and odp build on i
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
+from mcmoe_gguf.base.ggml import GgmlUnavailable, library_dir
 from mcmoe_gguf.base.sources import source_hash
 
 REBUILD_HINT = ("build it with `make runtime` (or `python scripts/build_runtime.py`); for a development "
@@ -26,14 +26,10 @@ class RuntimeMismatch(RuntimeError):
 
 def lib_path() -> Path:
     """The libllama that ``import llama_cpp`` will load (same rule as llama_cpp/llama_cpp.py)."""
-    override = os.environ.get("LLAMA_CPP_LIB_PATH")
-    if override:
-        base = Path(override)
-    else:
-        spec = importlib.util.find_spec("llama_cpp")
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeMismatch(f"llama-cpp-python is not installed in {sys.prefix}; {REBUILD_HINT}")
-        base = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    try:
+        base = library_dir()
+    except GgmlUnavailable as e:
+        raise RuntimeMismatch(str(e)) from None
     lib = base / ("llama.dll" if sys.platform == "win32" else "libllama.so")
     if not lib.exists():
         raise RuntimeMismatch(f"no libllama at {lib}; {REBUILD_HINT}")

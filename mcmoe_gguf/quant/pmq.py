@@ -10,26 +10,29 @@ them on the unquantized model (documented deviation; scope="layer" is the paper'
 Each file is written atomically; a killed run resumes after the last finished layer and, computation
 being deterministic, produces identical files.
 
-Widths outside the experts: attention projections are GPTQ'd to 4 bits on the same grid (mcq4,
-4.25 real bpw: the same kernels as the expert types and ~0.07 real bpw of Mixtral's total, where a
-stock Q8_0 would cost twice the bytes for a loss nobody could measure at 2.5-bit experts); the router
-and norms stay F32 (8 x 4096 values per layer that decide routing); embeddings and output default to
-Q8_0 (8.5 bpw, within noise of F16; `embed_type`/`output_type` = "f16" keeps them exact). llama.cpp's
-own low-bit mixes use Q2_K..Q6_K there; gguf-py cannot write k-quants, and these two tensors are 3%
-of Mixtral.
+Types outside the experts come from a mix (quant/mixes.py): by default ("auto") llama.cpp's own mix of
+the nearest expert width, so files compare with llama.cpp's at equal bytes on the experts alone.
+Attention projections in an mcqN type are GPTQ'd like the experts; in a ggml type they are quantized by
+ggml's own quantizer with the calibration tokens' importance (mean x^2 per input column, what
+llama-imatrix measures), layer by layer, so later layers calibrate on the quantized attention. The
+output projection gets the importance of the final norm's output, collected after the last layer;
+embeddings have no input to weigh (llama.cpp gives them none either). Router and norms stay F32.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from mcmoe_gguf.base.ggml import ggml
 from mcmoe_gguf.quant import allocate
 from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant import mixes
 from mcmoe_gguf.quant.calibration import LayerStats, calibration_tokens, expert_inner, moe_stats, odp_mu, rtn_dequant
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant.gptq import GPTQ, rtn
@@ -46,7 +49,8 @@ class PMQConfig:
     beta: float = allocate.DEFAULT_BETA
     gamma: float = allocate.DEFAULT_GAMMA
     method: str = "gptq"                # gptq | rtn
-    attn_bits: int = 4
+    mix: str = "auto"                   # types outside the experts (quant/mixes.py): auto | q8 | stock:<ftype>
+    size: str | None = None             # instead of budget: bytes of all tensors ("5MB", "13GB"), mix included
     n_seq: int = 128
     seq_len: int = 2048
     calib_text: str | None = None       # default: MODEL_DIR/calib.txt
@@ -55,8 +59,43 @@ class PMQConfig:
     param_method: str = "mse"
     eps_method: str = "mse"             # grid fit of the eps statistics' RTN (minmax: ~5x faster at Mixtral size)
     device: str = "cpu"                 # torch device for calibration and GPTQ ("cuda" on a GPU machine)
-    embed_type: str = "q8_0"            # token embeddings in the file: f16 or q8_0 (8.5 bpw, ~lossless)
-    output_type: str = "q8_0"           # output projection: f16 or q8_0
+    embed_type: str | None = None       # token embeddings: a ggml type (f16, q8_0, q4_k, ...); None: the mix's
+    output_type: str | None = None      # output projection: likewise
+
+
+def _as_config(cfg: PMQConfig | dict) -> PMQConfig:
+    if isinstance(cfg, dict):
+        return PMQConfig(**{k: v for k, v in cfg.items() if k in PMQConfig.__dataclass_fields__})
+    return cfg
+
+
+def plan_budget(cfg: PMQConfig | dict, hp) -> tuple[allocate.Budget, mixes.Mix]:
+    """The expert budget and the concrete mix (embed/output overrides applied) of a run. With `size`,
+    the mix's bytes come off the total first ("auto": the widest stock mix whose experts still fit)."""
+    cfg = _as_config(cfg)
+    n_exp = int(expert_params(hp).sum())
+    if cfg.size is not None:
+        total = allocate.parse_budget(cfg.size)
+        if total.unit != "bytes":
+            raise ValueError(f"size {cfg.size!r} must be bytes (e.g. 5MB, 13GB); for bits per weight use budget")
+        left, mix = mixes.expert_budget_for_size(hp, int(total.value), cfg.mix, n_exp)
+        budget = allocate.Budget("bytes", left)
+    else:
+        budget = allocate.parse_budget(cfg.budget)
+    # one width over all experts: the layer-scope programs see one layer's parameters at a time, so a
+    # byte budget must not reach them as bytes (it would be read as that layer's bytes)
+    if budget.unit == "bytes":
+        budget = allocate.Budget("bpw", Fraction(8) * budget.value / n_exp)
+    if cfg.size is None:
+        kind, _, arg = cfg.strategy.partition(":")
+        mix = mixes.resolve(cfg.mix, formats.bpw(int(arg)) if kind == "uniform" else float(budget.value))
+    mix = mixes.Mix(**{**mix.to_dict(), **({"embed": cfg.embed_type} if cfg.embed_type else {}),
+                       **({"output": cfg.output_type} if cfg.output_type else {})})
+    return budget, mix
+
+
+def resolved_mix(cfg: PMQConfig | dict, hp) -> mixes.Mix:
+    return plan_budget(cfg, hp)[1]
 
 
 # ------------------------------------------------------------------------------------- packed tensors
@@ -65,13 +104,30 @@ def _packed(res, bits: int) -> dict:
             "data": torch.from_numpy(formats.pack(res.codes, res.scale, res.mn, bits))}
 
 
+def ggml_packed(W: torch.Tensor, type_name: str, importance: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """A matrix in a ggml type by ggml's own quantizer: (stored entry, dequantized weights)."""
+    w = W.detach().float().cpu().numpy()
+    imp = None if importance is None else importance.detach().float().cpu().numpy()
+    blob = ggml().quantize(w, type_name, imp)
+    deq = torch.from_numpy(ggml().dequantize(blob, type_name, w.shape[1])).to(W.device, W.dtype)
+    return {"type": type_name, "shape": list(w.shape), "data": torch.from_numpy(blob)}, deq
+
+
+def importance(x: torch.Tensor) -> torch.Tensor:
+    """llama-imatrix's statistic: mean of x^2 per input column over the calibration tokens."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return (x * x).mean(0).float()
+
+
 # ------------------------------------------------------------------------------------- allocation
 def _synthetic_eps(stats: list[LayerStats]) -> np.ndarray:
     # frequency-/weight-only baselines: every expert's error falls the same way with bits (RTN error ~ 2^-b)
     return np.broadcast_to(np.array([2.0 ** -b for b in (1, 2, 3)]), (len(stats), len(stats[0].phi), 3)).copy()
 
 
-def choose_bits(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig) -> allocate.Allocation | np.ndarray:
+def choose_bits(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig,
+                budget: allocate.Budget | None = None) -> allocate.Allocation | np.ndarray:
+    budget = budget if budget is not None else allocate.parse_budget(budget)
     phi = np.array([s.phi for s in stats])
     w = np.array([s.w for s in stats])
     eps = np.array([s.eps for s in stats])
@@ -79,17 +135,17 @@ def choose_bits(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig) -
     if kind == "uniform":
         return np.full(phi.shape, int(arg), dtype=int)
     if kind == "pmq":
-        return allocate.allocate(phi, w, eps, n_params, cfg.budget, scope=cfg.scope,
+        return allocate.allocate(phi, w, eps, n_params, budget, scope=cfg.scope,
                                  alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
     if kind == "frequency":
-        return allocate.allocate(phi, w, _synthetic_eps(stats), n_params, cfg.budget, cfg.scope, 1.0, 0.0, 1.0)
+        return allocate.allocate(phi, w, _synthetic_eps(stats), n_params, budget, cfg.scope, 1.0, 0.0, 1.0)
     if kind == "weight":
-        return allocate.allocate(phi, w, _synthetic_eps(stats), n_params, cfg.budget, cfg.scope, 0.0, 1.0, 1.0)
+        return allocate.allocate(phi, w, _synthetic_eps(stats), n_params, budget, cfg.scope, 0.0, 1.0, 1.0)
     if kind == "eps":
-        return allocate.allocate(phi, w, eps, n_params, cfg.budget, cfg.scope, 0.0, 0.0, cfg.gamma)
+        return allocate.allocate(phi, w, eps, n_params, budget, cfg.scope, 0.0, 0.0, cfg.gamma)
     if kind == "random":
         # the same widths PMQ would use (so exactly the same bytes), shuffled among each layer's experts
-        base = allocate.allocate(phi, w, eps, n_params, cfg.budget, scope=cfg.scope).bits.copy()
+        base = allocate.allocate(phi, w, eps, n_params, budget, scope=cfg.scope).bits.copy()
         rng = random.Random(int(arg or 0))
         for row in base:
             vals = row.tolist()
@@ -127,23 +183,31 @@ def _gptq_or_rtn(H: GPTQ | None, W, bits, cfg: PMQConfig):
 
 
 @torch.no_grad()
-def quantize_attention(layer: torch.nn.Module, h, cos, sin, cfg: PMQConfig, chunk: int) -> dict:
+def quantize_attention(layer: torch.nn.Module, h, cos, sin, cfg: PMQConfig, chunk: int, mix: mixes.Mix) -> dict:
     att = layer.self_attn
     xa, _ = _attention_inputs(layer, h, cos, sin, chunk)
-    H = GPTQ(xa.shape[-1], device=xa.device)
-    H.add_batch(xa)
+    H = GPTQ(xa.shape[-1], device=xa.device) if any(mixes.is_mcq(mix.attn(n)) for n in ("q_proj", "k_proj", "v_proj")) else None
+    if H is not None:
+        H.add_batch(xa)
     out = {}
+
+    def one(name: str, x, Hx) -> None:
+        lin, t = getattr(att, name), mix.attn(name)
+        if mixes.is_mcq(t):
+            res = _gptq_or_rtn(Hx, lin.weight, mixes.mcq_bits(t), cfg)
+            lin.weight.copy_(res.dequantized)
+            out[name] = _packed(res, mixes.mcq_bits(t))
+        elif t not in ("f16", "f32"):
+            out[name], deq = ggml_packed(lin.weight, t, importance(x))
+            lin.weight.copy_(deq)
     for name in ("q_proj", "k_proj", "v_proj"):
-        lin = getattr(att, name)
-        res = _gptq_or_rtn(H, lin.weight, cfg.attn_bits, cfg)
-        lin.weight.copy_(res.dequantized)
-        out[name] = _packed(res, cfg.attn_bits)
+        one(name, xa, H)
     _, xo = _attention_inputs(layer, h, cos, sin, chunk)    # o_proj sees the quantized q/k/v's output
-    Ho = GPTQ(xo.shape[-1], device=xo.device)
-    Ho.add_batch(xo)
-    res = _gptq_or_rtn(Ho, att.o_proj.weight, cfg.attn_bits, cfg)
-    att.o_proj.weight.copy_(res.dequantized)
-    out["o_proj"] = _packed(res, cfg.attn_bits)
+    Ho = None
+    if mixes.is_mcq(mix.attn("o_proj")):
+        Ho = GPTQ(xo.shape[-1], device=xo.device)
+        Ho.add_batch(xo)
+    one("o_proj", xo, Ho)
     return out
 
 
@@ -201,8 +265,12 @@ def _eps_quantizer(cfg: PMQConfig):
 
 
 def _with_defaults(manifest: dict) -> dict:
-    """A manifest written before a PMQConfig field existed ran with that field's default."""
-    return {**manifest, "config": {**asdict(PMQConfig()), **manifest.get("config", {})}}
+    """A manifest written before a PMQConfig field existed ran with that field's default, except for
+    the mix: runs from before mixes existed wrote the q8 mix (attention mcq at attn_bits, Q8_0 ends)."""
+    old = dict(manifest.get("config", {}))
+    if "mix" not in old:
+        old["mix"] = "q8" if old.pop("attn_bits", 4) == 4 else "unknown"
+    return {**manifest, "config": {**asdict(PMQConfig()), **old}}
 
 
 def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk) -> list[LayerStats]:
@@ -277,10 +345,11 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     chunk = max(1, 16384 // tokens.shape[1])
     n_params = expert_params(hp)
     L = hp.num_hidden_layers
+    budget, mix = plan_budget(cfg, hp)
 
     global_bits = None
     if cfg.scope == "model" and not cfg.strategy.startswith("uniform"):
-        global_bits = _bits_of(choose_bits(_stats_pass(ck, tokens, cfg, wd, cos, sin, chunk), n_params, cfg))
+        global_bits = _bits_of(choose_bits(_stats_pass(ck, tokens, cfg, wd, cos, sin, chunk), n_params, cfg, budget))
 
     start = 0
     while start < L and wd.has_layer(start) and (start == L - 1 or wd.state_path(start + 1).exists()):
@@ -289,31 +358,55 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
         (_load_state(wd.state_path(start), cfg) if start < L else None)
     for l in tqdm(range(start, L), desc="PMQ", unit="layer", initial=start, total=L, disable=not progress):
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
-        tensors = {f"self_attn.{k}": v for k, v in quantize_attention(layer, h, cos, sin, cfg, chunk).items()}
+        tensors = {f"self_attn.{k}": v for k, v in quantize_attention(layer, h, cos, sin, cfg, chunk, mix).items()}
         _, x = moe_input(layer, h, cos, sin, chunk)
         s = moe_stats(l, layer.moe, x, _eps_quantizer(cfg))
         wd.save(s.to_dict(), wd.stats_path(l), as_json=True)
-        bits = global_bits[l] if global_bits is not None else _bits_of(choose_bits([s], n_params[l:l + 1], cfg))[0]
+        bits = global_bits[l] if global_bits is not None else _bits_of(choose_bits([s], n_params[l:l + 1], cfg, budget))[0]
         for k, v in quantize_experts(layer.moe, x, bits, cfg, f"layer {l} experts", progress).items():
             proj, e = k.split(".")
             tensors[f"block_sparse_moe.experts.{e}.{proj}"] = v
-        wd.save({"layer": l, "bits": [int(b) for b in bits], "tensors": tensors}, wd.layer_path(l))
         if l < L - 1:
             h = layer_forward(layer, h, cos, sin, chunk)
             wd.save(h.cpu(), wd.state_path(l + 1))
+        else:   # before the last layer file, which marks the run as complete
+            wd.save(importance(_final_norm(ck, layer_forward(layer, h, cos, sin, chunk))), wd.output_importance_path)
+        wd.save({"layer": l, "bits": [int(b) for b in bits], "tensors": tensors}, wd.layer_path(l))
         wd.drop_state(l)
         del layer, x        # before the next layer is built: peak memory of one layer, not two
     return finish(wd, ck)
 
 
+def _final_norm(ck: Checkpoint, h: torch.Tensor) -> torch.Tensor:
+    w = ck.get(ck.arch.GLOBAL_KEYS["norm"]).float().to(h.device)
+    hf = h.float()
+    return hf * torch.rsqrt((hf * hf).mean(-1, keepdim=True) + ck.hp.rms_norm_eps) * w
+
+
+def quantize_globals(wd: WorkDir, ck: Checkpoint, mix: mixes.Mix) -> None:
+    """Embeddings and output in the mix's ggml types (layers/globals.pt), once, after the last layer."""
+    keys = {"embed": (ck.arch.GLOBAL_KEYS["embed"], mix.embed, None)}
+    if not ck.hp.tie_word_embeddings:
+        imp = torch.load(wd.output_importance_path) if wd.output_importance_path.exists() else None
+        keys["lm_head"] = (ck.arch.GLOBAL_KEYS["lm_head"], mix.output, imp)
+    out = {}
+    for name, (key, t, imp) in keys.items():
+        if t not in ("f16", "f32"):
+            out[name], _ = ggml_packed(ck.get(key), t, imp)
+    wd.save({"tensors": out}, wd.globals_path)
+
+
 def finish(wd: WorkDir | Path, ck: Checkpoint) -> dict:
-    """allocation.json of a run whose layers are all quantized (returned too)."""
+    """globals.pt and allocation.json of a run whose layers are all quantized (the latter returned)."""
     wd = WorkDir.of(wd)
     hp = ck.hp
     bits = np.array([wd.load_layer(l)["bits"] for l in range(hp.num_hidden_layers)])
     stats = [wd.load_stats(l) for l in range(hp.num_hidden_layers)]
-    cfg = wd.config()
-    report = {"bits": bits.tolist(), "mu": [s["mu"] for s in stats],
-              **size_report(ck, bits, cfg["attn_bits"], cfg["embed_type"], cfg["output_type"])}
+    cfg = _with_defaults(wd.manifest())["config"]
+    mix = resolved_mix(cfg, hp)
+    if not wd.globals_path.exists():
+        quantize_globals(wd, ck, mix)
+    report = {"bits": bits.tolist(), "mu": [s["mu"] for s in stats], "mix": mix.to_dict(),
+              **size_report(ck, bits, mix)}
     wd.save(report, wd.allocation_path, as_json=True)
     return report

@@ -7,7 +7,12 @@ fake-quant evaluation read them through here).
     layers/layer_XX.pt     quantized tensors of layer XX (packed bytes as stored in GGUF, + bits)
     state/h_XX.pt          hidden states entering layer XX (outputs of the quantized layer XX-1)
     state/fp_h_XX.pt       the same on the unquantized model (scope="model" only)
-    allocation.json        bits [layer][expert] and the real-byte accounting (written at the end)
+    output_importance.pt   mean x^2 of the output projection's input (written with the last layer)
+    layers/globals.pt      embeddings and output in the mix's ggml types (written at the end)
+    allocation.json        bits [layer][expert], the mix and the real-byte accounting (written at the end)
+
+A stored tensor is {bits, shape, data} for our mcq types or {type, shape, data} for a ggml type (data:
+the bytes as they go into the GGUF file, one row of blocks per output row).
 
 Every file is written atomically (temporary name, then rename), so a killed run leaves whole files only
 and resumes after the last one.
@@ -44,6 +49,19 @@ class WorkDir:
     @property
     def allocation_path(self) -> Path:
         return self.path / "allocation.json"
+
+    @property
+    def output_importance_path(self) -> Path:
+        return self.path / "output_importance.pt"
+
+    @property
+    def globals_path(self) -> Path:
+        return self.path / "layers" / "globals.pt"
+
+    def load_globals(self) -> dict:
+        """{"embed"?: entry, "lm_head"?: entry}; a tensor kept in float has no entry."""
+        import torch
+        return torch.load(self.globals_path)["tensors"]
 
     def layer_path(self, l: int) -> Path:
         return self.path / "layers" / f"layer_{l:02d}.pt"
@@ -135,7 +153,10 @@ class WorkDir:
 
 
 def dequantize_entry(entry: dict):
-    """One stored tensor of a layer file ({bits, shape, data}) as float32 [out, in]."""
+    """One stored tensor ({bits, shape, data} or {type, shape, data}) as float32 [out, in]."""
     import torch
     out, n = entry["shape"]
+    if "type" in entry:
+        from mcmoe_gguf.base.ggml import ggml
+        return torch.from_numpy(ggml().dequantize(entry["data"].numpy(), entry["type"], n)).reshape(out, n)
     return torch.from_numpy(formats.dequantize(entry["data"].numpy(), entry["bits"], n)).reshape(out, n)

@@ -128,11 +128,17 @@ def test_stored_state_meets_budget_and_constraints(micro_checkpoint, tmp_path):
     stored = sum(e["data"].numel() for f in _layer_files(tmp_path / "q").values()
                  for n, e in f["tensors"].items() if "experts" in n)
     assert stored == r["expert_bytes"] and 8 * stored / (2 * 8 * 3 * 256 * 256) <= 2.25
-    # every stored tensor decodes to its declared width's grid
+    # every stored mcq tensor decodes to its declared width's grid; the rest are in the mix's ggml types
+    mix = r["mix"]
     for f in _layer_files(tmp_path / "q").values():
         for name, e in f["tensors"].items():
-            q, d, m = formats.unpack(e["data"].numpy(), e["bits"], e["shape"][1])
-            assert q.max() <= 2 ** e["bits"] - 1 and q.shape == tuple(e["shape"])
+            if "bits" in e:
+                q, d, m = formats.unpack(e["data"].numpy(), e["bits"], e["shape"][1])
+                assert q.max() <= 2 ** e["bits"] - 1 and q.shape == tuple(e["shape"])
+            else:
+                proj = name.split(".")[-1]
+                assert e["type"] == mix[{"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+                                         "o_proj": "attn_o"}[proj]]
 
 
 def test_other_settings_in_same_workdir_are_refused(micro_checkpoint, tmp_path):
@@ -194,11 +200,15 @@ def test_file_bytes_equal_the_size_report_and_embeddings_match_fake_quant(micro_
     register()
     rd = gguf.GGUFReader(export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False))
     assert sum(int(t.n_bytes) for t in rd.tensors) == r["total_bytes"]
-    emb = next(t for t in rd.tensors if t.name == "token_embd.weight")
-    assert emb.tensor_type == gguf.GGMLQuantizationType.Q8_0
     model, _ = fake_quant_model(tmp_path / "q")
-    want = gguf.quants.dequantize(emb.data, gguf.GGMLQuantizationType.Q8_0).reshape(512, 256)
-    np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), want)
+    for name, key, module in (("token_embd.weight", "embed", model.model.embed_tokens),
+                              ("output.weight", "output", model.lm_head)):
+        t = next(t for t in rd.tensors if t.name == name)
+        qt = gguf.GGMLQuantizationType[r["mix"][key].upper()]
+        assert t.tensor_type == qt
+        # gguf-py's dequantizer (independent of the ggml path that wrote them) gives the torch weights
+        want = gguf.quants.dequantize(t.data, qt).reshape(512, 256)
+        np.testing.assert_array_equal(module.weight.detach().numpy(), want)
 
 
 def test_llama_cpp_perplexity_of_pmq_file_equals_fake_quant(micro_checkpoint, tmp_path):

@@ -27,7 +27,7 @@ def make_micro(root: Path, small_tokenizer_dir: Path) -> dict:
     wd = root / "wd-u2"
     # RTN (seconds); embeddings and output in F16, so the only activation quantization
     # llama.cpp applies is the Q8_K of the mcq matmuls (a Q8_0 output would add its own, in the logits)
-    cfg = pmq.PMQConfig(strategy="uniform:2", method="rtn", n_seq=4, seq_len=32,
+    cfg = pmq.PMQConfig(strategy="uniform:2", method="rtn", n_seq=4, seq_len=32, mix="q8",
                         embed_type="f16", output_type="f16")
     pmq.quantize(ck, wd, cfg, progress=False)
     return {"root": root, "ck": ck, "u2": wd}
