@@ -18,8 +18,13 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported inside the methods: library_dir() is also used by engine/libllama.py, which the
+# device check runs under `python -S` (no site packages) before anything is installed
 
 MISSING_HINT = ("build the runtime with `make runtime` (or `make dev-runtime` and "
                 "LLAMA_CPP_LIB_PATH=.dev/build/bin)")
@@ -104,6 +109,7 @@ class Ggml:
     def quantize(self, w, name: str, imatrix=None, threads: int | None = None) -> np.ndarray:
         """float [rows, n] -> uint8 [rows, row_bytes] in ggml's block layout. imatrix: [n] importance
         (mean x^2 per input column) or None; types that need one (IQ1_S, IQ2_XXS, ...) refuse None."""
+        import numpy as np
         w = np.ascontiguousarray(np.asarray(w, dtype=np.float32))
         if w.ndim != 2:
             raise ValueError(f"quantize expects a 2-D matrix, got shape {w.shape}")
@@ -136,6 +142,7 @@ class Ggml:
 
     def dequantize(self, blob: np.ndarray, name: str, n: int) -> np.ndarray:
         """uint8 [rows, row_bytes] -> float32 [rows, n] through the type's own to_float."""
+        import numpy as np
         tid, rb = self.type_id(name), self.row_bytes(name, n)
         blob = np.ascontiguousarray(blob, dtype=np.uint8).reshape(-1, rb)
         out = np.empty((blob.shape[0], n), dtype=np.float32)

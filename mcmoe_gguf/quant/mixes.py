@@ -131,21 +131,26 @@ def nonexpert_bytes(hp, mix: Mix) -> int:
     return total + 4 * f32
 
 
-def expert_budget_for_size(hp, file_bytes: int, mix_name: str, n_expert_params: int) -> tuple[Fraction, Mix]:
+def expert_budget_for_size(hp, file_bytes: int, mix_name: str, n_expert_params: int,
+                           overrides: dict | None = None) -> tuple[Fraction, Mix]:
     """--size: the expert bytes that leave room for the mix in `file_bytes` (the GGUF header and
     metadata, a few hundred KB, come on top), and the mix. For "auto" the mix depends on the expert
-    width it leaves: iterate from the narrowest mix up and keep the last that still fits its own width."""
+    width it leaves: iterate from the narrowest mix up and keep the last that still fits its own width.
+    overrides: fields replaced in the mix (embed/output types given by the user)."""
+    def over(m: Mix) -> Mix:
+        return Mix(**{**m.to_dict(), **(overrides or {})})
     if mix_name != "auto":
-        mix = resolve(mix_name, 0.0)
+        mix = over(resolve(mix_name, 0.0))
         return Fraction(file_bytes - nonexpert_bytes(hp, mix)), mix
     chosen = None
     for k in AUTO:
         _, bpw, mix = STOCK[k]
+        mix = over(mix)
         left = file_bytes - nonexpert_bytes(hp, mix)
         if left > 0 and 8 * left / n_expert_params >= bpw - 1e-9:
             chosen = (Fraction(left), mix)
     if chosen is None:
-        mix = STOCK["IQ1_S"][2]
+        mix = over(STOCK["IQ1_S"][2])
         chosen = (Fraction(file_bytes - nonexpert_bytes(hp, mix)), mix)
     if chosen[0] <= 0:
         raise ValueError(f"--size {file_bytes} bytes does not even hold the tensors outside the experts "

@@ -78,8 +78,17 @@ def plan_budget(cfg: PMQConfig | dict, hp) -> tuple[allocate.Budget, mixes.Mix]:
         total = allocate.parse_budget(cfg.size)
         if total.unit != "bytes":
             raise ValueError(f"size {cfg.size!r} must be bytes (e.g. 5MB, 13GB); for bits per weight use budget")
-        left, mix = mixes.expert_budget_for_size(hp, int(total.value), cfg.mix, n_exp)
+        left, mix = mixes.expert_budget_for_size(hp, int(total.value), cfg.mix, n_exp, _overrides(cfg))
         budget = allocate.Budget("bytes", left)
+        # the least PMQ can do: one expert per layer at 3 bits, one at 2, the rest at 1
+        E = hp.num_local_experts
+        lo = Fraction(sum(formats.block_bytes(b) for b in (3, 2, *[1] * (E - 2))) * 8, E * formats.GROUP_SIZE)
+        if Fraction(8) * left / n_exp < lo:
+            need = mixes.nonexpert_bytes(hp, mix) + int(lo * n_exp / 8) + 1
+            raise ValueError(f"size {cfg.size!r} leaves {float(8 * left / n_exp):.4g} real bpw for the experts after "
+                             f"the {mixes.nonexpert_bytes(hp, mix):,} bytes outside them; PMQ needs at least "
+                             f"{float(lo):.4g} (one expert per layer at 3 bits, one at 2, the rest at 1): "
+                             f"at least {need:,} bytes of tensors")
     else:
         budget = allocate.parse_budget(cfg.budget)
     # one width over all experts: the layer-scope programs see one layer's parameters at a time, so a
@@ -89,9 +98,12 @@ def plan_budget(cfg: PMQConfig | dict, hp) -> tuple[allocate.Budget, mixes.Mix]:
     if cfg.size is None:
         kind, _, arg = cfg.strategy.partition(":")
         mix = mixes.resolve(cfg.mix, formats.bpw(int(arg)) if kind == "uniform" else float(budget.value))
-    mix = mixes.Mix(**{**mix.to_dict(), **({"embed": cfg.embed_type} if cfg.embed_type else {}),
-                       **({"output": cfg.output_type} if cfg.output_type else {})})
-    return budget, mix
+    return budget, mixes.Mix(**{**mix.to_dict(), **_overrides(cfg)})
+
+
+def _overrides(cfg: PMQConfig) -> dict:
+    return {**({"embed": cfg.embed_type} if cfg.embed_type else {}),
+            **({"output": cfg.output_type} if cfg.output_type else {})}
 
 
 def resolved_mix(cfg: PMQConfig | dict, hp) -> mixes.Mix:
@@ -269,7 +281,11 @@ def _with_defaults(manifest: dict) -> dict:
     the mix: runs from before mixes existed wrote the q8 mix (attention mcq at attn_bits, Q8_0 ends)."""
     old = dict(manifest.get("config", {}))
     if "mix" not in old:
-        old["mix"] = "q8" if old.pop("attn_bits", 4) == 4 else "unknown"
+        old.pop("attn_bits", None)      # always 4 in practice (it was never a command-line option)
+        old["mix"] = "q8"
+        for k in ("embed_type", "output_type"):     # "q8_0" was the default; now it is the q8 mix's own
+            if old.get(k) == "q8_0":
+                old[k] = None
     return {**manifest, "config": {**asdict(PMQConfig()), **old}}
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import random_state, save_checkpoint, small_config
+from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant import mixes, pmq
 
 
@@ -74,7 +75,6 @@ def test_written_file_has_the_mix_and_the_accounted_bytes(ckpt, tmp_path, mix):
     from mcmoe_gguf.apps.evaluate import ppl_llama
     from mcmoe_gguf.gguf.export import export_pmq
     from mcmoe_gguf.gguf.types import register
-    from mcmoe_gguf.model.checkpoint import Checkpoint
     r = pmq.quantize(ckpt, tmp_path / "q", pmq.PMQConfig(budget="2.0", n_seq=8, seq_len=64, mix=mix), progress=False)
     path = export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False)
     register()
@@ -104,9 +104,14 @@ def test_size_budget_holds_the_whole_file(ckpt, tmp_path):
     assert size - out.stat().st_size < 2 * 8 * 3 * 256 * 256 / 32 + 40_000, alloc
 
 
-def test_size_too_small_for_the_mix_is_refused(ckpt, tmp_path):
+def test_size_too_small_is_refused_with_what_would_fit(ckpt, tmp_path):
     with pytest.raises(ValueError, match="does not even hold the tensors outside the experts"):
         pmq.quantize(ckpt, tmp_path / "q", pmq.PMQConfig(size="100000B", n_seq=8, seq_len=64), progress=False)
+    with pytest.raises(ValueError, match=r"leaves 1\.\d+ real bpw for the experts .* PMQ needs at least 1\.625") as e:
+        pmq.quantize(ckpt, tmp_path / "q2", pmq.PMQConfig(size="800000B", n_seq=8, seq_len=64), progress=False)
+    need = int(re.search(r"at least ([\d,]+) bytes of tensors", str(e.value)).group(1).replace(",", ""))
+    budget, _ = pmq.plan_budget(pmq.PMQConfig(size=f"{need}B"), Checkpoint(ckpt).hp)
+    assert budget.value >= 1.625
 
 
 def test_manifest_from_before_mixes_means_the_q8_mix(ckpt, tmp_path):
@@ -115,8 +120,8 @@ def test_manifest_from_before_mixes_means_the_q8_mix(ckpt, tmp_path):
     cfg = pmq.PMQConfig(budget="2.0", n_seq=8, seq_len=64, mix="q8")
     pmq.quantize(ckpt, tmp_path / "q", cfg, progress=False)
     man = json.loads((tmp_path / "q" / "manifest.json").read_text())
-    del man["config"]["mix"]
-    man["config"]["attn_bits"] = 4
+    del man["config"]["mix"], man["config"]["size"]
+    man["config"].update(attn_bits=4, embed_type="q8_0", output_type="q8_0")     # the defaults then
     (tmp_path / "q" / "manifest.json").write_text(json.dumps(man))
     pmq.quantize(ckpt, tmp_path / "q", cfg, progress=False)
     with pytest.raises(pmq.WorkdirMismatch):

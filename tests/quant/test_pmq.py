@@ -82,7 +82,7 @@ CFG = dict(budget="2.25", n_seq=8, seq_len=64)
 
 
 def _layer_files(outdir):
-    return {p.name: torch.load(p) for p in sorted((outdir / "layers").glob("*.pt"))}
+    return {p.name: torch.load(p) for p in sorted((outdir / "layers").glob("layer_*.pt"))}
 
 
 def _assert_same_state(a, b):
@@ -94,6 +94,8 @@ def _assert_same_state(a, b):
         for name, ea in fa[k]["tensors"].items():
             assert torch.equal(ea["data"], fb[k]["tensors"][name]["data"]), name
     assert json.loads((a / "allocation.json").read_text()) == json.loads((b / "allocation.json").read_text())
+    ga, gb = (torch.load(d / "layers" / "globals.pt")["tensors"] for d in (a, b))     # embeddings, output
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[k]["data"], gb[k]["data"]) for k in ga)
 
 
 @pytest.mark.parametrize("scope", ["layer", "model"])
