@@ -60,18 +60,14 @@ def parse_kld(output: str, name: str = "") -> Quality:
 
 def _perplexity(*args, tries: int = 8) -> str:
     """llama-perplexity's output, rerun while its summary is missing (see parse_kld). MCMOE_ODP_REPORT=1: the
-    engine prints its ODP counters at exit. OMP_WAIT_POLICY=PASSIVE: llama.cpp's log lines go out through a
-    worker thread that the exiting process does not wait for; with OpenMP's threads spinning on both cores
-    of a loaded machine that worker starved and whole tables were lost in every retry (seen in 8 of 8 runs
-    while a test suite ran beside). Passive waiting lets it drain as the tool computes (scores only: no
-    timing is taken here)."""
+    engine prints its ODP counters at exit."""
     import os
 
     from mcmoe_gguf.engine.runtime import run_tool
     out = ""
     for _ in range(tries):
         r = run_tool("llama-perplexity", *args, capture_output=True, text=True,
-                     env=dict(os.environ, MCMOE_ODP_REPORT="1", OMP_WAIT_POLICY="PASSIVE"))
+                     env=dict(os.environ, MCMOE_ODP_REPORT="1"))
         out = r.stdout + r.stderr
         if r.returncode != 0:
             raise RuntimeError(f"llama-perplexity failed ({r.returncode}): {out[-2000:]}")
