@@ -15,7 +15,7 @@ DEMO_PMQ_ARGS = dict(budget="2.5", n_seq=64, seq_len=256, mix="auto")
 DEMO_WORK, DEMO_FILE = "pmq-2.5-auto", "tiny-pmq2.5-auto.gguf"
 
 
-def _demo_pmq():
+def demo_pmq_config():
     from mcmoe_gguf.quant.pmq import PMQConfig
     return PMQConfig(**DEMO_PMQ_ARGS)
 
@@ -82,7 +82,7 @@ def compare_low_bit(model: Path, f16: Path, eval_text: str, max_chunks: int, thr
     out_dir = f16.parent
     work = out_dir / DEMO_WORK
     print("[5/6] PMQ at 2.5 real expert bpw vs llama.cpp Q2_K (imatrix), same held-out chunks:")
-    quantize(model, work, _demo_pmq(), progress=False)
+    quantize(model, work, demo_pmq_config(), progress=False)
     ours = export_pmq(work, out_dir / DEMO_FILE, force=True, progress=False)
     im = imatrix(f16, model / "calib.txt", out_dir / "imatrix.gguf", chunks=64)
     q2k = stock_quantize(f16, "Q2_K", out_dir / "tiny-q2_k.gguf", im)

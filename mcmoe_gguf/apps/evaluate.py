@@ -48,13 +48,11 @@ def fake_quant_model(outdir: str | Path):
     their dequantized stored bytes (what llama.cpp will compute with, up to float rounding)."""
 
     from mcmoe_gguf.model.checkpoint import Checkpoint
-    from mcmoe_gguf.quant.pmq import finish
+    from mcmoe_gguf.quant.pmq import stored_globals
     from mcmoe_gguf.quant.workdir import WorkDir, dequantize_entry
     wd = WorkDir(outdir)
     ck = Checkpoint(wd.model_dir())
-    if not wd.globals_path.exists():
-        finish(wd, ck)
-    glob = wd.load_globals()
+    glob = stored_globals(wd, ck)
     model = ck.arch.CompactModel(ck.hp)
     sd = {k: ck.get(v).float() for k, v in ck.arch.GLOBAL_KEYS.items() if ck.has(v)}
     emb = dequantize_entry(glob["embed"]) if "embed" in glob else sd["embed"].half().float()

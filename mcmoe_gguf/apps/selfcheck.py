@@ -66,8 +66,8 @@ def demo_files(log=print) -> tuple[Path, Path, Path]:
     here with the demo's configuration when missing. Shared by this check and scripts/device_check.py."""
     from mcmoe_gguf.base.cache import cache_dir
     from mcmoe_gguf.gguf.export import convert, export_pmq
-    from mcmoe_gguf.apps.demo import DEMO_FILE, DEMO_PMQ_ARGS, DEMO_WORK
-    from mcmoe_gguf.quant.pmq import PMQConfig, quantize
+    from mcmoe_gguf.apps.demo import DEMO_FILE, DEMO_WORK, demo_pmq_config
+    from mcmoe_gguf.quant.pmq import quantize
     from mcmoe_gguf.model.tiny import tiny_model
 
     model = tiny_model("default", log=log)
@@ -78,7 +78,7 @@ def demo_files(log=print) -> tuple[Path, Path, Path]:
     mixed = demo / DEMO_FILE
     if not mixed.exists():
         work = demo / DEMO_WORK                    # the demo's configuration: resumes a finished run instantly
-        quantize(model, work, PMQConfig(**DEMO_PMQ_ARGS), progress=False)
+        quantize(model, work, demo_pmq_config(), progress=False)
         export_pmq(work, mixed, force=True, progress=False)
     return model, f16, mixed
 

@@ -257,10 +257,8 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
             return ck.arch.permute_qk(torch.from_numpy(data), n_head).numpy() if n_head else data
         return Planned("", (out_rows, n_in), _entry_type(entry), load)
 
-    from mcmoe_gguf.quant.pmq import finish
-    if not wd.globals_path.exists():
-        finish(wd, ck)      # a run finished before embeddings and output were stored by PMQ
-    glob = wd.load_globals()
+    from mcmoe_gguf.quant.pmq import stored_globals
+    glob = stored_globals(wd, ck)
 
     def global_tensor(t: Planned, key: str) -> Planned:
         if key not in glob:        # kept in float

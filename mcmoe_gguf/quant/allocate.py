@@ -220,16 +220,24 @@ def _max_qbits(n_layer):
     return int(_QBITS[2] * n_layer.sum() - (_QBITS[2] - _QBITS[1]) * n_layer.min())
 
 
+def _bpw_over(n, layers, qbits_of) -> Fraction:
+    """real bpw of one program (these layers) at its extreme"""
+    return Fraction(sum(qbits_of(n[l]) for l in layers), 4 * int(n[layers].sum()))
+
+
+def min_bpw(n_params) -> Fraction:
+    """The smallest real expert bpw every layer's program can meet: one expert at 3 bits, one at 2, the
+    rest at 1 in every layer, scales counted. n_params: [L, E]."""
+    n = np.asarray(n_params, dtype=np.int64)
+    return max(_bpw_over(n, [l], _min_qbits) for l in range(n.shape[0]))
+
+
 def _check_feasible(n, programs, target, budget, scope):
     """Raise InfeasibleBudget, naming the useful range in the user's unit, if a program cannot be met."""
     N = int(n.sum())
-
-    def bpw_over(layers, qbits_of):  # real bpw of one program at its extreme
-        return Fraction(sum(qbits_of(n[l]) for l in layers), 4 * int(n[layers].sum()))
-
     # the smallest target every program can meet, and the target above which none can spend more
-    need = max(bpw_over(layers, _min_qbits) for layers in programs)
-    full = max(bpw_over(layers, _max_qbits) for layers in programs)
+    need = max(_bpw_over(n, layers, _min_qbits) for layers in programs)
+    full = max(_bpw_over(n, layers, _max_qbits) for layers in programs)
     if target >= need:
         return
     why_lo = "one expert at 3 bits, one at 2, the rest at 1 in every layer, scales counted"

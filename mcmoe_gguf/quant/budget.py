@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant.mixes import f32_params, nonexpert_bytes, nonexpert_shapes
 
 
 def expert_params(hp) -> np.ndarray:
@@ -28,15 +29,12 @@ def check_row_lengths(hp) -> None:
 def size_report(ck, bits: np.ndarray, mix) -> dict:
     """Real bytes of the file this quantized state becomes (scales counted), experts and whole model;
     mix: the types outside the experts (quant/mixes.py)."""
-    from mcmoe_gguf.quant.mixes import nonexpert_bytes, nonexpert_shapes
     hp = ck.hp
     n_exp = expert_params(hp)
     exp_bytes = int(sum(int(n) * formats.block_bytes(int(b)) // formats.GROUP_SIZE
                         for n, b in zip(n_exp.ravel(), bits.ravel())))
     total_bytes = exp_bytes + nonexpert_bytes(hp, mix)
-    d = hp.hidden_size
-    f32_params = hp.num_hidden_layers * (hp.num_local_experts * d + 2 * d) + d      # router + norms
     other = sum(r * n for shapes in nonexpert_shapes(hp).values() for r, n in shapes)
-    total_params = int(n_exp.sum()) + other + f32_params
+    total_params = int(n_exp.sum()) + other + f32_params(hp)
     return {"expert_bytes": exp_bytes, "expert_bpw": 8 * exp_bytes / int(n_exp.sum()),
             "total_bytes": total_bytes, "total_bpw": 8 * total_bytes / total_params}

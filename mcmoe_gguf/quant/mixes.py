@@ -122,13 +122,17 @@ def nonexpert_shapes(hp) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
+def f32_params(hp) -> int:
+    """Values kept in F32 in every mix: the routers and the norms."""
+    d = hp.hidden_size
+    return hp.num_hidden_layers * (hp.num_local_experts * d + 2 * d) + d
+
+
 def nonexpert_bytes(hp, mix: Mix) -> int:
     """Bytes of the mix's matrices plus the F32 router and norms."""
     total = sum(tensor_bytes(getattr(mix, k), r, n) for k, shapes in nonexpert_shapes(hp).items()
                 for r, n in shapes)
-    d = hp.hidden_size
-    f32 = hp.num_hidden_layers * (hp.num_local_experts * d + 2 * d) + d      # router + norms
-    return total + 4 * f32
+    return total + 4 * f32_params(hp)
 
 
 def expert_budget_for_size(hp, file_bytes: int, mix_name: str, n_expert_params: int,

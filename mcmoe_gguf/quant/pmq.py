@@ -80,9 +80,7 @@ def plan_budget(cfg: PMQConfig | dict, hp) -> tuple[allocate.Budget, mixes.Mix]:
             raise ValueError(f"size {cfg.size!r} must be bytes (e.g. 5MB, 13GB); for bits per weight use budget")
         left, mix = mixes.expert_budget_for_size(hp, int(total.value), cfg.mix, n_exp, _overrides(cfg))
         budget = allocate.Budget("bytes", left)
-        # the least PMQ can do: one expert per layer at 3 bits, one at 2, the rest at 1
-        E = hp.num_local_experts
-        lo = Fraction(sum(formats.block_bytes(b) for b in (3, 2, *[1] * (E - 2))) * 8, E * formats.GROUP_SIZE)
+        lo = allocate.min_bpw(expert_params(hp))
         if Fraction(8) * left / n_exp < lo:
             need = mixes.nonexpert_bytes(hp, mix) + int(lo * n_exp / 8) + 1
             raise ValueError(f"size {cfg.size!r} leaves {float(8 * left / n_exp):.4g} real bpw for the experts after "
@@ -138,8 +136,8 @@ def _synthetic_eps(stats: list[LayerStats]) -> np.ndarray:
 
 
 def choose_bits(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig,
-                budget: allocate.Budget | None = None) -> allocate.Allocation | np.ndarray:
-    budget = budget if budget is not None else allocate.parse_budget(budget)
+                budget: allocate.Budget) -> allocate.Allocation | np.ndarray:
+    """budget: plan_budget's (cfg.budget or cfg.size resolved against the whole model)"""
     phi = np.array([s.phi for s in stats])
     w = np.array([s.w for s in stats])
     eps = np.array([s.eps for s in stats])
@@ -410,6 +408,14 @@ def quantize_globals(wd: WorkDir, ck: Checkpoint, mix: mixes.Mix) -> None:
         if t not in ("f16", "f32"):
             out[name], _ = ggml_packed(ck.get(key), t, imp)
     wd.save({"tensors": out}, wd.globals_path)
+
+
+def stored_globals(wd: WorkDir, ck: Checkpoint) -> dict:
+    """The run's embeddings/output as stored (workdir.load_globals), finishing a run from before PMQ
+    stored them."""
+    if not wd.globals_path.exists():
+        finish(wd, ck)
+    return wd.load_globals()
 
 
 def finish(wd: WorkDir | Path, ck: Checkpoint) -> dict:

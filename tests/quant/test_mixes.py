@@ -8,21 +8,15 @@ import re
 import gguf
 import numpy as np
 import pytest
-import torch
 
-from helpers import random_state, save_checkpoint, small_config
+from helpers import calibrated_checkpoint
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant import mixes, pmq
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, small_tokenizer_dir):
-    from mcmoe_gguf.model.tiny import PRESETS, corpus_splits
-    cfg = small_config(n_layers=2, hidden=256, ff=256, vocab=512)
-    d = save_checkpoint(tmp_path_factory.mktemp("mix") / "m", cfg, random_state(cfg, seed=5, dtype=torch.float32),
-                        small_tokenizer_dir)
-    (d / "calib.txt").write_text(corpus_splits(PRESETS["default"])["calib"][:30_000])
-    return d
+    return calibrated_checkpoint(tmp_path_factory.mktemp("mix"), small_tokenizer_dir, seed=5)
 
 
 @pytest.fixture(scope="module")

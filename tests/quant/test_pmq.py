@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import random_state, save_checkpoint, small_config
+from helpers import calibrated_checkpoint, random_state, save_checkpoint, small_config
 from mcmoe_gguf.quant import calibration
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant import pmq
@@ -70,12 +70,7 @@ def test_never_routed_expert_gives_zero_stats_not_nan():
 
 @pytest.fixture(scope="module")
 def micro_checkpoint(tmp_path_factory, small_tokenizer_dir):
-    from mcmoe_gguf.model.tiny import PRESETS, corpus_splits
-    cfg = small_config(n_layers=2, hidden=256, ff=256, vocab=512)
-    d = save_checkpoint(tmp_path_factory.mktemp("pmq") / "m", cfg, random_state(cfg, seed=3, dtype=torch.float32),
-                        small_tokenizer_dir)
-    (d / "calib.txt").write_text(corpus_splits(PRESETS["default"])["calib"][:30_000])
-    return d
+    return calibrated_checkpoint(tmp_path_factory.mktemp("pmq"), small_tokenizer_dir, seed=3)
 
 
 CFG = dict(budget="2.25", n_seq=8, seq_len=64)

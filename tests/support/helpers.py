@@ -94,6 +94,16 @@ def save_checkpoint(path: Path, cfg: dict, sd: dict[str, torch.Tensor], tokenize
     return path
 
 
+def calibrated_checkpoint(root: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """A random 2-layer Mixtral (d=256, 8 experts of 256, vocab 512) with 30k characters of the default
+    model's calibration text beside it: what the PMQ tests quantize in seconds."""
+    from mcmoe_gguf.model.tiny import PRESETS, corpus_splits
+    cfg = small_config(n_layers=2, hidden=256, ff=256, vocab=512)
+    d = save_checkpoint(root / "m", cfg, random_state(cfg, seed=seed, dtype=torch.float32), tokenizer_dir)
+    (d / "calib.txt").write_text(corpus_splits(PRESETS["default"])["calib"][:30_000])
+    return d
+
+
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mcmoe_gguf.apps.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=timeout)
