@@ -128,6 +128,8 @@ def _tensor_size(a) -> str | None:
     """--size is the file's bytes: the header (metadata, vocabulary, tensor index) comes off first."""
     if not a.size:
         return None
+    if a.bits:
+        raise ValueError("give --bits or --size, not both")
     from mcmoe_gguf.gguf.export import header_bytes
     from mcmoe_gguf.quant.allocate import parse_budget
     b = parse_budget(a.size)
@@ -139,8 +141,6 @@ def _tensor_size(a) -> str | None:
 
 def cmd_quantize(a) -> int:
     from mcmoe_gguf.quant.pmq import PMQConfig, quantize
-    if a.bits and a.size:
-        raise ValueError("give --bits or --size, not both")
     cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=a.scope, strategy=a.strategy, method=a.method, alpha=a.alpha,
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,

@@ -41,3 +41,9 @@ def test_bad_input_is_an_error_line_not_a_traceback(tmp_path):
     r = cli("inspect", tmp_path, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "quantize"])
+def test_bits_and_size_together_are_refused(tmp_path, command):
+    r = cli(command, tmp_path, "-o", tmp_path / "x", "--bits", "2.0", "--size", "5MB", timeout=120)
+    assert r.returncode == 1 and "give --bits or --size, not both" in r.stderr and "Traceback" not in r.stderr
