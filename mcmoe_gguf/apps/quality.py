@@ -71,7 +71,10 @@ def _perplexity(*args, tries: int = 8) -> str:
         out = r.stdout + r.stderr
         if r.returncode != 0:
             raise RuntimeError(f"llama-perplexity failed ({r.returncode}): {out[-2000:]}")
-        if "Same top p" in out or ("--kl-divergence" not in args and "Final estimate" in out):
+        # the summary lines themselves (the per-chunk table's header also says "Same top p": matching
+        # that accepted cut outputs without a retry)
+        if ("--kl-divergence" in args and all(re.search(rx, out, re.M) for rx in _SUMMARY.values())) or \
+                ("--kl-divergence" not in args and "Final estimate" in out):
             return out
     return out
 
