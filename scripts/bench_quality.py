@@ -2,12 +2,14 @@
 """Our PMQ files against llama.cpp's own low-bit types on a tiny model: bytes vs held-out perplexity.
 
     .venv/bin/python scripts/bench_quality.py [--preset bench] [--budgets 2.0,2.5] [--mixes auto,q8]
-                                              [--max-chunks 200] [--write-results]
+                                              [--ladders mcq,full] [--max-chunks 200] [--write-results]
 
 --preset: "default" (the demo's weakly trained model) or "bench" (trained ~10x longer: low-bit types
 visibly hurt it, model/tiny.py). --mixes: the types outside the experts (quant/mixes.py), one PMQ file
 per budget and mix ("auto" = llama.cpp's own choice at the nearest width; "q8" = Q8_0 ends and mcq4
-attention, the files before issue 13).
+attention, the files before issue 13). --ladders: the expert types (quant/ladder.py): "mcq" the paper's
+1/2/3 bits per expert, "full" our mcq widths and llama.cpp's types per projection, "stock" the latter only;
+one PMQ file per budget, mix and ladder.
 
 All files come from the same F16 GGUF (stock types via llama-quantize with an importance matrix computed
 by llama-imatrix on the calibration split; ours via PMQ on the same split) and are scored by the patched
@@ -31,6 +33,7 @@ from mcmoe_gguf.base.cache import cache_dir  # noqa: E402
 from results_md import machine, replace_section  # noqa: E402
 from mcmoe_gguf.apps.quality import kld_base, markdown, score  # noqa: E402
 from mcmoe_gguf.gguf.export import convert, export_pmq  # noqa: E402
+from mcmoe_gguf.quant.allocate import InfeasibleBudget  # noqa: E402
 from mcmoe_gguf.quant.pmq import PMQConfig, quantize  # noqa: E402
 from mcmoe_gguf.apps.inspect import gguf_sizes  # noqa: E402
 from mcmoe_gguf.model.tiny import tiny_model  # noqa: E402
@@ -44,6 +47,9 @@ def main() -> int:
     ap.add_argument("--preset", default="default", choices=["default", "bench"], help="which tiny model")
     ap.add_argument("--budgets", default="1.625,2.0,2.5,3.0", help="PMQ real expert bpw budgets")
     ap.add_argument("--mixes", default="auto", help="comma-separated mixes outside the experts (auto, q8, stock:<ftype>)")
+    ap.add_argument("--ladders", default="mcq", help="comma-separated expert type ladders (mcq, full, stock)")
+    ap.add_argument("--granularity", default="projection", choices=["projection", "expert"],
+                    help="a ladder's choice: per projection or per expert")
     ap.add_argument("--stock", default=",".join(STOCK), help="llama.cpp types to compare with")
     ap.add_argument("--max-chunks", type=int, default=200, help="held-out chunks of 256 tokens (llama-perplexity "
                     "scores the second half of each)")
@@ -60,12 +66,22 @@ def main() -> int:
     files += [(f"llama.cpp {t} + imatrix", stock_quantize(f16, t, d / f"tiny-{t.lower()}.gguf", im, a.threads))
               for t in a.stock.split(",")]
     for mix in a.mixes.split(","):
-        for b in a.budgets.split(","):
-            tag = b if mix == "q8" else f"{b}-{mix.replace(':', '_')}"     # q8: the cached runs of before
-            work = d / f"pmq-{tag}"
-            quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix), progress=False)
-            files.append((f"mcmoe PMQ {b} {mix}", export_pmq(work, d / f"tiny-pmq-{tag}.gguf", force=True,
-                                                             progress=False)))
+        for ladder in a.ladders.split(","):
+            for b in a.budgets.split(","):
+                tag = b if mix == "q8" else f"{b}-{mix.replace(':', '_')}"     # q8: the cached runs of before
+                series = mix
+                if ladder != "mcq":
+                    tag += f"-{ladder}" + ("" if a.granularity == "projection" else f"-{a.granularity}")
+                    series += f"+{ladder}" + ("" if a.granularity == "projection" else f"/{a.granularity}")
+                work = d / f"pmq-{tag}"
+                try:
+                    quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix, ladder=ladder,
+                                                    granularity=a.granularity), progress=False)
+                except InfeasibleBudget as e:       # e.g. 1.5 bpw for the paper's program: not a point
+                    print(f"skipped PMQ {b} {series}: {e}", flush=True)
+                    continue
+                files.append((f"mcmoe PMQ {b} {series}", export_pmq(work, d / f"tiny-pmq-{tag}.gguf", force=True,
+                                                                    progress=False)))
     text = model / "eval.txt"
     base = kld_base(f16, text, d / f"f16-{a.max_chunks}.kld", ctx=256, chunks=a.max_chunks, threads=a.threads)
     rows, sizes = [], {}
@@ -93,7 +109,7 @@ def plot(rows, sizes, png: Path, preset: str) -> None:
         for mix in sorted({r.name.split()[-1] for r in rows if r.name.startswith("mcmoe")}):
             ours = [r for r in rows if r.name.startswith("mcmoe") and r.name.endswith(" " + mix)]
             ax.errorbar([mib[r.name] for r in ours], [getattr(r, key) for r in ours],
-                        yerr=[getattr(r, key + "_se") for r in ours], fmt="o-", lw=2, label=f"mcmoe PMQ, {mix} mix")
+                        yerr=[getattr(r, key + "_se") for r in ours], fmt="o-", lw=2, label=f"mcmoe PMQ, {mix}")
         for r in rows:
             if r.name.startswith("llama.cpp"):
                 ax.errorbar(mib[r.name], getattr(r, key), yerr=getattr(r, key + "_se"), fmt="s", color="gray")
@@ -114,7 +130,7 @@ def write_results(table: str, a, png: str) -> None:
     block = (f"## Quality: PMQ files vs llama.cpp's low-bit types ({a.preset} tiny model, llama.cpp PPL, KLD, "
              f"top-1 vs F16)\n\n"
              f"`.venv/bin/python scripts/bench_quality.py --preset {a.preset} --budgets {a.budgets} --mixes {a.mixes} "
-             f"--stock {a.stock} --max-chunks {a.max_chunks} --write-results` on {machine()}.\n\n{table}\n\n"
+             f"--ladders {a.ladders} --granularity {a.granularity} --stock {a.stock} --max-chunks {a.max_chunks} --write-results` on {machine()}.\n\n{table}\n\n"
              f"![Pareto]({png})")
     replace_section("bench_quality" if a.preset == "default" else f"bench_quality_{a.preset}", block)
 

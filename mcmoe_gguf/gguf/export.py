@@ -20,6 +20,8 @@ import torch
 from tqdm import tqdm
 
 from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant.budget import PROJECTIONS, bits_of_types, projection_shapes, types_of_bits
+from mcmoe_gguf.quant.mixes import tensor_bytes
 from mcmoe_gguf.gguf import keys as K
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.gguf.vocab import add_tokenizer
@@ -267,8 +269,9 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
         return Planned(t.name, tuple(entry["shape"]), _entry_type(entry),
                        lambda e=entry: e["data"].numpy().reshape(e["shape"][0], -1))
 
-    # the widths are in allocation.json: no extra pass over the (large) layer files just to read them
-    bits = np.array(wd.allocation()["bits"])
+    # the types are in allocation.json: no extra pass over the (large) layer files just to read them
+    types = allocation_types(wd.allocation())
+    shapes = projection_shapes(hp)
     out = [global_tensor(by_name["token_embd.weight"], "embed")]
     for i in range(hp.num_hidden_layers):
         out.append(by_name[f"blk.{i}.attn_norm.weight"])
@@ -279,8 +282,11 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
             out.append(t)
         out.append(by_name[f"blk.{i}.ffn_norm.weight"])
         out.append(by_name[f"blk.{i}.ffn_gate_inp.weight"])
-        order = sorted(range(hp.num_local_experts), key=lambda e: (-bits[i][e], e))
         for proj, gname in EXPERT_TENSORS:
+            # experts of one type next to each other, widest first (for mcq widths: by bits, then id)
+            p = PROJECTIONS.index(proj)
+            order = sorted(range(hp.num_local_experts),
+                           key=lambda e: (-tensor_bytes(types[i][e][p], *shapes[proj]), types[i][e][p], e))
             for e in order:
                 t = packed(i, f"block_sparse_moe.experts.{e}.{proj}")
                 t.name = f"blk.{i}.{gname}.{e}.weight"
@@ -288,7 +294,12 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
     out.append(by_name["output_norm.weight"])
     if "output.weight" in by_name:
         out.append(global_tensor(by_name["output.weight"], "lm_head"))
-    return out, bits
+    return out, types
+
+
+def allocation_types(alloc: dict) -> np.ndarray:
+    """[L, E, P] type names of an allocation.json (those from before the ladder have only bits)."""
+    return np.array(alloc["types"] if "types" in alloc else types_of_bits(alloc["bits"]), dtype=object)
 
 
 def _entry_type(entry: dict) -> int:
@@ -308,12 +319,15 @@ def add_odp_metadata(w: gguf.GGUFWriter, mu) -> None:
     w.add_string(K.ODP_IMPORTANCE, K.ODP_DEFAULT_IMPORTANCE)
 
 
-def add_pmq_metadata(w: gguf.GGUFWriter, wd: WorkDir | Path, bits: np.ndarray) -> None:
+def add_pmq_metadata(w: gguf.GGUFWriter, wd: WorkDir | Path, types: np.ndarray) -> None:
     wd = WorkDir.of(wd)
     alloc = wd.allocation()
     cfg = wd.config()
     w.add_uint32(K.VERSION, 1)
-    w.add_array(K.EXPERT_BITS, [int(b) for b in bits.ravel()])           # layer-major, E per layer
+    bits = bits_of_types(types)
+    if bits is not None:        # one mcq width per expert: the loader checks every expert's type against it
+        w.add_array(K.EXPERT_BITS, [int(b) for b in bits.ravel()])       # layer-major, E per layer
+    w.add_string(K.PMQ_PREFIX + "ladder", str(cfg.get("ladder", "mcq")))
     add_odp_metadata(w, alloc["mu"])
     w.add_string(K.PMQ_PREFIX + "budget", str(cfg["budget"]))
     w.add_string(K.PMQ_PREFIX + "scope", cfg["scope"])
@@ -338,9 +352,9 @@ def export_pmq(workdir: str | Path, out: str | Path, force: bool = False, name: 
     ck = Checkpoint(wd.model_dir())
     out = Path(out)
     _check_destination(ck, out, force)
-    tensors, bits = plan_pmq(ck, wd)
+    tensors, types = plan_pmq(ck, wd)
     w = gguf.GGUFWriter(path=None, arch=ck.arch.GGUF_ARCH)
     add_metadata(w, ck, name or ck.dir.resolve().name, "f16")
-    add_pmq_metadata(w, wd, bits)
+    add_pmq_metadata(w, wd, types)
     add_tokenizer(w, ck.dir, ck.hp.vocab_size)
     return write_gguf(w, tensors, out, progress)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
+from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from mcmoe_gguf.quant import formats
@@ -291,3 +292,104 @@ def _solve(cost, n, cap):
     if not ok:
         raise RuntimeError("HiGHS returned an allocation that violates the constraints")
     return xs.argmax(2) + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the ladder: one type per (layer, expert, projection) out of any set of types (quant/ladder.py)
+
+@dataclass
+class LadderAllocation:
+    choice: np.ndarray          # int [L, E, P]: index into the ladder's types
+    objective: float            # sum phi^alpha * w^beta * eps^gamma at the chosen types
+    bpw: float                  # real bits per expert weight achieved
+    expert_bytes: int
+    scope: str
+    granularity: str
+
+
+def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granularity="projection",
+                    alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, gamma=DEFAULT_GAMMA) -> LadderAllocation:
+    """Types minimising sum_{l,e,p} phi^alpha w^beta eps[l,e,p,t]^gamma under a real-byte budget.
+
+    phi, w: [L, E]; eps: [L, E, P, T]; nbytes: int [P, T] (bytes of one expert's projection p in type t;
+    the same for every expert); n_params: [L, E] weights per expert (the bpw budget's denominator).
+    granularity="expert": one type for all P projections of an expert (costs and bytes summed).
+    No per-layer width guard: unlike the paper's three widths of one grid, a ladder's cheapest types are
+    not all alike, and the measured eps already says where bytes pay. Among optimal choices the one with
+    the fewest bytes (as `allocate`)."""
+    phi, w = (np.asarray(a, dtype=np.float64) for a in (phi, w))
+    eps = np.asarray(eps, dtype=np.float64)
+    nbytes = np.asarray(nbytes, dtype=np.int64)
+    if scope not in ("layer", "model"):
+        raise ValueError(f"scope must be 'layer' or 'model', not {scope!r}")
+    if granularity not in ("projection", "expert"):
+        raise ValueError(f"granularity must be 'projection' or 'expert', not {granularity!r}")
+    if eps.ndim != 4 or eps.shape[:2] != phi.shape or w.shape != phi.shape or nbytes.shape != eps.shape[2:]:
+        raise ValueError(f"expected phi, w [L, E], eps [L, E, P, T], nbytes [P, T]; got {phi.shape}, {w.shape}, "
+                         f"{eps.shape}, {nbytes.shape}")
+    for name, a in (("phi", phi), ("w", w), ("eps", eps)):
+        if not (np.isfinite(a).all() and (a >= 0).all()):
+            raise ValueError(f"{name} must be finite and >= 0")
+    if (nbytes <= 0).any():
+        raise ValueError("every type must cost bytes")
+    L, E, P, T = eps.shape
+    n = np.broadcast_to(np.asarray(n_params, dtype=np.int64), (L, E))
+    imp = importance(phi, w, alpha, beta)
+    cost = np.where(imp[..., None, None] > 0, imp[..., None, None] * np.power(eps, gamma), 0.0)
+    if not np.isfinite(cost).all():
+        raise ValueError("phi^alpha * w^beta * eps^gamma overflows; rescale eps")
+    size = np.broadcast_to(nbytes, (L, E, P, T))
+    if granularity == "expert":                 # one item per expert: its projections together
+        cost, size = cost.sum(2, keepdims=True), size.sum(2, keepdims=True)
+
+    budget = parse_budget(budget)
+    N = int(n.sum())
+    target = budget.value if budget.unit == "bpw" else Fraction(8) * budget.value / N
+    programs = [[l] for l in range(L)] if scope == "layer" else [list(range(L))]
+    lo = max(Fraction(8 * int(size[ls].min(-1).sum()), int(n[ls].sum())) for ls in programs)
+    hi = max(Fraction(8 * int(size[ls].max(-1).sum()), int(n[ls].sum())) for ls in programs)
+    if target < lo:
+        lo_f, hi_f = math.ceil(lo * 10**6) / 10**6, math.ceil(hi * 10**6) / 10**6
+        raise InfeasibleBudget(f"budget {float(target):.6g} real expert bpw is infeasible for this ladder "
+                               f"(scope={scope}); the useful range is {lo_f:.10g} (every projection in the "
+                               f"ladder's cheapest type) to {hi_f:.10g} (every one in its widest)",
+                               lo_f, hi_f, "real bpw")
+    choice = np.zeros(cost.shape[:3], dtype=np.int64)
+    for ls in programs:
+        cap = math.floor(target * int(n[ls].sum()) / 8)         # bytes; floor keeps "<=" exact
+        choice[ls] = _solve_choices(cost[ls].reshape(-1, T), size[ls].reshape(-1, T), cap).reshape(choice[ls].shape)
+    if granularity == "expert":
+        choice = np.repeat(choice, P, axis=2)
+    full_cost = np.where(imp[..., None, None] > 0, imp[..., None, None] * np.power(eps, gamma), 0.0)
+    obj = float(np.take_along_axis(full_cost, choice[..., None], axis=3).sum())
+    nb = int(np.take_along_axis(np.broadcast_to(nbytes, (L, E, P, T)), choice[..., None], axis=3).sum())
+    return LadderAllocation(choice, obj, 8 * nb / N, nb, scope, granularity)
+
+
+def _solve_choices(cost: np.ndarray, size: np.ndarray, cap: int) -> np.ndarray:
+    """Multiple-choice knapsack: one column per row of cost [N, T] (sizes int [N, T]), total size <= cap."""
+    N, T = cost.shape
+    g = math.gcd(*size.reshape(-1).tolist()) or 1      # every total is a multiple of g: cap // g is exact
+    sz = (size // g).reshape(-1).astype(np.float64)
+    cap_g = cap // g
+    scale = cost.max() if cost.max() > 0 else 1.0
+    c = cost.reshape(-1) / scale
+    one_hot = sparse.kron(sparse.eye(N), np.ones((1, T)), format="csr")     # 9216 columns at Mixtral scope=model
+    rows = [LinearConstraint(one_hot, 1, 1), LinearConstraint(sz[None], -np.inf, cap_g)]
+    opts = {"disp": False, "mip_rel_gap": 0.0}
+
+    def run(objective, constraints):
+        r = milp(objective, constraints=constraints, integrality=np.ones(N * T), bounds=Bounds(0, 1), options=opts)
+        if r.status != 0:
+            raise RuntimeError(f"HiGHS failed on a feasible program: {r.message}")
+        return np.round(r.x).astype(np.int64)
+
+    x = run(c, rows)
+    best = float(c @ x)
+    x2 = run(sz, rows + [LinearConstraint(c[None], -np.inf, best + 1e-9)])
+    if c @ x2 <= best + 1e-6:
+        x = x2
+    xs = x.reshape(N, T)
+    if not ((xs.sum(1) == 1).all() and int((xs * size).sum()) <= cap):
+        raise RuntimeError("HiGHS returned a choice that violates the constraints")
+    return xs.argmax(1)

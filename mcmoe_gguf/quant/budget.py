@@ -8,7 +8,31 @@ from __future__ import annotations
 import numpy as np
 
 from mcmoe_gguf.quant import formats
-from mcmoe_gguf.quant.mixes import f32_params, nonexpert_bytes, nonexpert_shapes
+from mcmoe_gguf.quant.mixes import f32_params, nonexpert_bytes, nonexpert_shapes, tensor_bytes
+
+
+PROJECTIONS = ("w1", "w3", "w2")            # an expert's gate, up, down (Mixtral's names); inputs x, x, inner
+
+
+def projection_shapes(hp) -> dict[str, tuple[int, int]]:
+    """[rows, n] of each expert projection (numpy order: out, in)."""
+    d, ff = hp.hidden_size, hp.intermediate_size
+    return {"w1": (ff, d), "w3": (ff, d), "w2": (d, ff)}
+
+
+def types_of_bits(bits) -> np.ndarray:
+    """[L, E, P] type names of a per-expert mcq allocation (the paper's: one width for all three)."""
+    bits = np.asarray(bits)
+    return np.array([[[f"mcq{int(b)}"] * len(PROJECTIONS) for b in row] for row in bits], dtype=object)
+
+
+def bits_of_types(types) -> np.ndarray | None:
+    """[L, E] widths if every expert is one mcq width in all its projections, else None."""
+    types = np.asarray(types, dtype=object)
+    first = types[..., 0]
+    if not all(isinstance(t, str) and t.startswith("mcq") for t in first.ravel()) or (types != first[..., None]).any():
+        return None
+    return np.vectorize(lambda t: int(t[3:]), otypes=[np.int64])(first)
 
 
 def expert_params(hp) -> np.ndarray:
@@ -26,15 +50,20 @@ def check_row_lengths(hp) -> None:
                          + ", ".join(f"{k}={v}" for k, v in bad.items()))
 
 
-def size_report(ck, bits: np.ndarray, mix) -> dict:
+def size_report(ck, types, mix) -> dict:
     """Real bytes of the file this quantized state becomes (scales counted), experts and whole model;
-    mix: the types outside the experts (quant/mixes.py)."""
+    types: [L, E, P] type names of the expert projections (or [L, E] mcq widths); mix: the types outside
+    the experts (quant/mixes.py)."""
     hp = ck.hp
+    types = np.asarray(types, dtype=object)
+    if types.ndim == 2:
+        types = types_of_bits(types)
+    shapes = projection_shapes(hp)
     n_exp = expert_params(hp)
-    exp_bytes = int(sum(int(n) * formats.block_bytes(int(b)) // formats.GROUP_SIZE
-                        for n, b in zip(n_exp.ravel(), bits.ravel())))
+    exp_bytes = int(sum(tensor_bytes(types[l, e, p], *shapes[name]) for (l, e) in np.ndindex(*types.shape[:2])
+                        for p, name in enumerate(PROJECTIONS)))
     total_bytes = exp_bytes + nonexpert_bytes(hp, mix)
-    other = sum(r * n for shapes in nonexpert_shapes(hp).values() for r, n in shapes)
+    other = sum(r * n for shapes_ in nonexpert_shapes(hp).values() for r, n in shapes_)
     total_params = int(n_exp.sum()) + other + f32_params(hp)
     return {"expert_bytes": exp_bytes, "expert_bpw": 8 * exp_bytes / int(n_exp.sum()),
             "total_bytes": total_bytes, "total_bpw": 8 * total_bytes / total_params}

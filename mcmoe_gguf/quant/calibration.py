@@ -50,6 +50,8 @@ class LayerStats:
     eps: list[list[float]]     # [expert][bits-1]
     mu: float
     n_tokens: int
+    ladder: list[str] | None = None             # a ladder's types (quant/ladder.py), if the run has one
+    ladder_eps: list | None = None              # [expert][projection][type]: eps of each choice
 
     def to_dict(self) -> dict:
         return asdict(self)

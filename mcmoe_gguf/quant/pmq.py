@@ -29,14 +29,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcmoe_gguf.base.ggml import ggml
 from mcmoe_gguf.quant import allocate
 from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant import ladder as ladders
 from mcmoe_gguf.quant import mixes
 from mcmoe_gguf.quant.calibration import LayerStats, calibration_tokens, expert_inner, moe_stats, odp_mu, rtn_dequant
 from mcmoe_gguf.model.checkpoint import Checkpoint
-from mcmoe_gguf.quant.gptq import GPTQ, rtn
-from mcmoe_gguf.quant.budget import check_row_lengths, expert_params, size_report
+from mcmoe_gguf.quant.gptq import GPTQ
+from mcmoe_gguf.quant.quantizers import ggml_packed, importance, mcq_packed, mcq_result, quantize_matrix
+from mcmoe_gguf.quant.budget import bits_of_types, check_row_lengths, expert_params, size_report, types_of_bits
 from mcmoe_gguf.quant.workdir import WorkDir, WorkdirMismatch  # noqa: F401  (WorkdirMismatch: part of this API)
 
 
@@ -61,6 +62,9 @@ class PMQConfig:
     device: str = "cpu"                 # torch device for calibration and GPTQ ("cuda" on a GPU machine)
     embed_type: str | None = None       # token embeddings: a ggml type (f16, q8_0, q4_k, ...); None: the mix's
     output_type: str | None = None      # output projection: likewise
+    ladder: str = "mcq"                 # expert types (quant/ladder.py): mcq (the paper's 1/2/3 bits per expert),
+                                        # stock | full | a comma-separated list of types
+    granularity: str = "projection"     # a ladder's choice: per projection or per expert (mcq: per expert)
 
 
 def _as_config(cfg: PMQConfig | dict) -> PMQConfig:
@@ -81,7 +85,7 @@ def plan_budget(cfg: PMQConfig | dict, hp) -> tuple[allocate.Budget, mixes.Mix]:
         left, mix = mixes.expert_budget_for_size(hp, int(total.value), cfg.mix, n_exp, _overrides(cfg))
         budget = allocate.Budget("bytes", left)
         lo = allocate.min_bpw(expert_params(hp))
-        if Fraction(8) * left / n_exp < lo:
+        if not is_ladder(cfg) and Fraction(8) * left / n_exp < lo:     # a ladder's program names its own range
             need = mixes.nonexpert_bytes(hp, mix) + int(lo * n_exp / 8) + 1
             raise ValueError(f"size {cfg.size!r} leaves {float(8 * left / n_exp):.4g} real bpw for the experts after "
                              f"the {mixes.nonexpert_bytes(hp, mix):,} bytes outside them; PMQ needs at least "
@@ -106,27 +110,6 @@ def _overrides(cfg: PMQConfig) -> dict:
 
 def resolved_mix(cfg: PMQConfig | dict, hp) -> mixes.Mix:
     return plan_budget(cfg, hp)[1]
-
-
-# ------------------------------------------------------------------------------------- packed tensors
-def _packed(res, bits: int) -> dict:
-    return {"bits": bits, "shape": list(res.codes.shape),
-            "data": torch.from_numpy(formats.pack(res.codes, res.scale, res.mn, bits))}
-
-
-def ggml_packed(W: torch.Tensor, type_name: str, importance: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
-    """A matrix in a ggml type by ggml's own quantizer: (stored entry, dequantized weights)."""
-    w = W.detach().float().cpu().numpy()
-    imp = None if importance is None else importance.detach().float().cpu().numpy()
-    blob = ggml().quantize(w, type_name, imp)
-    deq = torch.from_numpy(ggml().dequantize(blob, type_name, w.shape[1])).to(W.device, W.dtype)
-    return {"type": type_name, "shape": list(w.shape), "data": torch.from_numpy(blob)}, deq
-
-
-def importance(x: torch.Tensor) -> torch.Tensor:
-    """llama-imatrix's statistic: mean of x^2 per input column over the calibration tokens."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    return (x * x).mean(0).float()
 
 
 # ------------------------------------------------------------------------------------- allocation
@@ -169,6 +152,46 @@ def _bits_of(choice) -> np.ndarray:
     return choice.bits if isinstance(choice, allocate.Allocation) else choice
 
 
+def is_ladder(cfg: PMQConfig) -> bool:
+    return cfg.ladder != ladders.PAPER
+
+
+def check_ladder(cfg: PMQConfig) -> tuple[str, ...]:
+    """The ladder's types (empty for the paper's program); bad settings fail before any work."""
+    if cfg.granularity not in ladders.GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(ladders.GRANULARITIES)}, not {cfg.granularity!r}")
+    if not is_ladder(cfg):
+        return ()
+    if cfg.strategy != "pmq":
+        raise ValueError(f"strategy {cfg.strategy!r} allocates the paper's 1/2/3 bits; with a ladder "
+                         f"({cfg.ladder!r}) only 'pmq' is defined")
+    return ladders.resolve(cfg.ladder)
+
+
+def layer_statistics(l: int, moe: torch.nn.Module, x: torch.Tensor, cfg: PMQConfig, progress: bool) -> LayerStats:
+    """phi, w, mu and the paper's eps of one MoE layer; with a ladder also every choice's eps."""
+    s = moe_stats(l, moe, x, _eps_quantizer(cfg))
+    types = check_ladder(cfg)
+    if types:
+        s.ladder = list(types)
+        s.ladder_eps = ladders.measure_eps(moe, x, types, cfg, f"layer {l} ladder eps", progress).tolist()
+    return s
+
+
+def choose_types(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig, budget: allocate.Budget,
+                 hp) -> np.ndarray:
+    """[L', E, P] type names of these layers' expert projections."""
+    types = check_ladder(cfg)
+    if not types:
+        return types_of_bits(_bits_of(choose_bits(stats, n_params, cfg, budget)))
+    phi = np.array([s.phi for s in stats])
+    w = np.array([s.w for s in stats])
+    eps = np.array([s.ladder_eps for s in stats])
+    a = allocate.allocate_ladder(phi, w, eps, ladders.choice_bytes(hp, types), n_params, budget, cfg.scope,
+                                 cfg.granularity, cfg.alpha, cfg.beta, cfg.gamma)
+    return np.array(types, dtype=object)[a.choice]
+
+
 # ------------------------------------------------------------------------------------- the layers
 @torch.no_grad()
 def _attention_inputs(layer: torch.nn.Module, h: torch.Tensor, cos, sin, chunk: int):
@@ -186,12 +209,6 @@ def _attention_inputs(layer: torch.nn.Module, h: torch.Tensor, cos, sin, chunk: 
     return torch.cat(xa), torch.cat(captured)
 
 
-def _gptq_or_rtn(H: GPTQ | None, W, bits, cfg: PMQConfig):
-    if cfg.method == "rtn" or H is None:
-        return rtn(W, bits, cfg.param_method)
-    return H.quantize(W, bits, percdamp=cfg.percdamp, act_order=cfg.act_order, param_method=cfg.param_method)
-
-
 @torch.no_grad()
 def quantize_attention(layer: torch.nn.Module, h, cos, sin, cfg: PMQConfig, chunk: int, mix: mixes.Mix) -> dict:
     att = layer.self_attn
@@ -204,9 +221,9 @@ def quantize_attention(layer: torch.nn.Module, h, cos, sin, cfg: PMQConfig, chun
     def one(name: str, x, Hx) -> None:
         lin, t = getattr(att, name), mix.attn(name)
         if mixes.is_mcq(t):
-            res = _gptq_or_rtn(Hx, lin.weight, mixes.mcq_bits(t), cfg)
+            res = mcq_result(Hx, lin.weight, mixes.mcq_bits(t), cfg)
             lin.weight.copy_(res.dequantized)
-            out[name] = _packed(res, mixes.mcq_bits(t))
+            out[name] = mcq_packed(res, mixes.mcq_bits(t))
         elif t not in ("f16", "f32"):
             out[name], deq = ggml_packed(lin.weight, t, importance(x))
             lin.weight.copy_(deq)
@@ -230,31 +247,34 @@ def moe_input(layer: torch.nn.Module, h, cos, sin, chunk: int) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def quantize_experts(moe: torch.nn.Module, x: torch.Tensor, bits: np.ndarray, cfg: PMQConfig, desc: str,
+def quantize_experts(moe: torch.nn.Module, x: torch.Tensor, types, cfg: PMQConfig, desc: str,
                      progress: bool = True) -> dict:
-    """GPTQ each expert at its width on the tokens routed to it; w2's Hessian from the quantized w1/w3."""
+    """Every expert projection in its type (types[e][p], p in gate, up, down) on the tokens routed to the
+    expert: mcq by GPTQ, ggml types with the tokens' importance. The down projection's inputs come from the
+    already quantized gate/up, so it compensates their error (sequential, as GPTQ across layers)."""
     _, _, ids = moe.route(x)
     out = {}
+    layer_imp = None
     for e in tqdm(range(moe.hp.num_local_experts), desc=desc, unit="expert", leave=False, disable=not progress):
-        ex, b = moe.experts[e], int(bits[e])
+        ex, te = moe.experts[e], dict(zip(ladders.PROJECTIONS, types[e]))
         tok = torch.where((ids == e).any(-1))[0]
         xe = x[tok]
-        gptq = cfg.method == "gptq"            # RTN needs no Hessian (H2 alone is ff^2 float64: 1.6 GB for Mixtral)
-        H = GPTQ(x.shape[-1], device=x.device) if gptq else None
-        if H is not None:
+        if len(tok) == 0 and layer_imp is None:
+            layer_imp = importance(x)       # no token of its own: the layer's importance (the i-quants need one)
+        # RTN needs no Hessian (H2 alone is ff^2 float64: 1.6 GB for Mixtral): built only for GPTQ'd mcq
+        H = None
+        if cfg.method == "gptq" and (mixes.is_mcq(te["w1"]) or mixes.is_mcq(te["w3"])):
+            H = GPTQ(x.shape[-1], device=x.device)
             H.add_batch(xe)
         for name in ("w1", "w3"):
-            res = _gptq_or_rtn(H, getattr(ex, name).weight, b, cfg)
-            getattr(ex, name).weight.copy_(res.dequantized)
-            out[name + f".{e}"] = _packed(res, b)
-        H2 = None
-        if gptq:
-            inner = expert_inner(ex.w1.weight, ex.w3.weight, xe)
-            H2 = GPTQ(inner.shape[-1], device=x.device)
-            H2.add_batch(inner)
-        res = _gptq_or_rtn(H2, ex.w2.weight, b, cfg)
-        ex.w2.weight.copy_(res.dequantized)
-        out[f"w2.{e}"] = _packed(res, b)
+            entry, deq = quantize_matrix(getattr(ex, name).weight, te[name], xe, cfg, H, layer_imp)
+            getattr(ex, name).weight.copy_(deq)
+            out[name + f".{e}"] = entry
+        inner = expert_inner(ex.w1.weight, ex.w3.weight, xe)      # from the quantized gate/up
+        fallback = None if len(tok) else importance(expert_inner(ex.w1.weight, ex.w3.weight, x))
+        entry, deq = quantize_matrix(ex.w2.weight, te["w2"], inner, cfg, None, fallback)
+        ex.w2.weight.copy_(deq)
+        out[f"w2.{e}"] = entry
     return out
 
 
@@ -302,7 +322,7 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk) -> li
             h = _embed(ck, tokens, cfg.device) if l == 0 else _load_state(wd.state_path(l, fp=True), cfg)
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
         _, x = moe_input(layer, h, cos, sin, chunk)
-        s = moe_stats(l, layer.moe, x, _eps_quantizer(cfg))
+        s = layer_statistics(l, layer.moe, x, cfg, progress=False)
         wd.save(s.to_dict(), path, as_json=True)
         stats.append(s)
         if l < hp.num_hidden_layers - 1:
@@ -344,7 +364,8 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     ck = Checkpoint(model_dir)
     hp = ck.hp
     check_row_lengths(hp)
-    _eps_quantizer(cfg)                 # a bad eps_method fails before any work
+    _eps_quantizer(cfg)                 # a bad eps_method or ladder fails before any work
+    check_ladder(cfg)
     wd = WorkDir(outdir)
     wd.open(_manifest(model_dir, cfg), same=lambda old, new: _with_defaults(old) == new)
     if all(wd.has_layer(l) for l in range(hp.num_hidden_layers)):
@@ -361,9 +382,9 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     L = hp.num_hidden_layers
     budget, mix = plan_budget(cfg, hp)
 
-    global_bits = None
+    global_types = None
     if cfg.scope == "model" and not cfg.strategy.startswith("uniform"):
-        global_bits = _bits_of(choose_bits(_stats_pass(ck, tokens, cfg, wd, cos, sin, chunk), n_params, cfg, budget))
+        global_types = choose_types(_stats_pass(ck, tokens, cfg, wd, cos, sin, chunk), n_params, cfg, budget, hp)
 
     start = 0
     while start < L and wd.has_layer(start) and (start == L - 1 or wd.state_path(start + 1).exists()):
@@ -374,10 +395,10 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
         tensors = {f"self_attn.{k}": v for k, v in quantize_attention(layer, h, cos, sin, cfg, chunk, mix).items()}
         _, x = moe_input(layer, h, cos, sin, chunk)
-        s = moe_stats(l, layer.moe, x, _eps_quantizer(cfg))
+        s = layer_statistics(l, layer.moe, x, cfg, progress)
         wd.save(s.to_dict(), wd.stats_path(l), as_json=True)
-        bits = global_bits[l] if global_bits is not None else _bits_of(choose_bits([s], n_params[l:l + 1], cfg, budget))[0]
-        for k, v in quantize_experts(layer.moe, x, bits, cfg, f"layer {l} experts", progress).items():
+        types = global_types[l] if global_types is not None else choose_types([s], n_params[l:l + 1], cfg, budget, hp)[0]
+        for k, v in quantize_experts(layer.moe, x, types, cfg, f"layer {l} experts", progress).items():
             proj, e = k.split(".")
             tensors[f"block_sparse_moe.experts.{e}.{proj}"] = v
         if l < L - 1:
@@ -385,7 +406,9 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
             wd.save(h.cpu(), wd.state_path(l + 1))
         else:   # before the last layer file, which marks the run as complete
             wd.save(importance(_final_norm(ck, layer_forward(layer, h, cos, sin, chunk))), wd.output_importance_path)
-        wd.save({"layer": l, "bits": [int(b) for b in bits], "tensors": tensors}, wd.layer_path(l))
+        bits = bits_of_types(types[None])
+        wd.save({"layer": l, "types": types.tolist(), **({"bits": bits[0].tolist()} if bits is not None else {}),
+                 "tensors": tensors}, wd.layer_path(l))
         wd.drop_state(l)
         del layer, x        # before the next layer is built: peak memory of one layer, not two
     return finish(wd, ck)
@@ -422,13 +445,19 @@ def finish(wd: WorkDir | Path, ck: Checkpoint) -> dict:
     """globals.pt and allocation.json of a run whose layers are all quantized (the latter returned)."""
     wd = WorkDir.of(wd)
     hp = ck.hp
-    bits = np.array([wd.load_layer(l)["bits"] for l in range(hp.num_hidden_layers)])
+    types = np.array([layer_types(wd.load_layer(l)) for l in range(hp.num_hidden_layers)], dtype=object)
+    bits = bits_of_types(types)
     stats = [wd.load_stats(l) for l in range(hp.num_hidden_layers)]
     cfg = _with_defaults(wd.manifest())["config"]
     mix = resolved_mix(cfg, hp)
     if not wd.globals_path.exists():
         quantize_globals(wd, ck, mix)
-    report = {"bits": bits.tolist(), "mu": [s["mu"] for s in stats], "mix": mix.to_dict(),
-              **size_report(ck, bits, mix)}
+    report = {"types": types.tolist(), "bits": None if bits is None else bits.tolist(),
+              "mu": [s["mu"] for s in stats], "mix": mix.to_dict(), **size_report(ck, types, mix)}
     wd.save(report, wd.allocation_path, as_json=True)
     return report
+
+
+def layer_types(layer: dict) -> list:
+    """[E][P] type names of a stored layer (layer files from before the ladder have only bits)."""
+    return layer["types"] if "types" in layer else types_of_bits([layer["bits"]])[0].tolist()

@@ -12,6 +12,7 @@ from mcmoe_gguf.model.arch import mixtral as mx
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant import pmq
+from mcmoe_gguf.quant.budget import types_of_bits
 
 N_LAYERS, HIDDEN, FF, VOCAB, E = 2, 256, 256, 512, 8
 MIXED_BITS = [[3, 1, 2, 3, 1, 2, 2, 1],      # layer 0: all three widths
@@ -47,6 +48,7 @@ def workdir_as_mcq3(src: Path, dst: Path) -> Path:
                 q, d, m = formats.unpack(e["data"].numpy(), e["bits"], e["shape"][1])
                 e["data"], e["bits"] = torch.from_numpy(formats.pack(q, d, m, 3)), 3
         f["bits"] = [3] * len(f["bits"])
+        f["types"] = types_of_bits([f["bits"]])[0].tolist()
         torch.save(f, path)
     pmq.finish(dst, Checkpoint(json.loads((dst / "manifest.json").read_text())["model_dir"]))
     return dst
@@ -69,8 +71,40 @@ def workdir_with_bits(src: Path, dst: Path, bits: list[list[int]]) -> Path:
                 f["tensors"][f"block_sparse_moe.experts.{e}.{proj}"] = {
                     "bits": b, "shape": list(w.shape), "data": torch.from_numpy(formats.quantize(w, b, "mse"))}
         f["bits"] = list(row)
+        f["types"] = types_of_bits([row])[0].tolist()
         torch.save(f, path)
     pmq.finish(dst, ck)
+    return dst
+
+
+def workdir_with_types(src: Path, dst: Path, types: list[list[list[str]]]) -> Path:
+    """A copy of the work directory `src` whose expert projections are re-quantized from the checkpoint in
+    the given types [layer][expert][gate, up, down] (mcq: RTN; ggml types: ggml's quantizer with a flat
+    importance, which the i-quants require)."""
+    import shutil
+
+    import numpy as np
+
+    from mcmoe_gguf.quant.budget import PROJECTIONS
+    from mcmoe_gguf.quant.quantizers import quantize_matrix
+    if dst.exists():
+        return dst
+    shutil.copytree(src, dst)
+    ck = Checkpoint(json.loads((dst / "manifest.json").read_text())["model_dir"])
+    cfg = pmq.PMQConfig(method="rtn")
+    for i, row in enumerate(types):
+        path = dst / "layers" / f"layer_{i:02d}.pt"
+        f = torch.load(path)
+        for e, te in enumerate(row):
+            for proj, t in zip(PROJECTIONS, te):
+                w = ck.get(mx.legacy_expert_key(i, e, proj)).float()
+                entry, _ = quantize_matrix(w, t, torch.ones(1, w.shape[1]), cfg)
+                f["tensors"][f"block_sparse_moe.experts.{e}.{proj}"] = entry
+        f.pop("bits", None)
+        f["types"] = [list(te) for te in row]
+        torch.save(f, path)
+    pmq.finish(dst, ck)
+    assert np.array(json.loads((dst / "allocation.json").read_text())["types"]).tolist() == types
     return dst
 
 

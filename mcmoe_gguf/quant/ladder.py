@@ -1,0 +1,107 @@
+"""The type ladder: one type per (layer, expert, projection) out of our mcq widths and llama.cpp's own types.
+
+The paper's program gives every expert 1, 2 or 3 bits of one grid. Below ~2 bits that grid is weak (mcq1:
+one step size per 128 weights), while llama.cpp's i-quants (lattice codebooks with per-32 scales) are
+strong. The ladder lets the program choose, for every expert's gate, up and down projection separately,
+the type that buys the most error per byte, measured on the tokens routed to that expert:
+
+    eps[e, p, t] = || g * (E_e(x) - E_e,p->t(x)) ||_F      over the tokens x routed to expert e
+
+where E_e,p->t is expert e with only projection p quantized to type t by the quantizer that will write
+it (GPTQ for mcq, ggml's quantizer with the routed tokens' importance for the others) and g the tokens'
+routing weights: the paper's eps (Eq. 3), per projection and per type. The integer program
+(allocate.allocate_ladder) then minimises sum phi^alpha w^beta eps^gamma under the byte budget. With
+gamma = 2 the sum over projections is the sum of squared errors, which adds up when the projections'
+errors are uncorrelated (tests/quant/test_ladder.py checks this against quantizing all three at once).
+
+Named ladders: "mcq" is the paper's program (per expert, 1/2/3 bits, >= one expert at 3 and one at 2 per
+layer; not a ladder of this module); "stock" llama.cpp's types only; "full" both. A comma-separated list
+of types is a ladder too (e.g. "mcq1,mcq2,mcq3" = the paper's widths per projection, without its guard).
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mcmoe_gguf.quant.budget import PROJECTIONS, projection_shapes
+from mcmoe_gguf.quant.calibration import expert_forward, expert_inner
+from mcmoe_gguf.quant.gptq import GPTQ
+from mcmoe_gguf.quant.mixes import is_mcq, tensor_bytes
+from mcmoe_gguf.quant.quantizers import importance, quantize_matrix
+
+PAPER = "mcq"
+STOCK_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_k", "q3_k", "q4_k")
+LADDERS = {"stock": STOCK_TYPES, "full": ("mcq1", "mcq2", "mcq3") + STOCK_TYPES}
+GRANULARITIES = ("projection", "expert")    # one type per projection, or one per expert (all three)
+_MCQ = ("mcq1", "mcq2", "mcq3", "mcq4")
+
+
+def names() -> list[str]:
+    return [PAPER, *LADDERS]
+
+
+def resolve(spec: str) -> tuple[str, ...]:
+    """The types of a ladder: a name (stock, full) or a comma-separated list of types."""
+    if spec == PAPER:
+        raise ValueError("the 'mcq' ladder is the paper's per-expert program (allocate.allocate), not a type list")
+    if spec in LADDERS:
+        return LADDERS[spec]
+    types = []
+    for t in (s.strip().lower() for s in spec.split(",")):
+        if not t:
+            continue
+        if t not in _MCQ:
+            try:
+                q = gguf.GGMLQuantizationType[t.upper()]
+            except KeyError:
+                raise ValueError(f"unknown type {t!r} in ladder {spec!r}; a ladder is one of {', '.join(names())} "
+                                 f"or a comma-separated list of mcq1..mcq4 and ggml types (iq2_xxs, q2_k, ...)") from None
+            if q in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                raise ValueError(f"{t} is not a quantized type; a ladder's types are low-bit types")
+        if t not in types:
+            types.append(t)
+    if not types:
+        raise ValueError(f"ladder {spec!r} names no type")
+    return tuple(types)
+
+
+def choice_bytes(hp, types) -> np.ndarray:
+    """int64 [P, T]: bytes of one expert's projection p in type t (whole blocks, as written)."""
+    shapes = projection_shapes(hp)
+    return np.array([[tensor_bytes(t, *shapes[p]) for t in types] for p in PROJECTIONS], dtype=np.int64)
+
+
+@torch.no_grad()
+def measure_eps(moe: torch.nn.Module, x: torch.Tensor, types, cfg, desc: str = "ladder eps",
+                progress: bool = True) -> np.ndarray:
+    """float64 [E, P, T]: eps of every (expert, projection, type) on the layer's MoE inputs x [tokens, d]
+    (module docstring). An expert no token reaches has eps 0 (nothing measured says bytes help it)."""
+    _, wts, ids = moe.route(x)
+    E = moe.hp.num_local_experts
+    eps = np.zeros((E, len(PROJECTIONS), len(types)))
+    layer_imp = importance(x)
+    for e in tqdm(range(E), desc=desc, unit="expert", leave=False, disable=not progress):
+        tok, slot = torch.where(ids == e)
+        if len(tok) == 0:
+            continue
+        g = wts[tok, slot].to(x.dtype)[:, None]
+        ex = moe.experts[e]
+        xe = x[tok]
+        W = {p: getattr(ex, p).weight for p in PROJECTIONS}
+        ref = expert_forward(W["w1"], W["w2"], W["w3"], xe)
+        inner = expert_inner(W["w1"], W["w3"], xe)
+        H = {}
+        if cfg.method == "gptq" and any(is_mcq(t) for t in types):
+            H["x"], H["inner"] = GPTQ(x.shape[-1], device=x.device), GPTQ(inner.shape[-1], device=x.device)
+            H["x"].add_batch(xe)
+            H["inner"].add_batch(inner)
+        for pi, p in enumerate(PROJECTIONS):
+            src = inner if p == "w2" else xe
+            for ti, t in enumerate(types):
+                _, deq = quantize_matrix(W[p], t, src, cfg, H.get("inner" if p == "w2" else "x"), layer_imp)
+                Wq = {**W, p: deq}
+                out = expert_forward(Wq["w1"], Wq["w2"], Wq["w3"], xe)
+                eps[e, pi, ti] = torch.linalg.norm(g * (ref - out)).item()
+    return eps

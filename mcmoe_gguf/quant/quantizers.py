@@ -1,0 +1,65 @@
+"""One matrix into one type: our mcq widths by GPTQ (or RTN), llama.cpp's types by ggml's own quantizer.
+
+A type is "mcqN" (our affine group-128 grid, quant/formats.py) or a ggml type name ("iq2_xxs", "q2_k",
+"q4_k", ...; base/ggml.py). Both take the calibration inputs of the matrix: GPTQ builds its Hessian from
+them, ggml's quantizers take their importance vector (mean x^2 per input column, llama-imatrix's
+statistic, which is also what llama.cpp feeds them). A stored entry is {bits, shape, data} (mcq) or
+{type, shape, data} (ggml), data the bytes as written to the GGUF file (quant/workdir.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from mcmoe_gguf.base.ggml import ggml
+from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant.gptq import GPTQ, rtn
+from mcmoe_gguf.quant.mixes import is_mcq, mcq_bits
+
+
+def importance(x: torch.Tensor) -> torch.Tensor:
+    """llama-imatrix's statistic: mean of x^2 per input column over the calibration tokens."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return (x * x).mean(0).float()
+
+
+def routed_importance(x_routed: torch.Tensor, fallback: torch.Tensor | None) -> torch.Tensor | None:
+    """Importance of one expert's matrix from the tokens routed to it. An expert that received no token
+    has no statistic of its own: it gets the layer's (all tokens), as the i-quants need one (llama.cpp
+    would refuse to quantize it at all: its imatrix has no entry for that expert)."""
+    if x_routed.shape[0] == 0:
+        return fallback
+    return importance(x_routed)
+
+
+def mcq_packed(res, bits: int) -> dict:
+    return {"bits": bits, "shape": list(res.codes.shape),
+            "data": torch.from_numpy(formats.pack(res.codes, res.scale, res.mn, bits))}
+
+
+def ggml_packed(W: torch.Tensor, type_name: str, imp: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """A matrix in a ggml type by ggml's own quantizer: (stored entry, dequantized weights)."""
+    w = W.detach().float().cpu().numpy()
+    imp = None if imp is None else imp.detach().float().cpu().numpy()
+    blob = ggml().quantize(w, type_name, imp)
+    deq = torch.from_numpy(ggml().dequantize(blob, type_name, w.shape[1])).to(W.device, W.dtype)
+    return {"type": type_name, "shape": list(w.shape), "data": torch.from_numpy(blob)}, deq
+
+
+def mcq_result(H: GPTQ | None, W: torch.Tensor, bits: int, cfg):
+    """GPTQ on H (cfg: PMQConfig's method, percdamp, act_order, param_method), or RTN without one."""
+    if cfg.method == "rtn" or H is None:
+        return rtn(W, bits, cfg.param_method)
+    return H.quantize(W, bits, percdamp=cfg.percdamp, act_order=cfg.act_order, param_method=cfg.param_method)
+
+
+def quantize_matrix(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | None = None,
+                    fallback_importance: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+    """W [out, in] in `type_name` given its calibration inputs x [tokens, in]: (stored entry, dequantized).
+    H: a GPTQ Hessian of x already built (shared by gate and up); built here if needed and not given."""
+    if is_mcq(type_name):
+        if H is None and cfg.method == "gptq":
+            H = GPTQ(W.shape[1], device=W.device)
+            H.add_batch(x)
+        res = mcq_result(H, W, mcq_bits(type_name), cfg)
+        return mcq_packed(res, mcq_bits(type_name)), res.dequantized
+    return ggml_packed(W, type_name, routed_importance(x, fallback_importance))
