@@ -14,6 +14,12 @@ MIX_HELP = ("types of the tensors outside the experts: auto (default: llama.cpp'
             "bits), stock:<ftype> (that stock type's choice), q8 (Q8_0 embeddings and output, mcq4 "
             "attention: files before issue 13)")
 
+LADDER_HELP = ("expert types: mcq (default: the paper's program, 1/2/3 bits of our grid per expert), full (per "
+               "projection, our mcq widths and llama.cpp's IQ1_S..IQ3_XXS, Q2_K..Q4_K, chosen by measured error "
+               "per byte; budgets down to ~1.3 bpw), stock (llama.cpp's types only), or a comma-separated list "
+               "of types (e.g. mcq1,iq2_xxs,q2_k)")
+GRANULARITY_HELP = "a ladder's choice: one type per projection (default) or one per expert"
+
 EPILOG = """examples:
   mcmoe-gguf tiny                                  train (or reuse) the embedded tiny Mixtral, print its path
   mcmoe-gguf convert MODEL_DIR --outtype f16 -o model-f16.gguf
@@ -42,7 +48,8 @@ def cmd_convert(a) -> int:
         workdir = Path(a.workdir or f"{a.output}.pmq")
         quantize(a.model_dir, workdir, PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix,
                                                  scope=a.scope, n_seq=a.n_seq, seq_len=a.seq_len,
-                                                 calib_text=a.calib_text, device=a.device, eps_method=a.eps_method))
+                                                 calib_text=a.calib_text, device=a.device, eps_method=a.eps_method,
+                                                 ladder=a.ladder, granularity=a.granularity))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
         mu = None
@@ -144,7 +151,7 @@ def cmd_quantize(a) -> int:
     cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=a.scope, strategy=a.strategy, method=a.method, alpha=a.alpha,
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
-                    eps_method=a.eps_method)
+                    eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity)
     r = quantize(a.model_dir, a.output, cfg)
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")
@@ -247,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", help="run PMQ so that the whole file has at most this many bytes (e.g. 13GB = 13e9, "
                    "12GiB): the mix outside the experts first, the rest to the experts")
     s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
+    s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
+    s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
     s.add_argument("--workdir", help="PMQ work directory (default OUT.gguf.pmq; resumable)")
     s.add_argument("--scope", choices=["layer", "model"], default="layer", help="PMQ allocation scope")
     s.add_argument("--n-seq", type=int, default=128, help="PMQ calibration sequences (default 128)")
@@ -305,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", help="budget as whole-file bytes instead (e.g. 13GB): the mix outside the experts "
                    "first, the rest to the experts")
     s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
+    s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
+    s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
     s.add_argument("--scope", choices=["layer", "model"], default="layer",
                    help="one integer program per layer (paper) or one for the whole model")
     s.add_argument("--strategy", default="pmq", help="pmq | uniform:B | random:SEED | frequency | weight | eps")

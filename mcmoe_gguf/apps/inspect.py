@@ -15,8 +15,43 @@ def load_workdir(outdir: Path) -> tuple[dict, list[dict], dict]:
     return wd.allocation(), wd.all_stats(), wd.manifest()
 
 
+def _expert_bpw(alloc: dict, hp) -> np.ndarray:
+    """[L, E] real bpw of each expert (its three projections) from allocation.json's types."""
+    from mcmoe_gguf.gguf.export import allocation_types
+    from mcmoe_gguf.quant.budget import PROJECTIONS, projection_shapes
+    from mcmoe_gguf.quant.mixes import tensor_bytes
+    types, shapes = allocation_types(alloc), projection_shapes(hp)
+    n = sum(r * c for r, c in shapes.values())
+    return np.array([[8 * sum(tensor_bytes(t, *shapes[p]) for t, p in zip(te, PROJECTIONS)) / n for te in row]
+                     for row in types])
+
+
+def _describe_ladder(outdir: Path, alloc: dict, stats: list[dict], manifest: dict) -> str:
+    from collections import Counter
+
+    from mcmoe_gguf.model.checkpoint import Checkpoint
+    cfg = manifest["config"]
+    types = np.array(alloc["types"], dtype=object)
+    bpw = _expert_bpw(alloc, Checkpoint(manifest["model_dir"]).hp)
+    share = Counter(types.ravel())
+    lines = [f"{outdir}: PMQ of {manifest['model_dir']}",
+             f"  budget {cfg['budget']} ({cfg['scope']} scope, ladder {cfg['ladder']} per {cfg['granularity']}, "
+             f"{cfg['method']}), alpha={cfg['alpha']} beta={cfg['beta']} gamma={cfg['gamma']}",
+             f"  experts: {alloc['expert_bytes']:,} bytes = {alloc['expert_bpw']:.4f} real bpw; "
+             f"whole model: {alloc['total_bytes']:,} bytes = {alloc['total_bpw']:.4f} real bpw",
+             "  projections per type: " + ", ".join(f"{t} {c}" for t, c in share.most_common()),
+             "  types per expert (rows: layer, projection; columns: experts), then each expert's real bpw"]
+    for l in range(types.shape[0]):
+        for p, name in enumerate(("gate", "up", "down")):
+            lines.append(f"  {l:3d} {name:<4s} | " + " ".join(f"{t:<7s}" for t in types[l, :, p]))
+        lines.append(f"  {l:3d} bpw  | " + " ".join(f"{b:<7.3f}" for b in bpw[l]) + f" | mu {alloc['mu'][l]:.3f}")
+    return "\n".join(lines)
+
+
 def describe(outdir: Path) -> str:
     alloc, stats, manifest = load_workdir(outdir)
+    if alloc.get("bits", True) is None:       # a ladder's choice: types per projection, not widths per expert
+        return _describe_ladder(outdir, alloc, stats, manifest)
     cfg = manifest["config"]
     bits = np.array(alloc["bits"])
     lines = [f"{outdir}: PMQ of {manifest['model_dir']}",
@@ -41,6 +76,8 @@ def heatmap(outdir: Path, png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     alloc, _, manifest = load_workdir(outdir)
+    if alloc.get("bits", True) is None:
+        return _heatmap_bpw(alloc, manifest, png)
     bits = np.array(alloc["bits"])
     fig, ax = plt.subplots(figsize=(1 + 0.5 * bits.shape[1], 1 + 0.35 * bits.shape[0]))
     im = ax.imshow(bits, cmap=plt.get_cmap("viridis", 3), vmin=0.5, vmax=3.5, aspect="auto")
@@ -50,6 +87,28 @@ def heatmap(outdir: Path, png: Path) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(f"PMQ bits, {alloc['expert_bpw']:.3f} real expert bpw ({manifest['config']['scope']} scope)")
     fig.colorbar(im, ticks=[1, 2, 3], label="bits")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def _heatmap_bpw(alloc: dict, manifest: dict, png: Path) -> Path:
+    """A ladder's choice: each expert's real bpw (its three projections' types together)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mcmoe_gguf.model.checkpoint import Checkpoint
+    bpw = _expert_bpw(alloc, Checkpoint(manifest["model_dir"]).hp)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * bpw.shape[1], 1 + 0.35 * bpw.shape[0]))
+    im = ax.imshow(bpw, cmap="viridis", aspect="auto")
+    for (l, e), b in np.ndenumerate(bpw):
+        ax.text(e, l, f"{b:.2f}", ha="center", va="center", color="white" if b < bpw.mean() else "black", fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(f"PMQ ladder {manifest['config']['ladder']}: real bpw per expert, {alloc['expert_bpw']:.3f} overall")
+    fig.colorbar(im, label="real bpw")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -89,11 +148,15 @@ def describe_gguf(path: Path) -> str:
     experts: dict[int, dict[int, str]] = {}
     for t in rd.tensors:
         m = re.fullmatch(_EXPERT, t.name)
-        if m and m.group(3) is not None and m.group(2) == "gate":
-            experts.setdefault(int(m.group(1)), {})[int(m.group(3))] = t.tensor_type.name
-    for l in sorted(experts):
-        row = experts[l]
-        lines.append(f"  layer {l:3d}: " + " ".join(f"{row[e]:<5s}" for e in sorted(row)))
+        if m and m.group(3) is not None:
+            experts.setdefault((int(m.group(1)), m.group(2)), {})[int(m.group(3))] = t.tensor_type.name
+    # one line per layer when every expert has one type in all projections (mcq widths, stock), else three
+    same = all(experts.get((l, p)) == experts.get((l, "gate")) for l, _ in experts for p in ("up", "down"))
+    for l, p in sorted((k for k in experts if not same or k[1] == "gate"),
+                       key=lambda k: (k[0], ("gate", "up", "down").index(k[1]))):
+        row = experts[(l, p)]
+        label = f"  layer {l:3d}: " if same else f"  layer {l:3d} {p:<4s}: "
+        lines.append(label + " ".join(f"{row[e]:<7s}" for e in sorted(row)))
     if K.ODP_MU in kv:
         lines.append("  ODP mu per layer: " + " ".join(f"{m:.3f}" for m in kv[K.ODP_MU]))
     return "\n".join(lines)

@@ -62,6 +62,9 @@ def _weights_blob(ggml, wtype, rows, n, seed):
         out = np.zeros(rows * ggml.base.ggml_row_size(t, n), np.uint8)
         ggml.base.ggml_quantize_chunk(t, w.ctypes.data, out.ctypes.data, 0, rows, n, None)
         return t, out.reshape(rows, -1)
+    if not wtype.startswith("mcq"):         # any other ggml type a ladder may choose (i-quants need an imatrix)
+        from mcmoe_gguf.base.ggml import ggml as base_ggml
+        return base_ggml().type_id(wtype), base_ggml().quantize(w, wtype, np.ones(n, np.float32))
     bits = int(wtype[-1])
     return TYPE_ID[bits], ggml.quantize_chunk(bits, w)
 
@@ -80,7 +83,7 @@ def _mul_mat_id(ggml, wtype, blobs, y, ids, n_threads):
         return g.compute(out, (T, n_used, rows), n_threads=n_threads)
 
 
-@pytest.mark.parametrize("wtype", ["f32", "q8_0", "mcq1", "mcq3"])
+@pytest.mark.parametrize("wtype", ["f32", "q8_0", "mcq1", "mcq3", "iq1_s", "iq2_xxs", "iq3_xxs", "q2_k", "q4_k"])
 @pytest.mark.parametrize("T,n_threads", [(5, 1), (40, 2)])
 def test_mul_mat_id_skips_out_of_range_ids(ggml, wtype, T, n_threads):
     n, rows, n_as, n_used = 256, 48, 3, 2

@@ -84,7 +84,7 @@ def _assert_same_state(a, b):
     fa, fb = _layer_files(a), _layer_files(b)
     assert fa.keys() == fb.keys() and len(fa) == 2
     for k in fa:
-        assert fa[k]["bits"] == fb[k]["bits"]
+        assert fa[k].get("bits") == fb[k].get("bits") and fa[k]["types"] == fb[k]["types"]
         assert fa[k]["tensors"].keys() == fb[k]["tensors"].keys()
         for name, ea in fa[k]["tensors"].items():
             assert torch.equal(ea["data"], fb[k]["tensors"][name]["data"]), name
@@ -93,9 +93,9 @@ def _assert_same_state(a, b):
     assert ga.keys() == gb.keys() and all(torch.equal(ga[k]["data"], gb[k]["data"]) for k in ga)
 
 
-@pytest.mark.parametrize("scope", ["layer", "model"])
-def test_resume_after_crash_gives_identical_state(micro_checkpoint, tmp_path, monkeypatch, scope):
-    cfg = pmq.PMQConfig(scope=scope, **CFG)
+@pytest.mark.parametrize("scope, ladder", [("layer", "mcq"), ("model", "mcq"), ("model", "mcq2,iq2_xxs,q2_k")])
+def test_resume_after_crash_gives_identical_state(micro_checkpoint, tmp_path, monkeypatch, scope, ladder):
+    cfg = pmq.PMQConfig(scope=scope, ladder=ladder, **CFG)
     pmq.quantize(micro_checkpoint, tmp_path / "straight", cfg, progress=False)
 
     real = pmq.quantize_experts
