@@ -19,6 +19,9 @@ LADDER_HELP = ("expert types: mcq (default: the paper's program, 1/2/3 bits of o
                "per byte; budgets down to ~1.3 bpw), stock (llama.cpp's types only), or a comma-separated list "
                "of types (e.g. mcq1,iq2_xxs,q2_k)")
 GRANULARITY_HELP = "a ladder's choice: one type per projection (default) or one per expert"
+COMPAT_HELP = ("stock: a file any llama.cpp runs (ollama, LM Studio, stock llama-cpp-python): llama.cpp's own types "
+               "only (the stock ladder unless --ladder names others), one type per layer and projection, merged "
+               "expert tensors; PMQ's calibrated choice instead of a hand-made mix")
 
 EPILOG = """examples:
   mcmoe-gguf tiny                                  train (or reuse) the embedded tiny Mixtral, print its path
@@ -49,7 +52,7 @@ def cmd_convert(a) -> int:
         quantize(a.model_dir, workdir, PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix,
                                                  scope=a.scope, n_seq=a.n_seq, seq_len=a.seq_len,
                                                  calib_text=a.calib_text, device=a.device, eps_method=a.eps_method,
-                                                 ladder=a.ladder, granularity=a.granularity))
+                                                 ladder=a.ladder, granularity=a.granularity, compat=a.compat))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
         mu = None
@@ -151,7 +154,7 @@ def cmd_quantize(a) -> int:
     cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=a.scope, strategy=a.strategy, method=a.method, alpha=a.alpha,
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
-                    eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity)
+                    eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity, compat=a.compat)
     r = quantize(a.model_dir, a.output, cfg)
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")
@@ -256,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
     s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
     s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
+    s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
     s.add_argument("--workdir", help="PMQ work directory (default OUT.gguf.pmq; resumable)")
     s.add_argument("--scope", choices=["layer", "model"], default="layer", help="PMQ allocation scope")
     s.add_argument("--n-seq", type=int, default=128, help="PMQ calibration sequences (default 128)")
@@ -316,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
     s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
     s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
+    s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
     s.add_argument("--scope", choices=["layer", "model"], default="layer",
                    help="one integer program per layer (paper) or one for the whole model")
     s.add_argument("--strategy", default="pmq", help="pmq | uniform:B | random:SEED | frequency | weight | eps")

@@ -58,16 +58,19 @@ def parse_kld(output: str, name: str = "") -> Quality:
                    vals["kld"][1], vals["top1"][0], vals["top1"][1], int(n[-1][0]) if n else 0)
 
 
-def _perplexity(*args, tries: int = 8) -> str:
+def _perplexity(*args, tries: int = 8, binary: Path | None = None) -> str:
     """llama-perplexity's output, rerun while its summary is missing (see parse_kld). MCMOE_ODP_REPORT=1: the
-    engine prints its ODP counters at exit."""
+    engine prints its ODP counters at exit. binary: another llama-perplexity (e.g. an unpatched build,
+    scripts/build_stock.py) instead of the runtime's."""
     import os
+    import subprocess
 
     from mcmoe_gguf.engine.runtime import run_tool
     out = ""
     for _ in range(tries):
-        r = run_tool("llama-perplexity", *args, capture_output=True, text=True,
-                     env=dict(os.environ, MCMOE_ODP_REPORT="1"))
+        env = dict(os.environ, MCMOE_ODP_REPORT="1")
+        r = subprocess.run([str(binary), *args], capture_output=True, text=True, env=env) if binary else \
+            run_tool("llama-perplexity", *args, capture_output=True, text=True, env=env)
         out = r.stdout + r.stderr
         if r.returncode != 0:
             raise RuntimeError(f"llama-perplexity failed ({r.returncode}): {out[-2000:]}")
@@ -111,10 +114,11 @@ def odp_args(odp: bool | dict) -> list[str]:
 
 
 def score(path: Path, base: Path, text_file: Path, name: str | None = None, ctx: int = 256,
-          chunks: int | None = None, threads: int = 2, odp: bool | dict = False) -> Quality:
-    """One file against the saved F16 logits (same text, ctx and chunks as kld_base); ODP as odp_args."""
+          chunks: int | None = None, threads: int = 2, odp: bool | dict = False, binary: Path | None = None) -> Quality:
+    """One file against the saved F16 logits (same text, ctx and chunks as kld_base); ODP as odp_args.
+    binary: another llama-perplexity (an unpatched one knows no ODP: no ODP arguments are passed)."""
     out = _perplexity("-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence",
-                      *_common(text_file, ctx, chunks, threads), *odp_args(odp))
+                      *_common(text_file, ctx, chunks, threads), *([] if binary else odp_args(odp)), binary=binary)
     q = parse_kld(out, name or Path(path).name)
     m = re.findall(r"mcmoe-odp: total: (\d+) of (\d+) slots pruned", out)
     if m and int(m[-1][1]):

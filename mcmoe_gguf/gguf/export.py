@@ -272,6 +272,7 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
     # the types are in allocation.json: no extra pass over the (large) layer files just to read them
     types = allocation_types(wd.allocation())
     shapes = projection_shapes(hp)
+    merged = wd.config().get("compat") == "stock"
     out = [global_tensor(by_name["token_embd.weight"], "embed")]
     for i in range(hp.num_hidden_layers):
         out.append(by_name[f"blk.{i}.attn_norm.weight"])
@@ -283,8 +284,15 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
         out.append(by_name[f"blk.{i}.ffn_norm.weight"])
         out.append(by_name[f"blk.{i}.ffn_gate_inp.weight"])
         for proj, gname in EXPERT_TENSORS:
-            # experts of one type next to each other, widest first (for mcq widths: by bits, then id)
             p = PROJECTIONS.index(proj)
+            if merged:      # --compat stock: one 3-D tensor per projection, as llama.cpp's own files
+                ts = [packed(i, f"block_sparse_moe.experts.{e}.{proj}") for e in range(hp.num_local_experts)]
+                if len({t.qtype for t in ts}) != 1:
+                    raise ExportError(f"layer {i} {proj}: experts of several types cannot be one merged tensor")
+                out.append(Planned(f"blk.{i}.{gname}_exps.weight", (len(ts), *ts[0].shape), ts[0].qtype,
+                                   lambda ts=ts: np.stack([np.ascontiguousarray(t.load(), np.uint8) for t in ts])))
+                continue
+            # experts of one type next to each other, widest first (for mcq widths: by bits, then id)
             order = sorted(range(hp.num_local_experts),
                            key=lambda e: (-tensor_bytes(types[i][e][p], *shapes[proj]), types[i][e][p], e))
             for e in order:

@@ -313,7 +313,9 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
 
     phi, w: [L, E]; eps: [L, E, P, T]; nbytes: int [P, T] (bytes of one expert's projection p in type t;
     the same for every expert); n_params: [L, E] weights per expert (the bpw budget's denominator).
-    granularity="expert": one type for all P projections of an expert (costs and bytes summed).
+    granularity="expert": one type for all P projections of an expert (costs and bytes summed);
+    "layer": one type per (layer, projection) for all its experts, as stock llama.cpp's merged expert
+    tensors need (costs and bytes summed over the experts)
     No per-layer width guard: unlike the paper's three widths of one grid, a ladder's cheapest types are
     not all alike, and the measured eps already says where bytes pay. Among optimal choices the one with
     the fewest bytes (as `allocate`)."""
@@ -322,8 +324,8 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
     nbytes = np.asarray(nbytes, dtype=np.int64)
     if scope not in ("layer", "model"):
         raise ValueError(f"scope must be 'layer' or 'model', not {scope!r}")
-    if granularity not in ("projection", "expert"):
-        raise ValueError(f"granularity must be 'projection' or 'expert', not {granularity!r}")
+    if granularity not in ("projection", "expert", "layer"):
+        raise ValueError(f"granularity must be 'projection', 'expert' or 'layer', not {granularity!r}")
     if eps.ndim != 4 or eps.shape[:2] != phi.shape or w.shape != phi.shape or nbytes.shape != eps.shape[2:]:
         raise ValueError(f"expected phi, w [L, E], eps [L, E, P, T], nbytes [P, T]; got {phi.shape}, {w.shape}, "
                          f"{eps.shape}, {nbytes.shape}")
@@ -341,6 +343,8 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
     size = np.broadcast_to(nbytes, (L, E, P, T))
     if granularity == "expert":                 # one item per expert: its projections together
         cost, size = cost.sum(2, keepdims=True), size.sum(2, keepdims=True)
+    elif granularity == "layer":                # one item per (layer, projection): its experts together
+        cost, size = cost.sum(1, keepdims=True), size.sum(1, keepdims=True)
 
     budget = parse_budget(budget)
     N = int(n.sum())
@@ -360,6 +364,8 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
         choice[ls] = _solve_choices(cost[ls].reshape(-1, T), size[ls].reshape(-1, T), cap).reshape(choice[ls].shape)
     if granularity == "expert":
         choice = np.repeat(choice, P, axis=2)
+    elif granularity == "layer":
+        choice = np.repeat(choice, E, axis=1)
     full_cost = np.where(imp[..., None, None] > 0, imp[..., None, None] * np.power(eps, gamma), 0.0)
     obj = float(np.take_along_axis(full_cost, choice[..., None], axis=3).sum())
     nb = int(np.take_along_axis(np.broadcast_to(nbytes, (L, E, P, T)), choice[..., None], axis=3).sum())

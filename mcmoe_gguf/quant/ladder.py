@@ -34,7 +34,8 @@ from mcmoe_gguf.quant.quantizers import importance, quantize_matrix
 PAPER = "mcq"
 STOCK_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_k", "q3_k", "q4_k")
 LADDERS = {"stock": STOCK_TYPES, "full": ("mcq1", "mcq2", "mcq3") + STOCK_TYPES}
-GRANULARITIES = ("projection", "expert")    # one type per projection, or one per expert (all three)
+GRANULARITIES = ("projection", "expert", "layer")    # one type per projection, per expert (all three), or
+                                                     # per (layer, projection) for all experts (--compat stock)
 _MCQ = ("mcq1", "mcq2", "mcq3", "mcq4")
 
 

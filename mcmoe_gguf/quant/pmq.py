@@ -65,6 +65,8 @@ class PMQConfig:
     ladder: str = "mcq"                 # expert types (quant/ladder.py): mcq (the paper's 1/2/3 bits per expert),
                                         # stock | full | a comma-separated list of types
     granularity: str = "projection"     # a ladder's choice: per projection or per expert (mcq: per expert)
+    compat: str = "none"                # "stock": llama.cpp's types only, one per (layer, projection), written as
+                                        # merged expert tensors: the file runs in an unpatched llama.cpp
 
 
 def _as_config(cfg: PMQConfig | dict) -> PMQConfig:
@@ -152,19 +154,38 @@ def _bits_of(choice) -> np.ndarray:
     return choice.bits if isinstance(choice, allocate.Allocation) else choice
 
 
+COMPAT = ("none", "stock")
+
+
 def is_ladder(cfg: PMQConfig) -> bool:
-    return cfg.ladder != ladders.PAPER
+    return cfg.ladder != ladders.PAPER or cfg.compat == "stock"
+
+
+def granularity(cfg: PMQConfig) -> str:
+    """--compat stock: one type per (layer, projection), whatever --granularity says"""
+    return "layer" if cfg.compat == "stock" else cfg.granularity
 
 
 def check_ladder(cfg: PMQConfig) -> tuple[str, ...]:
     """The ladder's types (empty for the paper's program); bad settings fail before any work."""
     if cfg.granularity not in ladders.GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(ladders.GRANULARITIES)}, not {cfg.granularity!r}")
+    if cfg.compat not in COMPAT:
+        raise ValueError(f"compat must be one of {', '.join(COMPAT)}, not {cfg.compat!r}")
     if not is_ladder(cfg):
         return ()
     if cfg.strategy != "pmq":
         raise ValueError(f"strategy {cfg.strategy!r} allocates the paper's 1/2/3 bits; with a ladder "
                          f"({cfg.ladder!r}) only 'pmq' is defined")
+    if cfg.compat == "stock":
+        types = ladders.resolve("stock" if cfg.ladder == ladders.PAPER else cfg.ladder)
+        ours = [t for t in types if mixes.is_mcq(t)]
+        if ours:
+            raise ValueError(f"--compat stock writes llama.cpp's own types only; the ladder has {', '.join(ours)}")
+        if cfg.mix == "q8":
+            raise ValueError("--compat stock: the q8 mix puts attention in mcq4, which stock llama.cpp cannot read; "
+                             "use --mix auto or stock:<ftype>")
+        return types
     return ladders.resolve(cfg.ladder)
 
 
@@ -188,7 +209,7 @@ def choose_types(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig, 
     w = np.array([s.w for s in stats])
     eps = np.array([s.ladder_eps for s in stats])
     a = allocate.allocate_ladder(phi, w, eps, ladders.choice_bytes(hp, types), n_params, budget, cfg.scope,
-                                 cfg.granularity, cfg.alpha, cfg.beta, cfg.gamma)
+                                 granularity(cfg), cfg.alpha, cfg.beta, cfg.gamma)
     return np.array(types, dtype=object)[a.choice]
 
 

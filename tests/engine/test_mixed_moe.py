@@ -353,6 +353,43 @@ def test_non_contiguous_layout_gives_identical_logits(files):
     assert np.array_equal(d, e)
 
 
+# a type ladder's layer: several ggml types (k-quants that the CPU may repack, i-quants) and mcq side by
+# side in each projection, groups of 1 to 3 experts; layer 1 one type per projection but expert 0's
+LADDER_TYPES = [
+    [["q4_k", "q4_k", "q2_k"]] * 3 + [["iq2_xxs", "iq1_s", "iq3_xxs"]] * 2 + [["mcq2", "iq2_xxs", "q4_k"]]
+    + [["q2_k", "mcq1", "iq2_xs"]] * 2,
+    [["mcq3", "mcq3", "mcq3"]] + [["iq1_m", "iq2_s", "q3_k"]] * 7,
+]
+
+
+@pytest.fixture(scope="module")
+def ladder_files(micro):
+    from mcmoe_gguf.gguf.export import export_pmq
+    from micro_model import workdir_with_types
+    wd = workdir_with_types(micro["u2"], micro["root"] / "wd-ladder", LADDER_TYPES)
+    return {"wd": wd, "file": export_pmq(wd, micro["root"] / "ladder.gguf", force=True, progress=False),
+            "id_order": write_variant(wd, micro["root"] / "ladder-id-order.gguf", "id_order")}
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_ladder_layer_of_any_ggml_types_matches_torch_fake_quant(ladder_files, decode):
+    """Groups of llama.cpp's own types (and ours) in one projection: the engine's grouped mul_mat_id
+    computes what the stored bytes mean (tolerance as for the mcq layer above: 8-bit activations)."""
+    got = llama_logits(ladder_files["file"], decode=decode)
+    want = torch_logits(ladder_files["wd"])
+    err = per_position(got, want)
+    assert err.max() <= 2e-2, f"llama.cpp vs torch fake-quant: {err.max():.2e} of the largest logit"
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_ladder_layer_grouping_is_exact(ladder_files):
+    """Expert-id order splits every type into more, smaller groups: each row is still one expert's product
+    plus exact zeros, so the logits are bit-identical to the writer's contiguous layout."""
+    a = llama_logits(ladder_files["file"])
+    b = llama_logits(ladder_files["id_order"])
+    assert np.array_equal(a, b), f"max diff {np.abs(a - b).max()}"
+
+
 def test_layout_of_the_pmq_file(files):
     """The writer puts each width's experts back to back (one group per width present, the loader's
     zero-copy case); layer 1 of the mixed file has no 2-bit expert."""
