@@ -259,7 +259,7 @@ def _check_feasible(n, programs, target, budget, scope):
 def _solve(cost, n, cap):
     """One program over layers cost[L', E, 3] with quarter-bit cap; returns bits [L', E]."""
     L, E, _ = cost.shape
-    K = L * E * 3  # variable x[l, i, j] at index (l * E + i) * 3 + (j - 1)
+    # variable x[l, i, j] at index (l * E + i) * 3 + (j - 1)
     one_hot = np.kron(np.eye(L * E), np.ones((1, 3)))
     at = lambda j: np.kron(np.eye(L), np.kron(np.ones((1, E)), np.eye(3)[j - 1][None]))  # noqa: E731
     qbits = (n[..., None] * _QBITS).reshape(-1)
@@ -271,27 +271,30 @@ def _solve(cost, n, cap):
     c = cost.reshape(-1) / scale
     rows = [LinearConstraint(one_hot, 1, 1), LinearConstraint(at(3), 1, np.inf),
             LinearConstraint(at(2), 1, np.inf), LinearConstraint(size[None], -np.inf, cap_g)]
-    opts = {"disp": False, "mip_rel_gap": 0.0}
-
-    def run(objective, constraints):
-        r = milp(objective, constraints=constraints, integrality=np.ones(K), bounds=Bounds(0, 1), options=opts)
-        if r.status != 0:
-            raise RuntimeError(f"HiGHS failed on a feasible program: {r.message}")
-        return np.round(r.x).astype(np.int64)
-
-    x = run(c, rows)
-    # second program: the fewest bytes among (numerically) optimal allocations
-    best = float(c @ x)
-    x2 = run(size, rows + [LinearConstraint(c[None], -np.inf, best + 1e-9)])
-    if c @ x2 <= best + 1e-6:
-        x = x2
-
+    x = _best_then_fewest_bytes(c, size, rows)
     xs = x.reshape(L, E, 3)
     ok = ((xs.sum(2) == 1).all() and (xs[..., 2].sum(1) >= 1).all() and (xs[..., 1].sum(1) >= 1).all()
           and int((x * qbits).sum()) <= cap)
     if not ok:
         raise RuntimeError("HiGHS returned an allocation that violates the constraints")
     return xs.argmax(2) + 1
+
+
+def _best_then_fewest_bytes(c: np.ndarray, size: np.ndarray, rows: list) -> np.ndarray:
+    """Binary x minimising c @ x under `rows`; among (numerically) optimal x, the one of fewest bytes
+    (size @ x), by a second program with the objective bounded by the first's optimum."""
+    opts = {"disp": False, "mip_rel_gap": 0.0}
+
+    def run(objective, constraints):
+        r = milp(objective, constraints=constraints, integrality=np.ones(len(c)), bounds=Bounds(0, 1), options=opts)
+        if r.status != 0:
+            raise RuntimeError(f"HiGHS failed on a feasible program: {r.message}")
+        return np.round(r.x).astype(np.int64)
+
+    x = run(c, rows)
+    best = float(c @ x)
+    x2 = run(size.astype(np.float64), rows + [LinearConstraint(c[None], -np.inf, best + 1e-9)])
+    return x2 if c @ x2 <= best + 1e-6 else x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,19 +385,7 @@ def _solve_choices(cost: np.ndarray, size: np.ndarray, cap: int) -> np.ndarray:
     c = cost.reshape(-1) / scale
     one_hot = sparse.kron(sparse.eye(N), np.ones((1, T)), format="csr")     # 9216 columns at Mixtral scope=model
     rows = [LinearConstraint(one_hot, 1, 1), LinearConstraint(sz[None], -np.inf, cap_g)]
-    opts = {"disp": False, "mip_rel_gap": 0.0}
-
-    def run(objective, constraints):
-        r = milp(objective, constraints=constraints, integrality=np.ones(N * T), bounds=Bounds(0, 1), options=opts)
-        if r.status != 0:
-            raise RuntimeError(f"HiGHS failed on a feasible program: {r.message}")
-        return np.round(r.x).astype(np.int64)
-
-    x = run(c, rows)
-    best = float(c @ x)
-    x2 = run(sz, rows + [LinearConstraint(c[None], -np.inf, best + 1e-9)])
-    if c @ x2 <= best + 1e-6:
-        x = x2
+    x = _best_then_fewest_bytes(c, sz, rows)
     xs = x.reshape(N, T)
     if not ((xs.sum(1) == 1).all() and int((xs * size).sum()) <= cap):
         raise RuntimeError("HiGHS returned a choice that violates the constraints")
