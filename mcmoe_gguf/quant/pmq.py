@@ -1,5 +1,9 @@
 """PMQ (paper section 3.2): calibrate, allocate 1/2/3 bits per expert, GPTQ every expert at its width.
 
+With a type ladder (cfg.ladder != "mcq", quant/ladder.py) the allocation is one type per expert projection
+out of our mcq widths and llama.cpp's types, from each choice's measured error; --compat stock restricts it
+to llama.cpp's types, one per (layer, projection), so the file runs in an unpatched llama.cpp.
+
 `quantize(model_dir, outdir, cfg)` streams the checkpoint one decoder layer at a time and writes a
 resumable work directory (its files: quant/workdir.py).
 
