@@ -9,7 +9,8 @@ visibly hurt it, model/tiny.py). --mixes: the types outside the experts (quant/m
 per budget and mix ("auto" = llama.cpp's own choice at the nearest width; "q8" = Q8_0 ends and mcq4
 attention, the files before issue 13). --ladders: the expert types (quant/ladder.py): "mcq" the paper's
 1/2/3 bits per expert, "full" our mcq widths and llama.cpp's types per projection, "stock" the latter only;
-one PMQ file per budget, mix and ladder.
+one PMQ file per budget, mix and ladder. "compat" = `--compat stock` (llama.cpp's types only, one per layer
+and projection, merged tensors), scored by llama.cpp built WITHOUT our patches (scripts/build_stock.py).
 
 All files come from the same F16 GGUF (stock types via llama-quantize with an importance matrix computed
 by llama-imatrix on the calibration split; ours via PMQ on the same split) and are scored by the patched
@@ -37,6 +38,7 @@ from mcmoe_gguf.quant.allocate import InfeasibleBudget  # noqa: E402
 from mcmoe_gguf.quant.pmq import PMQConfig, quantize  # noqa: E402
 from mcmoe_gguf.apps.inspect import gguf_sizes  # noqa: E402
 from mcmoe_gguf.model.tiny import tiny_model  # noqa: E402
+from build_stock import stock_tools  # noqa: E402
 
 # the issue's comparison points (llama.cpp's default mixes), and the two 1-2 bit scalar types
 STOCK = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "Q4_K_M", "Q2_0", "Q1_0")
@@ -47,7 +49,7 @@ def main() -> int:
     ap.add_argument("--preset", default="default", choices=["default", "bench"], help="which tiny model")
     ap.add_argument("--budgets", default="1.625,2.0,2.5,3.0", help="PMQ real expert bpw budgets")
     ap.add_argument("--mixes", default="auto", help="comma-separated mixes outside the experts (auto, q8, stock:<ftype>)")
-    ap.add_argument("--ladders", default="mcq", help="comma-separated expert type ladders (mcq, full, stock)")
+    ap.add_argument("--ladders", default="mcq", help="comma-separated expert type ladders (mcq, full, stock, compat)")
     ap.add_argument("--granularity", default="projection", choices=["projection", "expert"],
                     help="a ladder's choice: per projection or per expert")
     ap.add_argument("--stock", default=",".join(STOCK), help="llama.cpp types to compare with")
@@ -63,6 +65,7 @@ def main() -> int:
         convert(model, f16, "f16", progress=False)
     im = imatrix(f16, model / "calib.txt", d / "imatrix.gguf", chunks=128, threads=a.threads)
     files = [("F16", f16)]
+    unpatched = {}          # file name -> the unpatched llama-perplexity that scores it
     files += [(f"llama.cpp {t} + imatrix", stock_quantize(f16, t, d / f"tiny-{t.lower()}.gguf", im, a.threads))
               for t in a.stock.split(",")]
     for mix in a.mixes.split(","):
@@ -70,23 +73,28 @@ def main() -> int:
             for b in a.budgets.split(","):
                 tag = b if mix == "q8" else f"{b}-{mix.replace(':', '_')}"     # q8: the cached runs of before
                 series = mix
+                compat = ladder == "compat"
                 if ladder != "mcq":
                     tag += f"-{ladder}" + ("" if a.granularity == "projection" else f"-{a.granularity}")
                     series += f"+{ladder}" + ("" if a.granularity == "projection" else f"/{a.granularity}")
                 work = d / f"pmq-{tag}"
                 try:
-                    quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix, ladder=ladder,
-                                                    granularity=a.granularity), progress=False)
+                    quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix,
+                                                    ladder="mcq" if compat else ladder, granularity=a.granularity,
+                                                    compat="stock" if compat else "none"), progress=False)
                 except InfeasibleBudget as e:       # e.g. 1.5 bpw for the paper's program: not a point
                     print(f"skipped PMQ {b} {series}: {e}", flush=True)
                     continue
                 files.append((f"mcmoe PMQ {b} {series}", export_pmq(work, d / f"tiny-pmq-{tag}.gguf", force=True,
                                                                     progress=False)))
+                if compat:
+                    unpatched[files[-1][0]] = stock_tools() / "llama-perplexity"
     text = model / "eval.txt"
     base = kld_base(f16, text, d / f"f16-{a.max_chunks}.kld", ctx=256, chunks=a.max_chunks, threads=a.threads)
     rows, sizes = [], {}
     for name, path in files:
-        rows.append(score(path, base, text, name, ctx=256, chunks=a.max_chunks, threads=a.threads))
+        rows.append(score(path, base, text, name, ctx=256, chunks=a.max_chunks, threads=a.threads,
+                          binary=unpatched.get(name)))
         sizes[name] = gguf_sizes(path)
         print(rows[-1], flush=True)
     rows.sort(key=lambda r: sizes[r.name]["bytes"])
