@@ -343,15 +343,41 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
     cost = np.where(imp[..., None, None] > 0, imp[..., None, None] * np.power(eps, gamma), 0.0)
     if not np.isfinite(cost).all():
         raise ValueError("phi^alpha * w^beta * eps^gamma overflows; rescale eps")
-    size = np.broadcast_to(nbytes, (L, E, P, T))
-    if granularity == "expert":                 # one item per expert: its projections together
-        cost, size = cost.sum(2, keepdims=True), size.sum(2, keepdims=True)
-    elif granularity == "layer":                # one item per (layer, projection): its experts together
-        cost, size = cost.sum(1, keepdims=True), size.sum(1, keepdims=True)
+    full_cost = cost
+    cost, size = _items(cost, np.broadcast_to(nbytes, (L, E, P, T)), granularity)
+    target, programs = check_ladder_budget(nbytes, n, budget, scope, granularity)
+    choice = np.zeros(cost.shape[:3], dtype=np.int64)
+    for ls in programs:
+        cap = math.floor(target * int(n[ls].sum()) / 8)         # bytes; floor keeps "<=" exact
+        choice[ls] = _solve_choices(cost[ls].reshape(-1, T), size[ls].reshape(-1, T), cap).reshape(choice[ls].shape)
+    if granularity == "expert":
+        choice = np.repeat(choice, P, axis=2)
+    elif granularity == "layer":
+        choice = np.repeat(choice, E, axis=1)
+    obj = float(np.take_along_axis(full_cost, choice[..., None], axis=3).sum())
+    nb = int(np.take_along_axis(np.broadcast_to(nbytes, (L, E, P, T)), choice[..., None], axis=3).sum())
+    return LadderAllocation(choice, obj, 8 * nb / int(n.sum()), nb, scope, granularity)
 
+
+def _items(cost: np.ndarray, size: np.ndarray, granularity: str) -> tuple[np.ndarray, np.ndarray]:
+    """[L, E, P, T] costs and bytes as the program's items: summed over the projections of an expert
+    ("expert") or over the experts of a (layer, projection) ("layer")."""
+    if granularity == "expert":
+        return cost.sum(2, keepdims=True), size.sum(2, keepdims=True)
+    if granularity == "layer":
+        return cost.sum(1, keepdims=True), size.sum(1, keepdims=True)
+    return cost, size
+
+
+def check_ladder_budget(nbytes, n_params, budget, scope="layer", granularity="projection"):
+    """(target real bpw, programs) of a ladder's budget, or InfeasibleBudget naming the useful range; needs
+    only the types' bytes (nbytes [P, T]) and n_params [L, E], so a run can refuse before any work."""
+    n = np.asarray(n_params, dtype=np.int64)
+    nbytes = np.asarray(nbytes, dtype=np.int64)
+    L, E = n.shape
+    size = _items(np.zeros((L, E) + nbytes.shape), np.broadcast_to(nbytes, (L, E) + nbytes.shape), granularity)[1]
     budget = parse_budget(budget)
-    N = int(n.sum())
-    target = budget.value if budget.unit == "bpw" else Fraction(8) * budget.value / N
+    target = budget.value if budget.unit == "bpw" else Fraction(8) * budget.value / int(n.sum())
     programs = [[l] for l in range(L)] if scope == "layer" else [list(range(L))]
     lo = max(Fraction(8 * int(size[ls].min(-1).sum()), int(n[ls].sum())) for ls in programs)
     hi = max(Fraction(8 * int(size[ls].max(-1).sum()), int(n[ls].sum())) for ls in programs)
@@ -361,18 +387,7 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
                                f"(scope={scope}); the useful range is {lo_f:.10g} (every projection in the "
                                f"ladder's cheapest type) to {hi_f:.10g} (every one in its widest)",
                                lo_f, hi_f, "real bpw")
-    choice = np.zeros(cost.shape[:3], dtype=np.int64)
-    for ls in programs:
-        cap = math.floor(target * int(n[ls].sum()) / 8)         # bytes; floor keeps "<=" exact
-        choice[ls] = _solve_choices(cost[ls].reshape(-1, T), size[ls].reshape(-1, T), cap).reshape(choice[ls].shape)
-    if granularity == "expert":
-        choice = np.repeat(choice, P, axis=2)
-    elif granularity == "layer":
-        choice = np.repeat(choice, E, axis=1)
-    full_cost = np.where(imp[..., None, None] > 0, imp[..., None, None] * np.power(eps, gamma), 0.0)
-    obj = float(np.take_along_axis(full_cost, choice[..., None], axis=3).sum())
-    nb = int(np.take_along_axis(np.broadcast_to(nbytes, (L, E, P, T)), choice[..., None], axis=3).sum())
-    return LadderAllocation(choice, obj, 8 * nb / N, nb, scope, granularity)
+    return target, programs
 
 
 def _solve_choices(cost: np.ndarray, size: np.ndarray, cap: int) -> np.ndarray:

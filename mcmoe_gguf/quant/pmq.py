@@ -389,8 +389,11 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     ck = Checkpoint(model_dir)
     hp = ck.hp
     check_row_lengths(hp)
-    _eps_quantizer(cfg)                 # a bad eps_method or ladder fails before any work
-    check_ladder(cfg)
+    _eps_quantizer(cfg)                 # a bad eps_method, ladder or budget fails before any work
+    types = check_ladder(cfg)
+    if types:
+        allocate.check_ladder_budget(ladders.choice_bytes(hp, types), expert_params(hp), plan_budget(cfg, hp)[0],
+                                     cfg.scope, granularity(cfg))
     wd = WorkDir(outdir)
     wd.open(_manifest(model_dir, cfg), same=lambda old, new: _with_defaults(old) == new)
     if all(wd.has_layer(l) for l in range(hp.num_hidden_layers)):

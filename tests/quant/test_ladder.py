@@ -218,6 +218,7 @@ def test_a_ladder_accepts_one_and_a_half_bits(ckpt, tmp_path):
     assert 1.4 < r["expert_bpw"] <= 1.5
     with pytest.raises(allocate.InfeasibleBudget, match=r"useful range is 1.25 "):
         pmq.quantize(ckpt, tmp_path / "q2", pmq.PMQConfig(budget="1.2", **cfg), progress=False)
+    assert not list((tmp_path / "q2" / "stats").glob("*"))          # refused before calibrating a layer
     with pytest.raises(allocate.InfeasibleBudget, match=r"useful range is 1.625 "):
         pmq.quantize(ckpt, tmp_path / "q3", pmq.PMQConfig(budget="1.5", n_seq=8, seq_len=64), progress=False)
 
