@@ -16,8 +16,9 @@ All files come from the same F16 GGUF (stock types via llama-quantize with an im
 by llama-imatrix on the calibration split; ours via PMQ on the same split) and are scored by the patched
 llama-perplexity against the F16 file's logits on the same held-out chunks (--kl-divergence, ODP off):
 one table of real bytes, file and expert bpw, PPL, PPL ratio, mean KL divergence and top-1 agreement with
-F16, each ± one standard error (apps/quality.py). Writes a Pareto plot docs/quality_pareto.png (PPL ratio
-and KLD against file bytes) and, with --write-results, the table into docs/RESULTS.md. Files are cached
+F16, each ± one standard error (apps/quality.py). Writes a Pareto plot (PPL ratio and KLD against file
+bytes) into the cache folder, and with --write-results docs/quality_pareto*.png and the table into
+docs/RESULTS.md. Files are cached
 under ~/.cache/mcmoe-gguf/bench.
 """
 from __future__ import annotations
@@ -101,7 +102,9 @@ def main() -> int:
     table = markdown(rows, sizes)
     print(table)
     png = "quality_pareto.png" if a.preset == "default" else f"quality_pareto_{a.preset}.png"
-    plot(rows, sizes, REPO / "docs" / png, a.preset)
+    # the committed plot only with --write-results (a partial run, e.g. an ablation, must not replace it)
+    plot(rows, sizes, (REPO / "docs" if a.write_results else d) / png, a.preset)
+    print(f"plot: {(REPO / 'docs' if a.write_results else d) / png}")
     if a.write_results:
         write_results(table, a, png)
     return 0
