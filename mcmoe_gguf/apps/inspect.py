@@ -17,13 +17,8 @@ def load_workdir(outdir: Path) -> tuple[dict, list[dict], dict]:
 
 def _expert_bpw(alloc: dict, hp) -> np.ndarray:
     """[L, E] real bpw of each expert (its three projections) from allocation.json's types."""
-    from mcmoe_gguf.gguf.export import allocation_types
-    from mcmoe_gguf.quant.budget import PROJECTIONS, projection_shapes
-    from mcmoe_gguf.quant.mixes import tensor_bytes
-    types, shapes = allocation_types(alloc), projection_shapes(hp)
-    n = sum(r * c for r, c in shapes.values())
-    return np.array([[8 * sum(tensor_bytes(t, *shapes[p]) for t, p in zip(te, PROJECTIONS)) / n for te in row]
-                     for row in types])
+    from mcmoe_gguf.quant.budget import expert_bytes_by_type, expert_params, recorded_types
+    return 8 * expert_bytes_by_type(hp, recorded_types(alloc)) / expert_params(hp)
 
 
 def _describe_ladder(outdir: Path, alloc: dict, stats: list[dict], manifest: dict) -> str:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from mcmoe_gguf.quant import formats
-from mcmoe_gguf.quant.budget import PROJECTIONS, bits_of_types, projection_shapes, types_of_bits
+from mcmoe_gguf.quant.budget import PROJECTIONS, bits_of_types, projection_shapes, recorded_types
 from mcmoe_gguf.quant.mixes import tensor_bytes
 from mcmoe_gguf.gguf import keys as K
 from mcmoe_gguf.model.checkpoint import Checkpoint
@@ -270,7 +270,7 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
                        lambda e=entry: e["data"].numpy().reshape(e["shape"][0], -1))
 
     # the types are in allocation.json: no extra pass over the (large) layer files just to read them
-    types = allocation_types(wd.allocation())
+    types = recorded_types(wd.allocation())
     shapes = projection_shapes(hp)
     merged = wd.config().get("compat") == "stock"
     out = [global_tensor(by_name["token_embd.weight"], "embed")]
@@ -303,11 +303,6 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
     if "output.weight" in by_name:
         out.append(global_tensor(by_name["output.weight"], "lm_head"))
     return out, types
-
-
-def allocation_types(alloc: dict) -> np.ndarray:
-    """[L, E, P] type names of an allocation.json (those from before the ladder have only bits)."""
-    return np.array(alloc["types"] if "types" in alloc else types_of_bits(alloc["bits"]), dtype=object)
 
 
 def _entry_type(entry: dict) -> int:

@@ -21,9 +21,25 @@ def projection_shapes(hp) -> dict[str, tuple[int, int]]:
 
 
 def types_of_bits(bits) -> np.ndarray:
-    """[L, E, P] type names of a per-expert mcq allocation (the paper's: one width for all three)."""
+    """[..., P] type names of per-expert mcq widths [...] (the paper's: one width for all three)."""
     bits = np.asarray(bits)
-    return np.array([[[f"mcq{int(b)}"] * len(PROJECTIONS) for b in row] for row in bits], dtype=object)
+    out = np.empty(bits.shape + (len(PROJECTIONS),), dtype=object)
+    for i in np.ndindex(*bits.shape):
+        out[i] = f"mcq{int(bits[i])}"
+    return out
+
+
+def recorded_types(record: dict) -> np.ndarray:
+    """The type names of a layer file ([E, P]) or allocation.json ([L, E, P]); those written before the
+    ladder existed have only the widths ("bits")."""
+    return np.array(record["types"], dtype=object) if "types" in record else types_of_bits(record["bits"])
+
+
+def expert_bytes_by_type(hp, types) -> np.ndarray:
+    """int64 [L, E]: bytes of each expert, its projections in types [L, E, P] (whole blocks, as written)."""
+    shapes = projection_shapes(hp)
+    return np.array([[sum(tensor_bytes(t, *shapes[p]) for t, p in zip(te, PROJECTIONS)) for te in row]
+                     for row in types], dtype=np.int64)
 
 
 def bits_of_types(types) -> np.ndarray | None:
@@ -58,10 +74,8 @@ def size_report(ck, types, mix) -> dict:
     types = np.asarray(types, dtype=object)
     if types.ndim == 2:
         types = types_of_bits(types)
-    shapes = projection_shapes(hp)
     n_exp = expert_params(hp)
-    exp_bytes = int(sum(tensor_bytes(types[l, e, p], *shapes[name]) for (l, e) in np.ndindex(*types.shape[:2])
-                        for p, name in enumerate(PROJECTIONS)))
+    exp_bytes = int(expert_bytes_by_type(hp, types).sum())
     total_bytes = exp_bytes + nonexpert_bytes(hp, mix)
     other = sum(r * n for shapes_ in nonexpert_shapes(hp).values() for r, n in shapes_)
     total_params = int(n_exp.sum()) + other + f32_params(hp)

@@ -41,7 +41,8 @@ from mcmoe_gguf.quant.calibration import LayerStats, calibration_tokens, expert_
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant.gptq import GPTQ
 from mcmoe_gguf.quant.quantizers import ggml_packed, importance, mcq_packed, mcq_result, quantize_matrix
-from mcmoe_gguf.quant.budget import bits_of_types, check_row_lengths, expert_params, size_report, types_of_bits
+from mcmoe_gguf.quant.budget import (bits_of_types, check_row_lengths, expert_params, recorded_types, size_report,
+                                     types_of_bits)
 from mcmoe_gguf.quant.workdir import WorkDir, WorkdirMismatch  # noqa: F401  (WorkdirMismatch: part of this API)
 
 
@@ -390,10 +391,11 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     hp = ck.hp
     check_row_lengths(hp)
     _eps_quantizer(cfg)                 # a bad eps_method, ladder or budget fails before any work
+    budget, mix = plan_budget(cfg, hp)
     types = check_ladder(cfg)
     if types:
-        allocate.check_ladder_budget(ladders.choice_bytes(hp, types), expert_params(hp), plan_budget(cfg, hp)[0],
-                                     cfg.scope, granularity(cfg))
+        allocate.check_ladder_budget(ladders.choice_bytes(hp, types), expert_params(hp), budget, cfg.scope,
+                                     granularity(cfg))
     wd = WorkDir(outdir)
     wd.open(_manifest(model_dir, cfg), same=lambda old, new: _with_defaults(old) == new)
     if all(wd.has_layer(l) for l in range(hp.num_hidden_layers)):
@@ -408,7 +410,6 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     chunk = max(1, 16384 // tokens.shape[1])
     n_params = expert_params(hp)
     L = hp.num_hidden_layers
-    budget, mix = plan_budget(cfg, hp)
 
     global_types = None
     if cfg.scope == "model" and not cfg.strategy.startswith("uniform"):
@@ -473,7 +474,7 @@ def finish(wd: WorkDir | Path, ck: Checkpoint) -> dict:
     """globals.pt and allocation.json of a run whose layers are all quantized (the latter returned)."""
     wd = WorkDir.of(wd)
     hp = ck.hp
-    types = np.array([layer_types(wd.load_layer(l)) for l in range(hp.num_hidden_layers)], dtype=object)
+    types = np.array([recorded_types(wd.load_layer(l)) for l in range(hp.num_hidden_layers)], dtype=object)
     bits = bits_of_types(types)
     stats = [wd.load_stats(l) for l in range(hp.num_hidden_layers)]
     cfg = _with_defaults(wd.manifest())["config"]
@@ -484,8 +485,3 @@ def finish(wd: WorkDir | Path, ck: Checkpoint) -> dict:
               "mu": [s["mu"] for s in stats], "mix": mix.to_dict(), **size_report(ck, types, mix)}
     wd.save(report, wd.allocation_path, as_json=True)
     return report
-
-
-def layer_types(layer: dict) -> list:
-    """[E][P] type names of a stored layer (layer files from before the ladder have only bits)."""
-    return layer["types"] if "types" in layer else types_of_bits([layer["bits"]])[0].tolist()

@@ -48,7 +48,7 @@ def workdir_as_mcq3(src: Path, dst: Path) -> Path:
                 q, d, m = formats.unpack(e["data"].numpy(), e["bits"], e["shape"][1])
                 e["data"], e["bits"] = torch.from_numpy(formats.pack(q, d, m, 3)), 3
         f["bits"] = [3] * len(f["bits"])
-        f["types"] = types_of_bits([f["bits"]])[0].tolist()
+        f["types"] = types_of_bits(f["bits"]).tolist()
         torch.save(f, path)
     pmq.finish(dst, Checkpoint(json.loads((dst / "manifest.json").read_text())["model_dir"]))
     return dst
@@ -71,7 +71,7 @@ def workdir_with_bits(src: Path, dst: Path, bits: list[list[int]]) -> Path:
                 f["tensors"][f"block_sparse_moe.experts.{e}.{proj}"] = {
                     "bits": b, "shape": list(w.shape), "data": torch.from_numpy(formats.quantize(w, b, "mse"))}
         f["bits"] = list(row)
-        f["types"] = types_of_bits([row])[0].tolist()
+        f["types"] = types_of_bits(row).tolist()
         torch.save(f, path)
     pmq.finish(dst, ck)
     return dst
