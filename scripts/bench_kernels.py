@@ -15,9 +15,6 @@ stretch of a shared machine hits all of them, and the table shows medians with t
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from mcmoe_gguf.engine.cpu_variant import expected_variant, runnable_variants  # noqa: E402
+from mcmoe_gguf.engine.kernel_costs import time_type  # noqa: E402
 from mcmoe_gguf.engine.runtime import tools_dir  # noqa: E402
 from results_md import machine  # noqa: E402
 
@@ -43,17 +41,7 @@ def variant_dir(tools: Path, variant: str, tmp: Path) -> Path:
 
 def time_types(d: Path, n: int) -> dict[str, float]:
     """us per MUL_MAT call for each type (test-backend-ops perf, CPU backend)."""
-    out = {}
-    for t in TYPES:
-        args = [str(d / "test-backend-ops"), "perf", "-o", "MUL_MAT", "-b", "CPU", "-p",
-                f"type_a={t},type_b=f32,m=4096,n={n},k=14336"]
-        r = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, LD_LIBRARY_PATH=str(d)),
-                           timeout=900)
-        m = re.search(r"MUL_MAT\(type_a=" + re.escape(t) + r",.*?\s([\d.]+) us/run", r.stdout)
-        if r.returncode != 0 or not m:
-            raise RuntimeError(f"test-backend-ops failed for {t} (n={n}):\n{(r.stdout + r.stderr)[-2000:]}")
-        out[t] = float(m.group(1))
-    return out
+    return {t: time_type(d, t, n) for t in TYPES}
 
 
 def table(results: dict, ns: list[int]) -> str:

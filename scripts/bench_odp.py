@@ -86,22 +86,92 @@ def mixtral_shaped(a) -> str:
     files = {n: d / f"{n}.gguf" for n in ("pmq-2.5", "pmq-2.0") if (d / f"{n}.gguf").exists()}
     if not files:               # build only what this needs (build_all also makes the stock files)
         files = {k: v for k, v in ms.build_all().items() if k.startswith("pmq")}
-    lines = ["| file | ODP | expert evals run / routed | skipped | pp tok/s (256-token prompt) | pp time vs off |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| file | ODP | expert evals run / routed | skipped | pp tok/s (256-token prompt) | pp time vs off | "
+             "tg tok/s (32 decoded) | tg time vs off |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in ("pmq-2.5", "pmq-2.0"):
         if name not in files:
             continue
         base = None
-        for label, kw in (("off", dict(odp=False)), ("on (mu, protect 2%)", dict(odp=True)),
+        for label, kw in (("off", dict(odp=False)), ("on (file's thresholds, protect 2%)", dict(odp=True)),
                           ("on, mu x1.25", dict(odp=True, mu_scale=1.25))):
             odp_reset()
-            pp, _ = time_file(files[name], a.threads, 256, 1, a.repeat, **kw)
+            pp, tg = time_file(files[name], a.threads, 256, 32, a.repeat, **kw)
             s = summary(odp_stats())
-            base = base or pp
+            base = base or (pp, tg)
             run = f"{s['expert_evals_run']} / {s['slots']}" if s["slots"] else "all"
             lines.append(f"| {name} | {label} | {run} | {100 * s['skipped_fraction']:.1f}% | {pp:.1f} | "
-                         f"{base / pp:.2f}x |")
+                         f"{base[0] / pp:.2f}x | {tg:.2f} | {base[1] / tg:.2f}x |")
             print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+TARGETS = ["median", "error:0.0005", "error:0.001", "error:0.002", "error:0.004", "error:0.008",
+           "skip:0.05", "skip:0.10", "skip:0.15", "skip:0.20"]
+BENCH_PMQ = "pmq-2.0-auto-full"     # bench_quality.py's ladder file at 2.0 expert bpw (its work directory)
+
+
+def target_study(a) -> str:
+    """The bench model: thresholds fitted to each target (quant/odp_fit.py) on calibration tokens, scored on
+    held-out ones, for the F16 file and a ladder PMQ file; plus the paper's median thresholds scaled, with
+    the weight rule alone vs 2% protection (attention received) at equal skip rate."""
+    from mcmoe_gguf.gguf.export import convert, export_pmq
+    from mcmoe_gguf.quant import odp_fit
+    from mcmoe_gguf.quant.pmq import odp_curves
+    import json
+    model = tiny_model(a.preset)
+    q = cache_dir("bench", model.name, "quality")
+    d = cache_dir("bench", model.name, "odp")
+    f16 = q / "tiny-f16.gguf"
+    wd = q / BENCH_PMQ
+    if not f16.exists() or not (wd / "allocation.json").exists():
+        raise SystemExit(f"run scripts/bench_quality.py --preset {a.preset} --budgets 2.0 --ladders full first "
+                         f"(needs {f16.name} and {wd.name})")
+    cpath = d / "curves-64x256.json"
+    if not cpath.exists():
+        med, cur = odp_curves(model, (model / "calib.txt").read_text(encoding="utf-8"), n_seq=64, seq_len=256)
+        cpath.write_text(json.dumps({"median": med, "curves": cur}))
+    c = json.loads(cpath.read_text())
+    text = model / "eval.txt"
+    base = kld_base(f16, text, q / f"f16-{a.max_chunks}.kld", ctx=256, chunks=a.max_chunks, threads=a.threads)
+
+    def variant(kind: str, target: str) -> Path:
+        mu = odp_fit.fit(c["curves"], c["median"], target)
+        out = d / f"{kind}-{target.replace(':', '-')}.gguf"
+        if not out.exists():
+            if kind == "F16":
+                convert(model, out, outtype="f16", odp_mu=mu, progress=False)
+            else:
+                export_pmq(wd, out, odp_mu=mu, progress=False)
+        return out
+
+    lines = ["| file | thresholds | predicted skip / error | expert evals skipped | PPL / F16 | PPL vs ODP off | "
+             "mean KLD vs F16 | same top-1 % |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for kind in ("F16", "PMQ 2.0 ladder"):
+        off = None
+        for target in ["off"] + a.targets.split(","):
+            path = variant(kind, "median" if target == "off" else target)
+            r = score(path, base, text, path.name, ctx=256, chunks=a.max_chunks, threads=a.threads,
+                      odp=False if target == "off" else {})
+            off = off or r.ppl
+            pred = "" if target == "off" else "{skip:.3f} / {err:.4f}".format(
+                **odp_fit.predicted(c["curves"], odp_fit.fit(c["curves"], c["median"], target)))
+            lines.append(f"| {kind} | {target} | {pred} | {100 * (r.skipped or 0):.1f}% | {r.ratio:.4f} ± "
+                         f"{r.ratio_se:.4f} | {100 * (r.ppl / off - 1):+.2f}% | {r.kld:.4f} ± {r.kld_se:.4f} | "
+                         f"{r.top1:.2f} ± {r.top1_se:.2f} |")
+            print(lines[-1], flush=True)
+    lines += ["", "The paper's median thresholds scaled (F16), the weight rule alone vs 2% protection:", "",
+              "| mu scale | weight rule: skipped, PPL vs off, KLD | protect 2% (attn): skipped, PPL vs off, KLD |",
+              "|---:|---|---|"]
+    path = variant("F16", "median")
+    off = score(path, base, text, path.name, ctx=256, chunks=a.max_chunks, threads=a.threads, odp=False).ppl
+    for sc in (0.5, 0.75, 1.0):
+        cells = []
+        for extra in (dict(importance="none", protect=0.0), dict(protect=0.02)):
+            r = score(path, base, text, path.name, ctx=256, chunks=a.max_chunks, threads=a.threads,
+                      odp={"mu_scale": sc, **extra})
+            cells.append(f"{100 * (r.skipped or 0):.1f}%, {100 * (r.ppl / off - 1):+.2f}%, {r.kld:.4f}")
+        lines.append(f"| x{sc} | {cells[0]} | {cells[1]} |")
+        print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -113,6 +183,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="with --preset bench: the ODP targets to score")
+    ap.add_argument("--preset", choices=["default", "bench"], default="default",
+                    help="bench: the threshold targets on the bench model (F16 and a ladder PMQ file)")
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
     if a.mixtral_shaped:
@@ -123,6 +196,16 @@ def main() -> int:
                             f"`.venv/bin/python scripts/bench_odp.py --mixtral-shaped --threads {a.threads} "
                             f"--repeat {a.repeat} --write-results` on {machine()}, "
                             f"one process, files side by side.\n\n{table}\n")
+        return 0
+    if a.preset != "default":
+        table = target_study(a)
+        print(table)
+        if a.write_results:
+            replace_section(f"bench_odp_{a.preset}", f"## ODP thresholds fitted to a target ({a.preset} model)\n\n"
+                            f"`.venv/bin/python scripts/bench_odp.py --preset {a.preset} --targets {a.targets} --max-chunks {a.max_chunks} "
+                            f"--threads {a.threads} --write-results` on {machine()}; thresholds fitted on 64 x 256 "
+                            f"calibration tokens, scored on {a.max_chunks} x 256 held-out tokens; protection 2% "
+                            f"(attention received) unless said.\n\n{table}\n")
         return 0
     text = tiny_model() / "eval.txt"
     fs = files()

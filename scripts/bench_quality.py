@@ -53,6 +53,8 @@ def main() -> int:
     ap.add_argument("--ladders", default="mcq", help="comma-separated expert type ladders (mcq, full, stock, compat)")
     ap.add_argument("--granularity", default="projection", choices=["projection", "expert"],
                     help="a ladder's choice: per projection or per expert")
+    ap.add_argument("--eps-rows", type=int, default=0, help="a ladder's eps estimated from this many sampled rows "
+                    "per projection (0: measured on all rows)")
     ap.add_argument("--stock", default=",".join(STOCK), help="llama.cpp types to compare with")
     ap.add_argument("--max-chunks", type=int, default=200, help="held-out chunks of 256 tokens (llama-perplexity "
                     "scores the second half of each)")
@@ -78,11 +80,15 @@ def main() -> int:
                 if ladder != "mcq":
                     tag += f"-{ladder}" + ("" if a.granularity == "projection" else f"-{a.granularity}")
                     series += f"+{ladder}" + ("" if a.granularity == "projection" else f"/{a.granularity}")
+                    if a.eps_rows:
+                        tag += f"-r{a.eps_rows}"
+                        series += f"/eps {a.eps_rows} rows"
                 work = d / f"pmq-{tag}"
                 try:
                     quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix,
                                                     ladder="mcq" if compat else ladder, granularity=a.granularity,
-                                                    compat="stock" if compat else "none"), progress=False)
+                                                    compat="stock" if compat else "none", eps_rows=a.eps_rows),
+                             progress=False)
                 except InfeasibleBudget as e:       # e.g. 1.5 bpw for the paper's program: not a point
                     print(f"skipped PMQ {b} {series}: {e}", flush=True)
                     continue
@@ -141,7 +147,7 @@ def write_results(table: str, a, png: str) -> None:
     block = (f"## Quality: PMQ files vs llama.cpp's low-bit types ({a.preset} tiny model, llama.cpp PPL, KLD, "
              f"top-1 vs F16)\n\n"
              f"`.venv/bin/python scripts/bench_quality.py --preset {a.preset} --budgets {a.budgets} --mixes {a.mixes} "
-             f"--ladders {a.ladders} --granularity {a.granularity} --stock {a.stock} --max-chunks {a.max_chunks} --write-results` on {machine()}.\n\n{table}\n\n"
+             f"--ladders {a.ladders} --granularity {a.granularity}{f' --eps-rows {a.eps_rows}' if a.eps_rows else ''} --stock {a.stock} --max-chunks {a.max_chunks} --write-results` on {machine()}.\n\n{table}\n\n"
              f"![Pareto]({png})")
     replace_section("bench_quality" if a.preset == "default" else f"bench_quality_{a.preset}", block)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from mcmoe_gguf.gguf.keys import IMPORTANCE_MODES, ODP_DEFAULT_PROTECT
 from mcmoe_gguf.model.tiny import PRESETS
 from mcmoe_gguf.quant.mixes import names as mix_names
+from mcmoe_gguf.quant.odp_fit import DEFAULT_TARGET as DEFAULT_ODP_TARGET, parse_target
 
 MIX_HELP = ("types of the tensors outside the experts: auto (default: llama.cpp's own choice for the stock "
             "type of the nearest expert width, e.g. Q2_K embeddings, Q5_K output, Q4_K/Q5_K attention at ~2 "
@@ -22,6 +23,25 @@ GRANULARITY_HELP = "a ladder's choice: one type per projection (default) or one 
 COMPAT_HELP = ("stock: a file any llama.cpp runs (ollama, LM Studio, stock llama-cpp-python): llama.cpp's own types "
                "only (the stock ladder unless --ladder names others), one type per layer and projection, merged "
                "expert tensors; PMQ's calibrated choice instead of a hand-made mix")
+MIN_SPEED_HELP = ("with a ladder: decode no slower than a file with every expert in TYPE (e.g. q2_k), per "
+                  "each type's mat-vec time measured here with llama.cpp's test-backend-ops (cached), weighted by "
+                  "how often the calibration tokens route to each expert")
+ODP_TARGET_HELP = ("how the per-layer ODP thresholds are set from calibration tokens: skip:S (default "
+                   f"{DEFAULT_ODP_TARGET}: skip a share S of the expert evaluations, spread over the layers at the "
+                   "least measured output error), error:B (per layer the largest threshold whose pruning changes "
+                   "the layer's output by at most B of its energy) or median (the paper: half the tokens of every "
+                   "layer lose their second expert)")
+
+
+
+def odp_target(v: str) -> str:
+    """argparse type of --odp-target: checked before any work"""
+    try:
+        parse_target(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
+
 
 EPILOG = """examples:
   mcmoe-gguf tiny                                  train (or reuse) the embedded tiny Mixtral, print its path
@@ -49,10 +69,11 @@ def cmd_convert(a) -> int:
     elif a.bits or a.size:
         from mcmoe_gguf.quant.pmq import PMQConfig, quantize
         workdir = Path(a.workdir or f"{a.output}.pmq")
-        quantize(a.model_dir, workdir, PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix,
-                                                 scope=a.scope, n_seq=a.n_seq, seq_len=a.seq_len,
-                                                 calib_text=a.calib_text, device=a.device, eps_method=a.eps_method,
-                                                 ladder=a.ladder, granularity=a.granularity, compat=a.compat))
+        cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=a.scope, n_seq=a.n_seq,
+                        seq_len=a.seq_len, calib_text=a.calib_text, device=a.device, eps_method=a.eps_method,
+                        ladder=a.ladder, granularity=a.granularity, compat=a.compat, min_speed=a.min_speed,
+                        odp=a.odp_target)
+        quantize(a.model_dir, workdir, cfg, kernel_costs=kernel_costs(cfg))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
         mu = None
@@ -62,7 +83,7 @@ def cmd_convert(a) -> int:
             if not text.exists():
                 raise FileNotFoundError(f"{text}: calibration text not found (pass --calib-text)")
             mu = odp_thresholds(a.model_dir, text.read_text(encoding="utf-8"), n_seq=min(a.n_seq, 32),
-                                seq_len=min(a.seq_len, 256))
+                                seq_len=min(a.seq_len, 256), target=a.odp_target)
         out = convert(a.model_dir, a.output, outtype=a.outtype, force=a.force, name=a.name, odp_mu=mu)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
@@ -149,13 +170,24 @@ def _tensor_size(a) -> str | None:
     return f"{int(b.value) - header_bytes(a.model_dir)}B"
 
 
+def kernel_costs(cfg) -> dict | None:
+    """The ladder's mat-vec costs on this machine when --min-speed asks for a floor (measured once, cached)."""
+    if not cfg.min_speed:
+        return None
+    from mcmoe_gguf.engine.kernel_costs import matvec_us
+    from mcmoe_gguf.quant.pmq import check_ladder, check_min_speed
+    types = check_ladder(cfg)
+    return matvec_us(list(types) + [check_min_speed(cfg, types)])
+
+
 def cmd_quantize(a) -> int:
     from mcmoe_gguf.quant.pmq import PMQConfig, quantize
     cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=a.scope, strategy=a.strategy, method=a.method, alpha=a.alpha,
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
-                    eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity, compat=a.compat)
-    r = quantize(a.model_dir, a.output, cfg)
+                    eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity, compat=a.compat,
+                    min_speed=a.min_speed, odp=a.odp_target)
+    r = quantize(a.model_dir, a.output, cfg, kernel_costs=kernel_costs(cfg))
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")
     return 0
@@ -260,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
     s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
     s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
+    s.add_argument("--odp-target", default=DEFAULT_ODP_TARGET, type=odp_target, help=ODP_TARGET_HELP)
+    s.add_argument("--min-speed", metavar="TYPE", help=MIN_SPEED_HELP)
     s.add_argument("--workdir", help="PMQ work directory (default OUT.gguf.pmq; resumable)")
     s.add_argument("--scope", choices=["layer", "model"], default="layer", help="PMQ allocation scope")
     s.add_argument("--n-seq", type=int, default=128, help="PMQ calibration sequences (default 128)")
@@ -321,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
     s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
     s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
+    s.add_argument("--odp-target", default=DEFAULT_ODP_TARGET, type=odp_target, help=ODP_TARGET_HELP)
+    s.add_argument("--min-speed", metavar="TYPE", help=MIN_SPEED_HELP)
     s.add_argument("--scope", choices=["layer", "model"], default="layer",
                    help="one integer program per layer (paper) or one for the whole model")
     s.add_argument("--strategy", default="pmq", help="pmq | uniform:B | random:SEED | frequency | weight | eps")

@@ -322,16 +322,18 @@ def add_odp_metadata(w: gguf.GGUFWriter, mu) -> None:
     w.add_string(K.ODP_IMPORTANCE, K.ODP_DEFAULT_IMPORTANCE)
 
 
-def add_pmq_metadata(w: gguf.GGUFWriter, wd: WorkDir | Path, types: np.ndarray) -> None:
+def add_pmq_metadata(w: gguf.GGUFWriter, wd: WorkDir | Path, types: np.ndarray, odp_mu=None) -> None:
     wd = WorkDir.of(wd)
     alloc = wd.allocation()
+    if odp_mu is not None and len(odp_mu) != len(alloc["mu"]):
+        raise ExportError(f"odp_mu has {len(odp_mu)} values for {len(alloc['mu'])} layers")
     cfg = wd.config()
     w.add_uint32(K.VERSION, 1)
     bits = bits_of_types(types)
     if bits is not None:        # one mcq width per expert: the loader checks every expert's type against it
         w.add_array(K.EXPERT_BITS, [int(b) for b in bits.ravel()])       # layer-major, E per layer
     w.add_string(K.PMQ_PREFIX + "ladder", str(cfg.get("ladder", "mcq")))
-    add_odp_metadata(w, alloc["mu"])
+    add_odp_metadata(w, alloc["mu"] if odp_mu is None else odp_mu)
     w.add_string(K.PMQ_PREFIX + "budget", str(cfg["budget"]))
     w.add_string(K.PMQ_PREFIX + "scope", cfg["scope"])
     w.add_string(K.PMQ_PREFIX + "strategy", cfg["strategy"])
@@ -345,8 +347,9 @@ def add_pmq_metadata(w: gguf.GGUFWriter, wd: WorkDir | Path, types: np.ndarray) 
 
 
 def export_pmq(workdir: str | Path, out: str | Path, force: bool = False, name: str | None = None,
-               progress: bool = True) -> Path:
-    """GGUF of a finished PMQ work directory (see pmq.py), written atomically."""
+               progress: bool = True, odp_mu: list[float] | None = None) -> Path:
+    """GGUF of a finished PMQ work directory (see pmq.py), written atomically. odp_mu: per-layer ODP
+    thresholds instead of the run's (allocation.json), e.g. for a study of targets (odp_fit.py)."""
     from mcmoe_gguf.gguf.types import register
     register()
     wd = WorkDir(workdir)
@@ -358,6 +361,6 @@ def export_pmq(workdir: str | Path, out: str | Path, force: bool = False, name: 
     tensors, types = plan_pmq(ck, wd)
     w = gguf.GGUFWriter(path=None, arch=ck.arch.GGUF_ARCH)
     add_metadata(w, ck, name or ck.dir.resolve().name, "f16")
-    add_pmq_metadata(w, wd, types)
+    add_pmq_metadata(w, wd, types, odp_mu)
     add_tokenizer(w, ck.dir, ck.hp.vocab_size)
     return write_gguf(w, tensors, out, progress)

@@ -280,13 +280,16 @@ def _solve(cost, n, cap):
     return xs.argmax(2) + 1
 
 
-def _best_then_fewest_bytes(c: np.ndarray, size: np.ndarray, rows: list) -> np.ndarray:
+def _best_then_fewest_bytes(c: np.ndarray, size: np.ndarray, rows: list, infeasible=None) -> np.ndarray:
     """Binary x minimising c @ x under `rows`; among (numerically) optimal x, the one of fewest bytes
-    (size @ x), by a second program with the objective bounded by the first's optimum."""
+    (size @ x), by a second program with the objective bounded by the first's optimum. infeasible: the
+    exception to raise when HiGHS proves the program infeasible (else the caller knows it is feasible)."""
     opts = {"disp": False, "mip_rel_gap": 0.0}
 
     def run(objective, constraints):
         r = milp(objective, constraints=constraints, integrality=np.ones(len(c)), bounds=Bounds(0, 1), options=opts)
+        if r.status == 2 and infeasible is not None:
+            raise infeasible()
         if r.status != 0:
             raise RuntimeError(f"HiGHS failed on a feasible program: {r.message}")
         return np.round(r.x).astype(np.int64)
@@ -310,9 +313,20 @@ class LadderAllocation:
     granularity: str
 
 
+class SlowerThanFloor(ValueError):
+    """No choice within the byte budget decodes as fast as the speed floor asks."""
+
+
 def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granularity="projection",
-                    alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, gamma=DEFAULT_GAMMA) -> LadderAllocation:
+                    alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, gamma=DEFAULT_GAMMA, speed=None) -> LadderAllocation:
     """Types minimising sum_{l,e,p} phi^alpha w^beta eps[l,e,p,t]^gamma under a real-byte budget.
+
+    speed: optional (us [P, T], floor [P]): the decode cost of one mat-vec of projection p in type t
+    (test-backend-ops, engine/kernel_costs.py) and that of the reference type (e.g. q2_K). A decoded
+    token runs the experts it is routed to, expert e of layer l with probability ~ phi[l, e], so each
+    program adds: sum_{l,e,p} phi[l,e] * us[p, t_lep] <= sum_{l,e} phi[l,e] * sum_p floor[p], i.e. the
+    expected mat-vec time of the routed experts is no more than that of a file all in the reference type
+    (SlowerThanFloor when no choice within the budget is that fast).
 
     phi, w: [L, E]; eps: [L, E, P, T]; nbytes: int [P, T] (bytes of one expert's projection p in type t;
     the same for every expert); n_params: [L, E] weights per expert (the bpw budget's denominator).
@@ -346,10 +360,19 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
     full_cost = cost
     cost, size = _items(cost, np.broadcast_to(nbytes, (L, E, P, T)), granularity)
     target, programs = check_ladder_budget(nbytes, n, budget, scope, granularity)
+    time = None
+    if speed is not None:
+        us, floor = (np.asarray(a, dtype=np.float64) for a in speed)
+        if us.shape != (P, T) or floor.shape != (P,) or not (np.isfinite(us).all() and (us > 0).all()):
+            raise ValueError(f"speed: expected positive us [P, T] = {(P, T)} and floor [P]; got {us.shape}, {floor.shape}")
+        time, _ = _items(phi[..., None, None] * np.broadcast_to(us, (L, E, P, T)), np.zeros((L, E, P, T)), granularity)
     choice = np.zeros(cost.shape[:3], dtype=np.int64)
     for ls in programs:
         cap = math.floor(target * int(n[ls].sum()) / 8)         # bytes; floor keeps "<=" exact
-        choice[ls] = _solve_choices(cost[ls].reshape(-1, T), size[ls].reshape(-1, T), cap).reshape(choice[ls].shape)
+        lim = None
+        if time is not None:
+            lim = (time[ls].reshape(-1, T), float(phi[ls].sum() * floor.sum()))
+        choice[ls] = _solve_choices(cost[ls].reshape(-1, T), size[ls].reshape(-1, T), cap, lim).reshape(choice[ls].shape)
     if granularity == "expert":
         choice = np.repeat(choice, P, axis=2)
     elif granularity == "layer":
@@ -390,8 +413,9 @@ def check_ladder_budget(nbytes, n_params, budget, scope="layer", granularity="pr
     return target, programs
 
 
-def _solve_choices(cost: np.ndarray, size: np.ndarray, cap: int) -> np.ndarray:
-    """Multiple-choice knapsack: one column per row of cost [N, T] (sizes int [N, T]), total size <= cap."""
+def _solve_choices(cost: np.ndarray, size: np.ndarray, cap: int, time=None) -> np.ndarray:
+    """Multiple-choice knapsack: one column per row of cost [N, T] (sizes int [N, T]), total size <= cap;
+    time = (t [N, T], limit): also sum of the chosen t <= limit."""
     N, T = cost.shape
     g = math.gcd(*size.reshape(-1).tolist()) or 1      # every total is a multiple of g: cap // g is exact
     sz = (size // g).reshape(-1).astype(np.float64)
@@ -400,7 +424,18 @@ def _solve_choices(cost: np.ndarray, size: np.ndarray, cap: int) -> np.ndarray:
     c = cost.reshape(-1) / scale
     one_hot = sparse.kron(sparse.eye(N), np.ones((1, T)), format="csr")     # 9216 columns at Mixtral scope=model
     rows = [LinearConstraint(one_hot, 1, 1), LinearConstraint(sz[None], -np.inf, cap_g)]
-    x = _best_then_fewest_bytes(c, sz, rows)
+    if time is not None:
+        t, limit = time
+        # the fastest choice alone, whatever its bytes, already says whether the floor can hold
+        t_scale = limit if limit > 0 else 1.0
+        rows.append(LinearConstraint(t.reshape(1, -1) / t_scale, -np.inf, 1.0 + 1e-9))
+        fastest = t.min(1).sum()
+        if fastest > limit * (1 + 1e-9):
+            raise SlowerThanFloor(f"speed floor unreachable: even the fastest types decode at {fastest / limit:.3f}x "
+                                  "the floor's time")
+    x = _best_then_fewest_bytes(c, sz, rows, infeasible=lambda: SlowerThanFloor(
+        "speed floor unreachable within the byte budget: the types fast enough do not fit; "
+        "raise the budget or lower the floor"))
     xs = x.reshape(N, T)
     if not ((xs.sum(1) == 1).all() and int((xs * size).sum()) <= cap):
         raise RuntimeError("HiGHS returned a choice that violates the constraints")

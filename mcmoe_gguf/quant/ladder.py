@@ -26,7 +26,6 @@ import torch
 from tqdm import tqdm
 
 from mcmoe_gguf.quant.budget import PROJECTIONS, projection_shapes
-from mcmoe_gguf.quant.calibration import expert_forward, expert_inner
 from mcmoe_gguf.quant.gptq import GPTQ
 from mcmoe_gguf.quant.mixes import is_mcq, tensor_bytes
 from mcmoe_gguf.quant.quantizers import importance, quantize_matrix
@@ -74,25 +73,49 @@ def choice_bytes(hp, types) -> np.ndarray:
     return np.array([[tensor_bytes(t, *shapes[p]) for t in types] for p in PROJECTIONS], dtype=np.int64)
 
 
+def _sample(n: int, k: int, seed: int, device) -> torch.Tensor:
+    """k of range(n), sorted, the same for the same seed (all of them when k is 0 or >= n)."""
+    if not k or k >= n:
+        return torch.arange(n, device=device)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:k].sort().values.to(device)
+
+
 @torch.no_grad()
 def measure_eps(moe: torch.nn.Module, x: torch.Tensor, types, cfg, desc: str = "ladder eps",
                 progress: bool = True) -> np.ndarray:
     """float64 [E, P, T]: eps of every (expert, projection, type) on the layer's MoE inputs x [tokens, d]
-    (module docstring). An expert no token reaches has eps 0 (nothing measured says bytes help it)."""
+    (module docstring). An expert no token reaches has eps 0 (nothing measured says bytes help it).
+
+    Only what a choice changes is computed: quantizing rows R of the down projection changes output
+    dimensions R (inner @ dW_R^T); rows R of gate or up change inner neurons R, whose change reaches the
+    output through the down projection's columns R. cfg.eps_rows > 0 quantizes only that many rows of each
+    projection (a fixed random sample: every type sees the same rows) and scales the squared error by
+    rows / sampled; cfg.eps_tokens > 0 uses at most that many of an expert's routed tokens (evenly spaced),
+    scaled likewise. Rows quantize independently in every type (ggml's blocks and GPTQ's updates run along
+    a row), so a sampled row is exactly the row the full quantization writes; the estimate is exact for
+    the down projection's rows in expectation, and for gate/up up to the cross terms of different neurons'
+    errors, which have no preferred sign. Both 0 (the default) is the exact statistic."""
     _, wts, ids = moe.route(x)
     E = moe.hp.num_local_experts
     eps = np.zeros((E, len(PROJECTIONS), len(types)))
     layer_imp = importance(x)
+    n_rows, n_tok = int(getattr(cfg, "eps_rows", 0) or 0), int(getattr(cfg, "eps_tokens", 0) or 0)
     for e in tqdm(range(E), desc=desc, unit="expert", leave=False, disable=not progress):
         tok, slot = torch.where(ids == e)
         if len(tok) == 0:
             continue
+        tok_scale = 1.0
+        if n_tok and len(tok) > n_tok:
+            keep = torch.linspace(0, len(tok) - 1, n_tok, device=tok.device).long()
+            tok_scale = len(tok) / n_tok
+            tok, slot = tok[keep], slot[keep]
         g = wts[tok, slot].to(x.dtype)[:, None]
         ex = moe.experts[e]
         xe = x[tok]
         W = {p: getattr(ex, p).weight for p in PROJECTIONS}
-        ref = expert_forward(W["w1"], W["w2"], W["w3"], xe)
-        inner = expert_inner(W["w1"], W["w3"], xe)
+        a, b = xe @ W["w1"].t(), xe @ W["w3"].t()
+        inner = torch.nn.functional.silu(a) * b
         H = {}
         if cfg.method == "gptq" and any(is_mcq(t) for t in types):
             H["x"], H["inner"] = GPTQ(x.shape[-1], device=x.device), GPTQ(inner.shape[-1], device=x.device)
@@ -100,9 +123,19 @@ def measure_eps(moe: torch.nn.Module, x: torch.Tensor, types, cfg, desc: str = "
             H["inner"].add_batch(inner)
         for pi, p in enumerate(PROJECTIONS):
             src = inner if p == "w2" else xe
+            R = _sample(W[p].shape[0], n_rows, 1000 * e + pi, x.device)
+            scale = tok_scale * W[p].shape[0] / len(R)
+            WR = W[p][R]
             for ti, t in enumerate(types):
-                _, deq = quantize_matrix(W[p], t, src, cfg, H.get("inner" if p == "w2" else "x"), layer_imp)
-                Wq = {**W, p: deq}
-                out = expert_forward(Wq["w1"], Wq["w2"], Wq["w3"], xe)
-                eps[e, pi, ti] = torch.linalg.norm(g * (ref - out)).item()
+                _, deq = quantize_matrix(WR, t, src, cfg, H.get("inner" if p == "w2" else "x"), layer_imp)
+                dW = WR - deq
+                if p == "w2":
+                    d_out = inner @ dW.t()
+                else:
+                    if p == "w1":
+                        d_inner = torch.nn.functional.silu(a[:, R] - xe @ dW.t()) * b[:, R]
+                    else:
+                        d_inner = torch.nn.functional.silu(a[:, R]) * (b[:, R] - xe @ dW.t())
+                    d_out = (d_inner - inner[:, R]) @ W["w2"][:, R].t()
+                eps[e, pi, ti] = (scale * float(((g * d_out) ** 2).sum())) ** 0.5
     return eps

@@ -24,6 +24,7 @@ embeddings have no input to weigh (llama.cpp gives them none either). Router and
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -33,16 +34,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcmoe_gguf.quant import allocate
+from mcmoe_gguf.quant import allocate, odp_fit
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant import ladder as ladders
 from mcmoe_gguf.quant import mixes
-from mcmoe_gguf.quant.calibration import LayerStats, calibration_tokens, expert_inner, moe_stats, odp_mu, rtn_dequant
+from mcmoe_gguf.quant.calibration import (LayerStats, calibration_tokens, expert_inner, moe_stats, odp_curve, odp_mu,
+                                          rtn_dequant)
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant.gptq import GPTQ
 from mcmoe_gguf.quant.quantizers import ggml_packed, importance, mcq_packed, mcq_result, quantize_matrix
-from mcmoe_gguf.quant.budget import (bits_of_types, check_row_lengths, expert_params, recorded_types, size_report,
-                                     types_of_bits)
+from mcmoe_gguf.quant.budget import (bits_of_types, check_row_lengths, expert_params, projection_shapes,
+                                     recorded_types, size_report, types_of_bits)
 from mcmoe_gguf.quant.workdir import WorkDir, WorkdirMismatch  # noqa: F401  (WorkdirMismatch: part of this API)
 
 
@@ -72,6 +74,17 @@ class PMQConfig:
     granularity: str = "projection"     # a ladder's choice: per projection or per expert (mcq: per expert)
     compat: str = "none"                # "stock": llama.cpp's types only, one per (layer, projection), written as
                                         # merged expert tensors: the file runs in an unpatched llama.cpp
+    eps_rows: int = 0                   # a ladder's eps from this many sampled rows per projection (0: all, exact)
+    eps_tokens: int = 0                 # ... and at most this many routed tokens per expert (0: all)
+    min_speed: str | None = None        # a ladder's decode-speed floor: a type (e.g. "q2_k"); the expected mat-vec
+                                        # time of a token's routed experts is at most that of all in this type,
+                                        # per mat-vec costs measured on the machine (engine/kernel_costs.py)
+    odp: str = odp_fit.DEFAULT_TARGET   # ODP thresholds' target (odp_fit.py): median | skip:S | error:B. Applied
+                                        # when the run finishes, not part of the run's identity: a rerun with
+                                        # another target only refits the thresholds
+
+
+FINISH_ONLY = ("odp",)                  # PMQConfig fields that do not change the layers' work
 
 
 def _as_config(cfg: PMQConfig | dict) -> PMQConfig:
@@ -194,9 +207,43 @@ def check_ladder(cfg: PMQConfig) -> tuple[str, ...]:
     return ladders.resolve(cfg.ladder)
 
 
-def layer_statistics(l: int, moe: torch.nn.Module, x: torch.Tensor, cfg: PMQConfig, progress: bool) -> LayerStats:
-    """phi, w, mu and the paper's eps of one MoE layer; with a ladder also every choice's eps."""
+def speed_floor(cfg: PMQConfig, hp, types, costs: dict | None):
+    """allocate_ladder's speed=(us [P, T], floor [P]) for cfg.min_speed, or None without one. costs: {type:
+    us of one 4096 x 14336 mat-vec} (engine/kernel_costs.matvec_us); a mat-vec's time scales with its
+    weights, so projection p in type t costs costs[t] * weights_p (any unit: only ratios matter)."""
+    ref = check_min_speed(cfg, types)
+    if ref is None:
+        return None
+    if costs is None:
+        raise ValueError("--min-speed needs each type's mat-vec cost: pass kernel_costs "
+                         "(mcmoe_gguf.engine.kernel_costs.matvec_us; the command line measures them)")
+    missing = [t for t in tuple(types) + (ref,) if t not in costs]
+    if missing:
+        raise ValueError(f"kernel costs lack {', '.join(missing)}")
+    w = np.array([r * c for r, c in projection_shapes(hp).values()], dtype=np.float64) / 1e6
+    us = np.array([[costs[t] * wp for t in types] for wp in w])
+    return us, np.array([costs[ref] * wp for wp in w])
+
+
+def check_min_speed(cfg: PMQConfig, types) -> str | None:
+    """cfg.min_speed's type (None without a floor); a floor without a ladder or not one type is refused."""
+    if not cfg.min_speed:
+        return None
+    if not types:
+        raise ValueError("--min-speed needs a ladder (--ladder full|stock|<types>): the paper's program "
+                         "allocates widths of one grid only")
+    ref = ladders.resolve(cfg.min_speed)
+    if len(ref) != 1:
+        raise ValueError(f"--min-speed takes one type (got {cfg.min_speed!r})")
+    return ref[0]
+
+
+def layer_statistics(l: int, moe: torch.nn.Module, x: torch.Tensor, h_mid: torch.Tensor, cfg: PMQConfig,
+                     progress: bool) -> LayerStats:
+    """phi, w, mu, the ODP pruning curve and the paper's eps of one MoE layer; with a ladder also every
+    choice's eps. h_mid: the residual stream the MoE block's output is added to."""
     s = moe_stats(l, moe, x, _eps_quantizer(cfg))
+    s.odp = odp_curve(moe, x, h_mid)
     types = check_ladder(cfg)
     if types:
         s.ladder = list(types)
@@ -205,7 +252,7 @@ def layer_statistics(l: int, moe: torch.nn.Module, x: torch.Tensor, cfg: PMQConf
 
 
 def choose_types(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig, budget: allocate.Budget,
-                 hp) -> np.ndarray:
+                 hp, speed=None) -> np.ndarray:
     """[L', E, P] type names of these layers' expert projections."""
     types = check_ladder(cfg)
     if not types:
@@ -214,7 +261,7 @@ def choose_types(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig, 
     w = np.array([s.w for s in stats])
     eps = np.array([s.ladder_eps for s in stats])
     a = allocate.allocate_ladder(phi, w, eps, ladders.choice_bytes(hp, types), n_params, budget, cfg.scope,
-                                 granularity(cfg), cfg.alpha, cfg.beta, cfg.gamma)
+                                 granularity(cfg), cfg.alpha, cfg.beta, cfg.gamma, speed)
     return np.array(types, dtype=object)[a.choice]
 
 
@@ -310,8 +357,12 @@ def layer_forward(layer: torch.nn.Module, h, cos, sin, chunk: int) -> torch.Tens
 
 
 # ------------------------------------------------------------------------------------- the driver
+def _run_config(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in FINISH_ONLY}
+
+
 def _manifest(model_dir: Path, cfg: PMQConfig) -> dict:
-    return {"model_dir": str(Path(model_dir).resolve()), "config": asdict(cfg), "format": 1}
+    return {"model_dir": str(Path(model_dir).resolve()), "config": _run_config(asdict(cfg)), "format": 1}
 
 
 def _eps_quantizer(cfg: PMQConfig):
@@ -330,7 +381,7 @@ def _with_defaults(manifest: dict) -> dict:
         for k in ("embed_type", "output_type"):     # "q8_0" was the default; now it is the q8 mix's own
             if old.get(k) == "q8_0":
                 old[k] = None
-    return {**manifest, "config": {**asdict(PMQConfig()), **old}}
+    return {**manifest, "config": _run_config({**asdict(PMQConfig()), **old})}
 
 
 def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk) -> list[LayerStats]:
@@ -347,8 +398,8 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk) -> li
         if h is None:
             h = _embed(ck, tokens, cfg.device) if l == 0 else _load_state(wd.state_path(l, fp=True), cfg)
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
-        _, x = moe_input(layer, h, cos, sin, chunk)
-        s = layer_statistics(l, layer.moe, x, cfg, progress=False)
+        h_mid, x = moe_input(layer, h, cos, sin, chunk)
+        s = layer_statistics(l, layer.moe, x, h_mid, cfg, progress=False)
         wd.save(s.to_dict(), path, as_json=True)
         stats.append(s)
         if l < hp.num_hidden_layers - 1:
@@ -358,24 +409,32 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk) -> li
     return stats
 
 
-def odp_thresholds(model_dir: str | Path, text: str, n_seq: int = 32, seq_len: int = 256,
-                   progress: bool = True) -> list[float]:
-    """Per-layer ODP threshold mu_l (median of w1/w0 over calibration tokens) of the unquantized model,
-    for files without a PMQ run (an F16 conversion with `convert --odp-calibrate`)."""
+def odp_curves(model_dir: str | Path, text: str, n_seq: int = 32, seq_len: int = 256,
+               progress: bool = True) -> tuple[list[float], list[dict]]:
+    """Per-layer median ratio (the paper's mu_l) and ODP pruning curve (calibration.odp_curve) of the
+    unquantized model, for files without a PMQ run (an F16 conversion with `convert --odp-calibrate`)."""
     ck = Checkpoint(model_dir)
     hp = ck.hp
     tokens = calibration_tokens(Path(model_dir) / "tokenizer.json", text, n_seq, min(seq_len, hp.max_position_embeddings))
     cos, sin = ck.arch.rope_tables(hp, tokens.shape[1])
     chunk = max(1, 16384 // tokens.shape[1])
     h = _embed(ck, tokens, "cpu")
-    mu = []
+    medians, curves = [], []
     with torch.no_grad():
         for l in tqdm(range(hp.num_hidden_layers), desc="ODP thresholds", unit="layer", disable=not progress):
             layer = ck.arch.decoder_layer_from(ck, l)
-            _, x = moe_input(layer, h, cos, sin, chunk)
-            mu.append(odp_mu(layer.moe.route(x)[1]))   # routing only, no eps
+            h_mid, x = moe_input(layer, h, cos, sin, chunk)
+            medians.append(odp_mu(layer.moe.route(x)[1]))   # routing and the top-k experts only, no eps
+            curves.append(odp_curve(layer.moe, x, h_mid))
             h = layer_forward(layer, h, cos, sin, chunk)
-    return mu
+    return medians, curves
+
+
+def odp_thresholds(model_dir: str | Path, text: str, n_seq: int = 32, seq_len: int = 256,
+                   progress: bool = True, target: str = odp_fit.DEFAULT_TARGET) -> list[float]:
+    """Per-layer ODP thresholds of the unquantized model fitted to `target` (odp_fit.py)."""
+    odp_fit.parse_target(target)
+    return odp_fit.fit(*reversed(odp_curves(model_dir, text, n_seq, seq_len, progress)), target)
 
 
 def _embed(ck: Checkpoint, tokens: torch.Tensor, device: str) -> torch.Tensor:
@@ -386,20 +445,32 @@ def _load_state(path: Path, cfg: PMQConfig) -> torch.Tensor:
     return torch.load(path).to(cfg.device)
 
 
-def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress: bool = True) -> dict:
+def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress: bool = True,
+             kernel_costs: dict | None = None) -> dict:
+    """Run PMQ into the work directory `outdir` (resumes a crashed run of the same settings). kernel_costs:
+    mat-vec costs per type for cfg.min_speed (engine/kernel_costs.matvec_us); the first run stores them in
+    the work directory and a resumed run uses those, so every layer sees the same cost model."""
     ck = Checkpoint(model_dir)
     hp = ck.hp
     check_row_lengths(hp)
-    _eps_quantizer(cfg)                 # a bad eps_method, ladder or budget fails before any work
+    _eps_quantizer(cfg)                 # a bad eps_method, ODP target, ladder or budget fails before any work
+    odp_fit.parse_target(cfg.odp)
     budget, mix = plan_budget(cfg, hp)
     types = check_ladder(cfg)
     if types:
         allocate.check_ladder_budget(ladders.choice_bytes(hp, types), expert_params(hp), budget, cfg.scope,
                                      granularity(cfg))
+    check_min_speed(cfg, types)
     wd = WorkDir(outdir)
     wd.open(_manifest(model_dir, cfg), same=lambda old, new: _with_defaults(old) == new)
+    if cfg.min_speed:
+        if wd.kernel_costs_path.exists():
+            kernel_costs = json.loads(wd.kernel_costs_path.read_text())
+        elif kernel_costs is not None:
+            wd.save(dict(kernel_costs), wd.kernel_costs_path, as_json=True)
+    speed = speed_floor(cfg, hp, types, kernel_costs)
     if all(wd.has_layer(l) for l in range(hp.num_hidden_layers)):
-        return finish(wd, ck)           # a finished run (e.g. rerun after a failed export): nothing to redo
+        return finish(wd, ck, cfg.odp)  # a finished run (e.g. rerun after a failed export): nothing to redo
     text_path = Path(cfg.calib_text) if cfg.calib_text else Path(model_dir) / "calib.txt"
     if not text_path.exists():
         raise FileNotFoundError(f"{text_path}: calibration text not found (pass --calib-text)")
@@ -413,7 +484,7 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
 
     global_types = None
     if cfg.scope == "model" and not cfg.strategy.startswith("uniform"):
-        global_types = choose_types(_stats_pass(ck, tokens, cfg, wd, cos, sin, chunk), n_params, cfg, budget, hp)
+        global_types = choose_types(_stats_pass(ck, tokens, cfg, wd, cos, sin, chunk), n_params, cfg, budget, hp, speed)
 
     start = 0
     while start < L and wd.has_layer(start) and (start == L - 1 or wd.state_path(start + 1).exists()):
@@ -423,10 +494,12 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     for l in tqdm(range(start, L), desc="PMQ", unit="layer", initial=start, total=L, disable=not progress):
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
         tensors = {f"self_attn.{k}": v for k, v in quantize_attention(layer, h, cos, sin, cfg, chunk, mix).items()}
-        _, x = moe_input(layer, h, cos, sin, chunk)
-        s = layer_statistics(l, layer.moe, x, cfg, progress)
+        h_mid, x = moe_input(layer, h, cos, sin, chunk)
+        s = layer_statistics(l, layer.moe, x, h_mid, cfg, progress)
+        del h_mid
         wd.save(s.to_dict(), wd.stats_path(l), as_json=True)
-        types = global_types[l] if global_types is not None else choose_types([s], n_params[l:l + 1], cfg, budget, hp)[0]
+        types = global_types[l] if global_types is not None else \
+            choose_types([s], n_params[l:l + 1], cfg, budget, hp, speed)[0]
         for k, v in quantize_experts(layer.moe, x, types, cfg, f"layer {l} experts", progress).items():
             proj, e = k.split(".")
             tensors[f"block_sparse_moe.experts.{e}.{proj}"] = v
@@ -440,7 +513,7 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
                  "tensors": tensors}, wd.layer_path(l))
         wd.drop_state(l)
         del layer, x        # before the next layer is built: peak memory of one layer, not two
-    return finish(wd, ck)
+    return finish(wd, ck, cfg.odp)
 
 
 def _final_norm(ck: Checkpoint, h: torch.Tensor) -> torch.Tensor:
@@ -470,8 +543,9 @@ def stored_globals(wd: WorkDir, ck: Checkpoint) -> dict:
     return wd.load_globals()
 
 
-def finish(wd: WorkDir | Path, ck: Checkpoint) -> dict:
-    """globals.pt and allocation.json of a run whose layers are all quantized (the latter returned)."""
+def finish(wd: WorkDir | Path, ck: Checkpoint, odp: str | None = None) -> dict:
+    """globals.pt and allocation.json of a run whose layers are all quantized (the latter returned).
+    odp: the ODP thresholds' target (odp_fit.py); None keeps the one allocation.json has, else the default."""
     wd = WorkDir.of(wd)
     hp = ck.hp
     types = np.array([recorded_types(wd.load_layer(l)) for l in range(hp.num_hidden_layers)], dtype=object)
@@ -481,7 +555,13 @@ def finish(wd: WorkDir | Path, ck: Checkpoint) -> dict:
     mix = resolved_mix(cfg, hp)
     if not wd.globals_path.exists():
         quantize_globals(wd, ck, mix)
+    if odp is None:
+        odp = wd.allocation().get("odp_target", odp_fit.DEFAULT_TARGET) if wd.is_finished() else odp_fit.DEFAULT_TARGET
+    curves = [s.get("odp") for s in stats]
+    mu = odp_fit.fit(curves, [s["mu"] for s in stats], odp)
+    if any(c is None for c in curves):
+        odp = "median"                  # statistics from before the curves: the paper's rule (odp_fit.fit)
     report = {"types": types.tolist(), "bits": None if bits is None else bits.tolist(),
-              "mu": [s["mu"] for s in stats], "mix": mix.to_dict(), **size_report(ck, types, mix)}
+              "mu": mu, "odp_target": odp, "mix": mix.to_dict(), **size_report(ck, types, mix)}
     wd.save(report, wd.allocation_path, as_json=True)
     return report

@@ -51,6 +51,10 @@ class WorkDir:
         return self.path / "allocation.json"
 
     @property
+    def kernel_costs_path(self) -> Path:
+        return self.path / "kernel_costs.json"
+
+    @property
     def output_importance_path(self) -> Path:
         return self.path / "output_importance.pt"
 

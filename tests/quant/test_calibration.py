@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mcmoe_gguf.model.arch import mixtral as mx
-from mcmoe_gguf.quant.calibration import BITS, calibration_tokens, moe_stats, odp_mu, rtn_dequant
+from mcmoe_gguf.quant.calibration import BITS, calibration_tokens, moe_stats, odp_curve, odp_mu, rtn_dequant
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,45 @@ def test_moe_stats_equal_a_per_token_loop(block):
 def test_odp_mu_is_the_median_ratio_of_the_two_weights():
     w = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5], [0.8, 0.2], [0.7, 0.3]])
     assert odp_mu(w) == pytest.approx(float(np.median([1 / 9, 4 / 6, 1.0, 0.25, 3 / 7])))
+
+
+def engine_rule(w: list[float], mu: float) -> list[float]:
+    """cpp/ggml/mcmoe-odp.h's rule for one token, written out: slots below mu * w_top are dropped and the
+    kept weights rescaled to the same sum."""
+    top = max(range(len(w)), key=lambda s: (w[s], -s))
+    cut = [s != top and w[s] < mu * w[top] for s in range(len(w))]
+    kept = sum(x for x, c in zip(w, cut) if not c)
+    return [0.0 if c else x * sum(w) / kept for x, c in zip(w, cut)]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@torch.no_grad()
+def test_odp_curve_equals_the_engines_rule_applied_token_by_token(block, k):
+    moe0, x = block
+    hp = mx.MixtralHParams(**{**moe0.hp.__dict__, "num_experts_per_tok": k})
+    moe = mx.SparseMoeBlock(hp)
+    moe.load_state_dict(moe0.state_dict())
+    resid = torch.randn(len(x), x.shape[1]) * 0.5
+    c = odp_curve(moe, x, resid)
+    probs = torch.softmax(x @ moe.gate.weight.t(), -1)
+    top = torch.topk(probs, k)
+    W = top.values / top.values.sum(-1, keepdim=True)
+    outs = [[moe.experts[int(e)](x[t:t + 1])[0] for e in top.indices[t]] for t in range(len(x))]
+    y = [sum(float(W[t, j]) * outs[t][j] for j in range(k)) for t in range(len(x))]
+    energy = sum(float(((resid[t] + y[t]) ** 2).sum()) for t in range(len(x)))
+    for i in (0, 10, 35, 50, 70, 90, 100):
+        mu = c["mu"][i]
+        pruned, err = 0, 0.0
+        for t in range(len(x)):
+            w = engine_rule(W[t].tolist(), mu)
+            pruned += sum(v == 0.0 for v in w)
+            yp = sum(w[j] * outs[t][j] for j in range(k))
+            err += float(((y[t] - yp) ** 2).sum())
+        assert c["skip"][i] == pytest.approx(pruned / (len(x) * k), abs=1e-12), mu
+        assert c["err"][i] == pytest.approx(err / energy, rel=1e-4, abs=1e-12), mu
+    assert c["skip"][0] == 0 and c["err"][0] == 0
+    assert c["skip"][-1] > 0.3 * (k - 1) / k          # most second experts are below the top one's weight
+    assert np.all(np.diff(c["skip"]) >= 0)
 
 
 def test_calibration_tokens_are_evenly_spread_windows(small_tokenizer_dir):

@@ -72,6 +72,74 @@ def test_program_is_optimal_against_brute_force(granularity, seed):
     assert a.expert_bytes == want[1]
 
 
+@pytest.mark.parametrize("granularity", ["projection", "expert", "layer"])
+@pytest.mark.parametrize("seed", range(3))
+def test_speed_floor_is_optimal_against_brute_force(granularity, seed):
+    """With a decode-speed floor the program is the best choice whose phi-weighted mat-vec time is at most
+    the reference type's, by brute force; without the floor the same case chooses a slower file."""
+    rng = np.random.default_rng(100 + seed)
+    E, P, T = 3, 2, 3
+    phi, w = rng.dirichlet(np.ones(E))[None], rng.random((1, E)) + 0.2
+    eps = np.sort(rng.random((1, E, P, T)), axis=-1)[..., ::-1] * rng.random((1, E, P, 1))
+    nbytes = np.array([[1, 2, 3], [1, 2, 4]]) * 64
+    us = np.array([[6.0, 4.0, 3.0], [7.0, 4.5, 3.5]])        # the cheapest type decodes slowest (an i-quant)
+    floor = us[:, 1]                                          # as fast as all in the middle type
+    n = 2 * 1024
+    bpw = 1.2 + 0.3 * seed
+    a = allocate.allocate_ladder(phi, w, eps, nbytes, n, bpw, granularity=granularity, speed=(us, floor))
+    cost = phi[0, :, None, None] * w[0, :, None, None] * eps[0] ** 2
+    size = np.broadcast_to(nbytes, (E, P, T)).astype(float)
+    tm = phi[0, :, None, None] * np.broadcast_to(us, (E, P, T))
+    if granularity == "expert":
+        cost, size, tm = cost.sum(1), size.sum(1), tm.sum(1)
+    elif granularity == "layer":
+        cost, size, tm = cost.sum(0), size.sum(0), tm.sum(0)
+    cost, size, tm = (x.reshape(-1, T) for x in (cost, size, tm))
+    cap = int(bpw * E * n / 8)
+    limit = phi.sum() * floor.sum()
+    best = None
+    for c in itertools.product(range(T), repeat=len(cost)):
+        sz = sum(size[i, j] for i, j in enumerate(c))
+        if sz <= cap and sum(tm[i, j] for i, j in enumerate(c)) <= limit + 1e-9:
+            key = (round(sum(cost[i, j] for i, j in enumerate(c)), 12), sz)
+            best = key if best is None or key < best else best
+    if best is None:
+        with pytest.raises(allocate.SlowerThanFloor, match="speed floor unreachable"):
+            allocate.allocate_ladder(phi, w, eps, nbytes, n, bpw, granularity=granularity, speed=(us, floor))
+        return
+    assert a.objective == pytest.approx(best[0], rel=1e-9, abs=1e-12) and a.expert_bytes == best[1]
+    chosen = np.take_along_axis(np.broadcast_to(us, (1, E, P, T)), a.choice[..., None], 3)[..., 0]
+    assert (phi[0, :, None] * chosen[0]).sum() <= limit + 1e-9
+    free = allocate.allocate_ladder(phi, w, eps, nbytes, n, bpw, granularity=granularity)
+    chosen = np.take_along_axis(np.broadcast_to(us, (1, E, P, T)), free.choice[..., None], 3)[..., 0]
+    if (phi[0, :, None] * chosen[0]).sum() > limit + 1e-9:      # the floor bound: it cost some quality
+        assert free.objective < a.objective
+
+
+def test_speed_floor_binds():
+    """The case above with granularity expert, seed 0: unconstrained, the program picks the slow cheap type
+    for an expert; the floor moves it to faster types at some cost."""
+    rng = np.random.default_rng(100)
+    phi, w = rng.dirichlet(np.ones(3))[None], rng.random((1, 3)) + 0.2
+    eps = np.sort(rng.random((1, 3, 2, 3)), axis=-1)[..., ::-1] * rng.random((1, 3, 2, 1))
+    nbytes, us = np.array([[1, 2, 3], [1, 2, 4]]) * 64, np.array([[6.0, 4.0, 3.0], [7.0, 4.5, 3.5]])
+    free = allocate.allocate_ladder(phi, w, eps, nbytes, 2048, 1.2, granularity="expert")
+    held = allocate.allocate_ladder(phi, w, eps, nbytes, 2048, 1.2, granularity="expert", speed=(us, us[:, 1]))
+    assert (free.choice == 0).any() and not (held.choice == 0).any()
+    assert free.objective < held.objective
+
+
+def test_speed_floor_refuses_what_no_type_reaches():
+    phi, w = np.full((1, 2), 0.5), np.ones((1, 2))
+    eps = np.ones((1, 2, 1, 2))
+    with pytest.raises(allocate.SlowerThanFloor, match=r"fastest types decode at 2.000x"):
+        allocate.allocate_ladder(phi, w, eps, np.array([[64, 128]]), 1024, 1.0,
+                                 speed=(np.array([[8.0, 6.0]]), np.array([3.0])))
+    with pytest.raises(allocate.SlowerThanFloor, match="within the byte budget"):   # fast type does not fit
+        allocate.allocate_ladder(phi, w, eps, np.array([[64, 128]]), 1024, 0.5,
+                                 speed=(np.array([[8.0, 2.0]]), np.array([3.0])))
+
+
 def test_model_scope_shares_one_budget_and_infeasible_names_the_range():
     rng = np.random.default_rng(7)
     L, E, P = 2, 2, 3
@@ -126,6 +194,38 @@ def test_eps_equals_a_hand_computation(layer0):
         want = torch.linalg.norm(g * (ref - expert_forward(W["w1"], q2.reshape(W["w2"].shape), W["w3"], xe))).item()
         assert eps[e, 2, 1] == pytest.approx(want, rel=1e-5)
     assert (eps[..., 2] < eps[..., 0]).all()            # 4.5 bpw beats 2.06 bpw everywhere
+
+
+@pytest.mark.parametrize("t, method", [("iq2_xxs", "rtn"), ("q2_k", "rtn"), ("mcq2", "gptq")])
+def test_rows_quantize_independently(layer0, t, method):
+    """What eps_rows relies on: the sampled rows quantized alone are exactly those rows of the whole
+    matrix quantized (ggml's blocks and GPTQ's updates run along rows)."""
+    from mcmoe_gguf.quant.quantizers import quantize_matrix
+    moe, x = layer0
+    W = moe.experts[3].w1.weight.detach()
+    R = ladder._sample(W.shape[0], 37, 5, W.device)
+    cfg = pmq.PMQConfig(method=method)
+    _, full = quantize_matrix(W, t, x, cfg)
+    _, part = quantize_matrix(W[R], t, x, cfg)
+    assert len(R) == 37 and torch.equal(full[R], part)
+
+
+def test_sampled_rows_estimate_the_measured_eps(layer0):
+    """eps_rows = every row is the exact statistic; fewer rows estimate it (unbiased for the down
+    projection's rows, up to cross terms for gate/up) and keep the types' order."""
+    moe, x = layer0
+    types = ("iq1_s", "iq2_xxs", "q4_k")
+    exact = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn"), progress=False)
+    assert np.allclose(ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_rows=10**6),
+                                          progress=False), exact, rtol=1e-6)
+    est = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_rows=64), progress=False)
+    ok = exact > 0
+    rel = np.abs(est[ok] / exact[ok] - 1)
+    assert np.median(rel) < 0.2 and rel.max() < 1.0, (np.median(rel), rel.max())
+    assert (np.argsort(est, -1)[ok[..., 0]] == np.argsort(exact, -1)[ok[..., 0]]).mean() > 0.9
+    # token subsampling: at most 8 tokens per expert, scaled to the expert's count
+    few = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_tokens=8), progress=False)
+    assert 0.3 < np.median(few[ok] / exact[ok]) < 3.0
 
 
 def test_projection_errors_add_up_to_the_whole_experts(layer0):
@@ -227,6 +327,9 @@ def test_a_ladder_accepts_one_and_a_half_bits(ckpt, tmp_path):
     (dict(ladder="full", strategy="uniform:2"), "only 'pmq'"),
     (dict(ladder="mcq1,iq7_q"), "unknown type 'iq7_q'"),
     (dict(ladder="full", granularity="row"), "granularity must be"),
+    (dict(min_speed="q2_k"), "--min-speed needs a ladder"),
+    (dict(ladder="full", min_speed="q2_k,q3_k"), "one type"),
+    (dict(ladder="full", min_speed="q2_k"), "needs each type's mat-vec cost"),
 ])
 def test_bad_ladder_settings_fail_before_any_work(ckpt, tmp_path, cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -251,3 +354,32 @@ def test_inspect_shows_every_projections_type(ladder_run, tmp_path):
     g = describe_gguf(path)
     assert "  layer   1 down: " + " ".join(f"{t.upper():<7s}" for t in types[1, :, 2]) in g
     assert heatmap(wd, tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_a_speed_floor_run_keeps_the_routed_experts_expected_time(ckpt, tmp_path):
+    """--min-speed q2_k with a made-up cost table where the cheap i-quant is slow: every layer's
+    phi-weighted mat-vec time stays at or below all-q2_k's, the free run breaks it, and a resumed run
+    keeps the cost table it started with."""
+    cfg = dict(budget="2.25", n_seq=8, seq_len=64, ladder="iq1_s,iq2_xxs,q2_k,q4_k")
+    costs = {"iq1_s": 5.0, "iq2_xxs": 5.0, "q2_k": 4.0, "q4_k": 0.5}
+    free = pmq.quantize(ckpt, tmp_path / "free", pmq.PMQConfig(**cfg), progress=False)
+    held = pmq.quantize(ckpt, tmp_path / "held", pmq.PMQConfig(min_speed="q2_k", **cfg), progress=False,
+                        kernel_costs=costs)
+    assert json.loads((tmp_path / "held" / "kernel_costs.json").read_text()) == costs
+
+    def over(r, d):
+        out = []
+        for l, layer in enumerate(r["types"]):
+            phi = json.loads((d / "stats" / f"layer_{l:02d}.json").read_text())["phi"]
+            t = sum(p * sum(costs[x] for x in proj) for p, proj in zip(phi, layer))
+            out.append(t - 3 * costs["q2_k"])
+        return np.array(out)
+    assert (over(held, tmp_path / "held") <= 1e-9).all()
+    assert (over(free, tmp_path / "free") > 0).any()
+    assert held["expert_bpw"] <= 2.25
+    # resume after losing the last layer: the stored table rules, not the one passed now
+    (tmp_path / "held" / "layers" / "layer_01.pt").unlink()
+    (tmp_path / "held" / "allocation.json").unlink()
+    again = pmq.quantize(ckpt, tmp_path / "held", pmq.PMQConfig(min_speed="q2_k", **cfg), progress=False,
+                         kernel_costs={k: 1.0 for k in costs})
+    assert again["types"] == held["types"]
