@@ -84,23 +84,52 @@ def compare(a) -> str:
 
 
 def mixtral_layer(a) -> str:
+    """Seconds for one Mixtral-shaped layer's ladder statistics (split into ggml's quantizers, on the CPU
+    whatever --device is, and the torch work), and for writing one full expert projection per type."""
     sys.path.insert(0, str(REPO / "scripts"))
     import mixtral_shaped as ms
+    from mcmoe_gguf.quant import quantizers
     r = ms.Recipe()
     hf = ms.build_checkpoint(r, ms.model_dir(r))
     types = ladder.resolve("full")
     torch.set_num_threads(a.threads)
     (l, moe, x), = layer_inputs(hf, a.n_seq, 256, layers=1)
+    moe = moe.float()
     rows = int(a.rows.split(",")[-1])
     cfg = pmq.PMQConfig(eps_rows=rows, eps_tokens=a.tokens, method="gptq")
-    t0 = time.perf_counter()
-    ladder.measure_eps(moe, x, types, cfg, "Mixtral-shaped layer eps")
-    t = time.perf_counter() - t0
-    return (f"one Mixtral-shaped layer (4096 / 14336, 8 experts, top-2; random weights), {x.shape[0]} calibration "
-            f"tokens, full ladder ({len(types)} types x 3 projections x 8 experts), eps from {rows} sampled rows and "
-            f"at most {a.tokens} tokens per expert, {a.threads} threads: **{t:.0f} s per layer**, "
-            f"{32 * t / 3600:.1f} h for Mixtral's 32 layers on this machine (the statistics only; GPTQ of the "
-            f"chosen types comes on top)")
+    spent = {"ggml": 0.0}
+    real = quantizers.ggml_packed
+
+    def timed(*args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real(*args, **kw)
+        finally:
+            spent["ggml"] += time.perf_counter() - t0
+    quantizers.ggml_packed = timed          # quantize_matrix looks it up at each call
+    try:
+        t0 = time.perf_counter()
+        ladder.measure_eps(moe, x, types, cfg, "Mixtral-shaped layer eps")
+        t = time.perf_counter() - t0
+    finally:
+        quantizers.ggml_packed = real
+    # writing: one whole 14336 x 4096 gate projection per llama.cpp type (a layer writes 24 projections)
+    W = moe.experts[0].w1.weight
+    write = {}
+    for ty in ladder.STOCK_TYPES:
+        t0 = time.perf_counter()
+        real(W, ty, quantizers.importance(x[:2048]))
+        write[ty] = time.perf_counter() - t0
+    lines = [f"One Mixtral-shaped layer (4096 / 14336, 8 experts, top-2; random weights), {x.shape[0]} calibration "
+             f"tokens, {a.threads} threads, the full ladder ({len(types)} types x 3 projections x 8 experts):", "",
+             "| step | s per layer | x 32 layers |", "|---|---:|---:|",
+             f"| eps statistics, {rows} sampled rows, <= {a.tokens} tokens per expert | {t:.0f} | {32 * t / 3600:.2f} h |",
+             f"| of which ggml's quantizers (CPU) | {spent['ggml']:.0f} | {32 * spent['ggml'] / 3600:.2f} h |",
+             f"| of which torch (forwards, GPTQ Hessians and rounding of mcq rows) | {t - spent['ggml']:.0f} | "
+             f"{32 * (t - spent['ggml']) / 3600:.2f} h |", "",
+             "Writing a chosen type (ggml's quantizer, one 14336 x 4096 projection; a layer writes 24): " +
+             ", ".join(f"{ty} {v:.1f} s" for ty, v in write.items())]
+    return "\n".join(lines)
 
 
 def main() -> int:
