@@ -34,11 +34,11 @@ from mcmoe_gguf.quant.calibration import calibration_tokens  # noqa: E402
 from results_md import machine, replace_section  # noqa: E402
 
 
-def layer_inputs(model: Path, n_seq: int, seq_len: int, layers=None):
+def layer_inputs(model: Path, n_seq: int, seq_len: int, layers=None, text: Path | None = None):
     """(layer index, MoE block, its inputs x) of the float model, layer by layer."""
     ck = Checkpoint(model)
-    tokens = calibration_tokens(model / "tokenizer.json", (model / "calib.txt").read_text(encoding="utf-8"),
-                                n_seq, seq_len)
+    text = text or model / "calib.txt"
+    tokens = calibration_tokens(model / "tokenizer.json", text.read_text(encoding="utf-8"), n_seq, seq_len)
     cos, sin = ck.arch.rope_tables(ck.hp, tokens.shape[1])
     chunk = max(1, 16384 // tokens.shape[1])
     h = pmq._embed(ck, tokens, "cpu")
@@ -93,8 +93,16 @@ def mixtral_layer(a) -> str:
     hf = ms.build_checkpoint(r, ms.model_dir(r))
     types = ladder.resolve("full")
     torch.set_num_threads(a.threads)
-    (l, moe, x), = layer_inputs(hf, a.n_seq, 256, layers=1)
+    (l, moe, x), = layer_inputs(hf, a.n_seq, 256, layers=1, text=tiny_model() / "calib.txt")
     moe = moe.float()
+    if a.experts < moe.hp.num_local_experts:     # time the first N experts only (the others get no token)
+        route = moe.route
+
+        def first_experts(x):
+            logits, wts, ids = route(x)
+            return logits, wts, torch.where(ids < a.experts, ids, torch.full_like(ids, -1))
+        moe.route = first_experts
+    per = moe.hp.num_local_experts / a.experts       # extrapolation to the whole layer
     rows = int(a.rows.split(",")[-1])
     cfg = pmq.PMQConfig(eps_rows=rows, eps_tokens=a.tokens, method="gptq")
     spent = {"ggml": 0.0}
@@ -110,9 +118,10 @@ def mixtral_layer(a) -> str:
     try:
         t0 = time.perf_counter()
         ladder.measure_eps(moe, x, types, cfg, "Mixtral-shaped layer eps")
-        t = time.perf_counter() - t0
+        t = (time.perf_counter() - t0) * per
     finally:
         quantizers.ggml_packed = real
+    spent["ggml"] *= per
     # writing: one whole 14336 x 4096 gate projection per llama.cpp type (a layer writes 24 projections)
     W = moe.experts[0].w1.weight
     write = {}
@@ -122,6 +131,7 @@ def mixtral_layer(a) -> str:
         write[ty] = time.perf_counter() - t0
     lines = [f"One Mixtral-shaped layer (4096 / 14336, 8 experts, top-2; random weights), {x.shape[0]} calibration "
              f"tokens, {a.threads} threads, the full ladder ({len(types)} types x 3 projections x 8 experts):", "",
+             f"(timed on {a.experts} of the 8 experts, scaled to 8)", "",
              "| step | s per layer | x 32 layers |", "|---|---:|---:|",
              f"| eps statistics, {rows} sampled rows, <= {a.tokens} tokens per expert | {t:.0f} | {32 * t / 3600:.2f} h |",
              f"| of which ggml's quantizers (CPU) | {spent['ggml']:.0f} | {32 * spent['ggml'] / 3600:.2f} h |",
@@ -137,6 +147,7 @@ def main() -> int:
     ap.add_argument("--rows", default="32,64,128", help="sampled rows per projection to compare")
     ap.add_argument("--mixtral-shaped", action="store_true", help="time one Mixtral-shaped layer instead")
     ap.add_argument("--tokens", type=int, default=2048, help="--mixtral-shaped: routed tokens per expert at most")
+    ap.add_argument("--experts", type=int, default=8, help="--mixtral-shaped: time only the first N experts")
     ap.add_argument("--n-seq", type=int, default=16, help="--mixtral-shaped: calibration sequences of 256")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-results", action="store_true")
@@ -146,7 +157,8 @@ def main() -> int:
     if a.write_results:
         name = "bench_eps_mixtral" if a.mixtral_shaped else "bench_eps"
         replace_section(name, f"## Ladder eps: {'cost at Mixtral size' if a.mixtral_shaped else 'estimate vs measured'}"
-                        f"\n\n`.venv/bin/python scripts/bench_eps.py{' --mixtral-shaped' if a.mixtral_shaped else ''} "
+                        f"\n\n`.venv/bin/python scripts/bench_eps.py"
+                        f"{f' --mixtral-shaped --experts {a.experts} --tokens {a.tokens}' if a.mixtral_shaped else ''} "
                         f"--rows {a.rows} --write-results` on {machine()}.\n\n{text}\n")
     return 0
 

@@ -23,6 +23,9 @@ GRANULARITY_HELP = "a ladder's choice: one type per projection (default) or one 
 COMPAT_HELP = ("stock: a file any llama.cpp runs (ollama, LM Studio, stock llama-cpp-python): llama.cpp's own types "
                "only (the stock ladder unless --ladder names others), one type per layer and projection, merged "
                "expert tensors; PMQ's calibrated choice instead of a hand-made mix")
+EPS_ROWS_HELP = ("with a ladder: estimate each choice's error from N sampled rows per projection instead of "
+                 "quantizing every row in every type (0: all rows, exact; 64 matches the exact allocation's quality "
+                 "on the bench model and is what makes Mixtral-size ladders tractable: docs/RESULTS.md)")
 MIN_SPEED_HELP = ("with a ladder: decode no slower than a file with every expert in TYPE (e.g. q2_k), per "
                   "each type's mat-vec time measured here with llama.cpp's test-backend-ops (cached), weighted by "
                   "how often the calibration tokens route to each expert")
@@ -72,7 +75,7 @@ def cmd_convert(a) -> int:
         cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=a.scope, n_seq=a.n_seq,
                         seq_len=a.seq_len, calib_text=a.calib_text, device=a.device, eps_method=a.eps_method,
                         ladder=a.ladder, granularity=a.granularity, compat=a.compat, min_speed=a.min_speed,
-                        odp=a.odp_target)
+                        eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, odp=a.odp_target)
         quantize(a.model_dir, workdir, cfg, kernel_costs=kernel_costs(cfg))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
@@ -186,7 +189,7 @@ def cmd_quantize(a) -> int:
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
                     eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity, compat=a.compat,
-                    min_speed=a.min_speed, odp=a.odp_target)
+                    min_speed=a.min_speed, eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, odp=a.odp_target)
     r = quantize(a.model_dir, a.output, cfg, kernel_costs=kernel_costs(cfg))
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")
@@ -294,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
     s.add_argument("--odp-target", default=DEFAULT_ODP_TARGET, type=odp_target, help=ODP_TARGET_HELP)
     s.add_argument("--min-speed", metavar="TYPE", help=MIN_SPEED_HELP)
+    s.add_argument("--eps-rows", type=int, default=0, metavar="N", help=EPS_ROWS_HELP)
+    s.add_argument("--eps-tokens", type=int, default=0, metavar="N",
+                   help="with a ladder: measure each choice's error on at most N routed tokens per expert (0: all)")
     s.add_argument("--workdir", help="PMQ work directory (default OUT.gguf.pmq; resumable)")
     s.add_argument("--scope", choices=["layer", "model"], default="layer", help="PMQ allocation scope")
     s.add_argument("--n-seq", type=int, default=128, help="PMQ calibration sequences (default 128)")
@@ -357,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
     s.add_argument("--odp-target", default=DEFAULT_ODP_TARGET, type=odp_target, help=ODP_TARGET_HELP)
     s.add_argument("--min-speed", metavar="TYPE", help=MIN_SPEED_HELP)
+    s.add_argument("--eps-rows", type=int, default=0, metavar="N", help=EPS_ROWS_HELP)
+    s.add_argument("--eps-tokens", type=int, default=0, metavar="N",
+                   help="with a ladder: measure each choice's error on at most N routed tokens per expert (0: all)")
     s.add_argument("--scope", choices=["layer", "model"], default="layer",
                    help="one integer program per layer (paper) or one for the whole model")
     s.add_argument("--strategy", default="pmq", help="pmq | uniform:B | random:SEED | frequency | weight | eps")

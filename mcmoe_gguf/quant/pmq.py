@@ -455,6 +455,8 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     check_row_lengths(hp)
     _eps_quantizer(cfg)                 # a bad eps_method, ODP target, ladder or budget fails before any work
     odp_fit.parse_target(cfg.odp)
+    if cfg.eps_rows < 0 or cfg.eps_tokens < 0:
+        raise ValueError(f"eps_rows and eps_tokens must be >= 0 (0: all); got {cfg.eps_rows}, {cfg.eps_tokens}")
     budget, mix = plan_budget(cfg, hp)
     types = check_ladder(cfg)
     if types:

@@ -47,3 +47,13 @@ def test_bad_input_is_an_error_line_not_a_traceback(tmp_path):
 def test_bits_and_size_together_are_refused(tmp_path, command):
     r = cli(command, tmp_path, "-o", tmp_path / "x", "--bits", "2.0", "--size", "5MB", timeout=120)
     assert r.returncode == 1 and "give --bits or --size, not both" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["convert", "quantize"])
+def test_a_bad_odp_target_is_refused_by_the_parser(tmp_path, command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, str(tmp_path), "-o", str(tmp_path / "x"), "--odp-target", "skip:2"])
+    assert e.value.code == 2
+    assert "'median', 'skip:S' with 0 <= S < 1 or 'error:B'" in capsys.readouterr().err
+    a = build_parser().parse_args([command, str(tmp_path), "-o", str(tmp_path / "x")])
+    assert a.odp_target == "skip:0.225" and a.min_speed is None and a.eps_rows == 0
