@@ -113,6 +113,7 @@ class GPTQ:
         self.dtype = dtype
         self.H = torch.zeros(n_in, n_in, dtype=dtype, device=self.device)
         self.nsamples = 0   # tokens seen (a count, whatever their weights)
+        self._factor = None  # (key, H^-1's upper Cholesky factor, damping used): see quantize
 
     def add_batch(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Add tokens x [..., n_in]. H becomes 2/N sum_t w_t x_t x_t^T over all N tokens seen so far (w_t = 1 by
@@ -176,10 +177,11 @@ class GPTQ:
                              nsamples=self.nsamples)
             return res
 
-        H = self.H.clone()
-        dead = torch.diag(H) == 0          # inputs that were exactly 0 on every token
-        H[dead, dead] = 1                  # keeps H invertible; these inputs contribute nothing to the error,
-        W[:, dead] = 0                     # so (as the reference does) their weights are simply dropped to 0
+        diag = torch.diag(self.H).clone()
+        dead = diag == 0                   # inputs that were exactly 0 on every token
+        diag[dead] = 1
+        W[:, dead] = 0                     # these inputs contribute nothing to the error, so (as the reference
+                                           # does) their weights are simply dropped to 0
 
         n_groups = n // GROUP
         if static_groups:
@@ -189,17 +191,29 @@ class GPTQ:
             mn = torch.zeros_like(scale)
 
         if act_order:
-            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+            perm = torch.argsort(diag, descending=True, stable=True)
             W = W[:, perm]
-            H = H[perm][:, perm]
             group_of = (perm // GROUP).tolist()       # stored group of the column at each processing position
         else:
             perm = None
             group_of = [j // GROUP for j in range(n)]
 
-        Hinv, damp_used = _inverse_cholesky_upper(H, percdamp)
-        del H
-        Hinv = Hinv.to(torch.float32)
+        # H's inverse Cholesky factor depends on H, the damping and the order only: computed once and reused
+        # by every width quantized with the same Hessian (the ladder's three mcq widths; O(n^3) at n = 14336).
+        # Keyed by H itself (the factor holds a reference, so `is` cannot be fooled by a reused address) and
+        # torch's version counter, so any change to H (add_batch, an in-place edit, an assignment) computes
+        # it anew.
+        key = (self.H, self.H._version, float(percdamp), bool(act_order))
+        if self._factor is None or not (self._factor[0][0] is key[0] and self._factor[0][1:] == key[1:]):
+            self._factor = None                        # free the old factor before building the new one
+            H = self.H.clone()
+            H[dead, dead] = 1              # keeps H invertible
+            if act_order:
+                H = H[perm][:, perm]
+            U, damp = _inverse_cholesky_upper(H, percdamp)
+            del H
+            self._factor = (key, U.to(torch.float32), damp)
+        Hinv, damp_used = self._factor[1], self._factor[2]
 
         Q = torch.zeros_like(W)
         codes = torch.zeros(out, n, dtype=torch.uint8, device=W.device)

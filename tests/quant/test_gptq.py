@@ -252,3 +252,32 @@ def test_argument_checks(data):
         g.quantize(W, 2, act_order=True, static_groups=False)
     with pytest.raises(ValueError):
         GPTQ(100).quantize(torch.zeros(4, 100), 2)
+
+
+def test_the_cached_factor_gives_what_a_fresh_hessian_gives():
+    """quantize reuses H's inverse Cholesky factor across widths; results must equal a fresh object's, and
+    any change to H (more tokens, an in-place edit) must be seen."""
+    torch.manual_seed(3)
+    X, W = torch.randn(300, 256), torch.randn(64, 256)
+
+    def fresh(x):
+        g = GPTQ(256)
+        g.add_batch(x)
+        return g
+    g = fresh(X)
+    for bits in (1, 2, 3, 2):
+        assert torch.equal(g.quantize(W, bits).dequantized, fresh(X).quantize(W, bits).dequantized)
+    g.add_batch(X[:50] * 3)
+    both = torch.cat([X, X[:50] * 3])
+    assert torch.allclose(g.H, fresh(both).H, rtol=1e-12)
+    assert torch.equal(g.quantize(W, 2).dequantized, GPTQ_with(g.H).quantize(W, 2).dequantized)
+    g.H.mul_(4.0)                          # an in-place edit: GPTQ is scale invariant apart from the damping,
+    g.H.diagonal().add_(1.0)               # this one is not
+    assert torch.equal(g.quantize(W, 2).dequantized, GPTQ_with(g.H.clone()).quantize(W, 2).dequantized)
+
+
+def GPTQ_with(H: torch.Tensor) -> GPTQ:
+    g = GPTQ(H.shape[0])
+    g.H = H.clone()
+    g.nsamples = 1
+    return g
