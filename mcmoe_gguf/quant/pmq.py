@@ -465,12 +465,12 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     check_min_speed(cfg, types)
     wd = WorkDir(outdir)
     wd.open(_manifest(model_dir, cfg), same=lambda old, new: _with_defaults(old) == new)
-    if cfg.min_speed:
-        if wd.kernel_costs_path.exists():
-            kernel_costs = json.loads(wd.kernel_costs_path.read_text())
-        elif kernel_costs is not None:
-            wd.save(dict(kernel_costs), wd.kernel_costs_path, as_json=True)
-    speed = speed_floor(cfg, hp, types, kernel_costs)
+    stored = cfg.min_speed and wd.kernel_costs_path.exists()
+    if stored:
+        kernel_costs = json.loads(wd.kernel_costs_path.read_text())
+    speed = speed_floor(cfg, hp, types, kernel_costs)        # checked before it is stored
+    if cfg.min_speed and not stored:
+        wd.save(dict(kernel_costs), wd.kernel_costs_path, as_json=True)
     if all(wd.has_layer(l) for l in range(hp.num_hidden_layers)):
         return finish(wd, ck, cfg.odp)  # a finished run (e.g. rerun after a failed export): nothing to redo
     text_path = Path(cfg.calib_text) if cfg.calib_text else Path(model_dir) / "calib.txt"

@@ -383,3 +383,8 @@ def test_a_speed_floor_run_keeps_the_routed_experts_expected_time(ckpt, tmp_path
     again = pmq.quantize(ckpt, tmp_path / "held", pmq.PMQConfig(min_speed="q2_k", **cfg), progress=False,
                          kernel_costs={k: 1.0 for k in costs})
     assert again["types"] == held["types"]
+    # a table lacking a type is refused and not stored (a rerun with a good one then works)
+    with pytest.raises(ValueError, match="kernel costs lack iq1_s"):
+        pmq.quantize(ckpt, tmp_path / "new", pmq.PMQConfig(min_speed="q2_k", **cfg), progress=False,
+                     kernel_costs={k: v for k, v in costs.items() if k != "iq1_s"})
+    assert not (tmp_path / "new" / "kernel_costs.json").exists()
