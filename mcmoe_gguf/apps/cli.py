@@ -36,7 +36,6 @@ ODP_TARGET_HELP = ("how the per-layer ODP thresholds are set from calibration to
                    "layer lose their second expert)")
 
 
-
 def odp_target(v: str) -> str:
     """argparse type of --odp-target: checked before any work"""
     try:
@@ -44,6 +43,18 @@ def odp_target(v: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return v
+
+
+def add_ladder_options(s: argparse.ArgumentParser) -> None:
+    """PMQ's type-ladder, speed-floor and ODP-threshold options (convert --bits and quantize)."""
+    s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
+    s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
+    s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
+    s.add_argument("--odp-target", default=DEFAULT_ODP_TARGET, type=odp_target, help=ODP_TARGET_HELP)
+    s.add_argument("--min-speed", metavar="TYPE", help=MIN_SPEED_HELP)
+    s.add_argument("--eps-rows", type=int, default=0, metavar="N", help=EPS_ROWS_HELP)
+    s.add_argument("--eps-tokens", type=int, default=0, metavar="N",
+                   help="with a ladder: measure each choice's error on at most N routed tokens per expert (0: all)")
 
 
 EPILOG = """examples:
@@ -292,14 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", help="run PMQ so that the whole file has at most this many bytes (e.g. 13GB = 13e9, "
                    "12GiB): the mix outside the experts first, the rest to the experts")
     s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
-    s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
-    s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
-    s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
-    s.add_argument("--odp-target", default=DEFAULT_ODP_TARGET, type=odp_target, help=ODP_TARGET_HELP)
-    s.add_argument("--min-speed", metavar="TYPE", help=MIN_SPEED_HELP)
-    s.add_argument("--eps-rows", type=int, default=0, metavar="N", help=EPS_ROWS_HELP)
-    s.add_argument("--eps-tokens", type=int, default=0, metavar="N",
-                   help="with a ladder: measure each choice's error on at most N routed tokens per expert (0: all)")
+    add_ladder_options(s)
     s.add_argument("--workdir", help="PMQ work directory (default OUT.gguf.pmq; resumable)")
     s.add_argument("--scope", choices=["layer", "model"], default="layer", help="PMQ allocation scope")
     s.add_argument("--n-seq", type=int, default=128, help="PMQ calibration sequences (default 128)")
@@ -358,14 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", help="budget as whole-file bytes instead (e.g. 13GB): the mix outside the experts "
                    "first, the rest to the experts")
     s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
-    s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
-    s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
-    s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
-    s.add_argument("--odp-target", default=DEFAULT_ODP_TARGET, type=odp_target, help=ODP_TARGET_HELP)
-    s.add_argument("--min-speed", metavar="TYPE", help=MIN_SPEED_HELP)
-    s.add_argument("--eps-rows", type=int, default=0, metavar="N", help=EPS_ROWS_HELP)
-    s.add_argument("--eps-tokens", type=int, default=0, metavar="N",
-                   help="with a ladder: measure each choice's error on at most N routed tokens per expert (0: all)")
+    add_ladder_options(s)
     s.add_argument("--scope", choices=["layer", "model"], default="layer",
                    help="one integer program per layer (paper) or one for the whole model")
     s.add_argument("--strategy", default="pmq", help="pmq | uniform:B | random:SEED | frequency | weight | eps")

@@ -51,8 +51,8 @@ def fit(curves: list[dict | None], medians: list[float], target: str = DEFAULT_T
     err = np.array([c["err"] for c in curves], dtype=float)
     if kind == "error":
         # the first grid point over the budget ends the layer's range (err[0] = 0: mu = 0 prunes nothing)
-        idx = np.array([(np.flatnonzero(e > v)[:1] - 1).tolist()[0] if (e > v).any() else len(e) - 1
-                        for e in err])
+        over = err > v
+        idx = np.where(over.any(1), over.argmax(1) - 1, err.shape[1] - 1)
     else:
         idx = _lagrange(skip, err, v)
     return [float(mu[l, i]) for l, i in enumerate(idx)]

@@ -434,7 +434,8 @@ def odp_thresholds(model_dir: str | Path, text: str, n_seq: int = 32, seq_len: i
                    progress: bool = True, target: str = odp_fit.DEFAULT_TARGET) -> list[float]:
     """Per-layer ODP thresholds of the unquantized model fitted to `target` (odp_fit.py)."""
     odp_fit.parse_target(target)
-    return odp_fit.fit(*reversed(odp_curves(model_dir, text, n_seq, seq_len, progress)), target)
+    medians, curves = odp_curves(model_dir, text, n_seq, seq_len, progress)
+    return odp_fit.fit(curves, medians, target)
 
 
 def _embed(ck: Checkpoint, tokens: torch.Tensor, device: str) -> torch.Tensor:
@@ -458,17 +459,17 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     if cfg.eps_rows < 0 or cfg.eps_tokens < 0:
         raise ValueError(f"eps_rows and eps_tokens must be >= 0 (0: all); got {cfg.eps_rows}, {cfg.eps_tokens}")
     budget, mix = plan_budget(cfg, hp)
-    types = check_ladder(cfg)
-    if types:
-        allocate.check_ladder_budget(ladders.choice_bytes(hp, types), expert_params(hp), budget, cfg.scope,
+    ladder_types = check_ladder(cfg)
+    if ladder_types:
+        allocate.check_ladder_budget(ladders.choice_bytes(hp, ladder_types), expert_params(hp), budget, cfg.scope,
                                      granularity(cfg))
-    check_min_speed(cfg, types)
+    check_min_speed(cfg, ladder_types)
     wd = WorkDir(outdir)
     wd.open(_manifest(model_dir, cfg), same=lambda old, new: _with_defaults(old) == new)
     stored = cfg.min_speed and wd.kernel_costs_path.exists()
     if stored:
         kernel_costs = json.loads(wd.kernel_costs_path.read_text())
-    speed = speed_floor(cfg, hp, types, kernel_costs)        # checked before it is stored
+    speed = speed_floor(cfg, hp, ladder_types, kernel_costs)     # checked before it is stored
     if cfg.min_speed and not stored:
         wd.save(dict(kernel_costs), wd.kernel_costs_path, as_json=True)
     if all(wd.has_layer(l) for l in range(hp.num_hidden_layers)):
