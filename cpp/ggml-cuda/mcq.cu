@@ -80,12 +80,25 @@ static to_t_nc_cuda_t<dst_t> mcq_get_to_t_nc(ggml_type type) {
     }
 }
 
-to_fp32_cuda_t    ggml_cuda_mcq_get_to_fp32(ggml_type type)    { return mcq_get_to_t<float>(type); }
-to_fp16_cuda_t    ggml_cuda_mcq_get_to_fp16(ggml_type type)    { return mcq_get_to_t<half>(type); }
-to_bf16_cuda_t    ggml_cuda_mcq_get_to_bf16(ggml_type type)    { return mcq_get_to_t<nv_bfloat16>(type); }
-to_fp32_nc_cuda_t ggml_cuda_mcq_get_to_fp32_nc(ggml_type type) { return mcq_get_to_t_nc<float>(type); }
-to_fp16_nc_cuda_t ggml_cuda_mcq_get_to_fp16_nc(ggml_type type) { return mcq_get_to_t_nc<half>(type); }
-to_bf16_nc_cuda_t ggml_cuda_mcq_get_to_bf16_nc(ggml_type type) { return mcq_get_to_t_nc<nv_bfloat16>(type); }
+// the mcn types (in GGML_CUDA_MCQ_CASES) go to mcn.cu
+to_fp32_cuda_t ggml_cuda_mcq_get_to_fp32(ggml_type type) {
+    return ggml_cuda_mcn_is_mcn(type) ? ggml_cuda_mcn_get_to_fp32(type) : mcq_get_to_t<float>(type);
+}
+to_fp16_cuda_t ggml_cuda_mcq_get_to_fp16(ggml_type type) {
+    return ggml_cuda_mcn_is_mcn(type) ? ggml_cuda_mcn_get_to_fp16(type) : mcq_get_to_t<half>(type);
+}
+to_bf16_cuda_t ggml_cuda_mcq_get_to_bf16(ggml_type type) {
+    return ggml_cuda_mcn_is_mcn(type) ? ggml_cuda_mcn_get_to_bf16(type) : mcq_get_to_t<nv_bfloat16>(type);
+}
+to_fp32_nc_cuda_t ggml_cuda_mcq_get_to_fp32_nc(ggml_type type) {
+    return ggml_cuda_mcn_is_mcn(type) ? ggml_cuda_mcn_get_to_fp32_nc(type) : mcq_get_to_t_nc<float>(type);
+}
+to_fp16_nc_cuda_t ggml_cuda_mcq_get_to_fp16_nc(ggml_type type) {
+    return ggml_cuda_mcn_is_mcn(type) ? ggml_cuda_mcn_get_to_fp16_nc(type) : mcq_get_to_t_nc<half>(type);
+}
+to_bf16_nc_cuda_t ggml_cuda_mcq_get_to_bf16_nc(ggml_type type) {
+    return ggml_cuda_mcn_is_mcn(type) ? ggml_cuda_mcn_get_to_bf16_nc(type) : mcq_get_to_t_nc<nv_bfloat16>(type);
+}
 
 // ---------------------------------------------------------------- get_rows (getrows.cu)
 
@@ -162,6 +175,11 @@ void ggml_cuda_mcq_get_rows(
         int64_t ne00, size_t nb01, size_t nb02, size_t nb03,
         int64_t ne10, int64_t ne11, int64_t ne12, size_t nb10, size_t nb11, size_t nb12,
         size_t nb1, size_t nb2, size_t nb3, cudaStream_t stream) {
+    if (ggml_cuda_mcn_is_mcn(src0_type)) { // mcn.cu
+        ggml_cuda_mcn_get_rows(src0_d, src0_type, src1_d, dst_d, dst_type, ne00, nb01, nb02, nb03,
+            ne10, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3, stream);
+        return;
+    }
     switch (dst_type) {
         case GGML_TYPE_F32:
             mcq_get_rows_switch_type(src0_d, src0_type, src1_d, (float *) dst_d,
@@ -312,6 +330,12 @@ void ggml_cuda_mcq_mul_mat_vec_q(
         int nchannels_x, int nchannels_y, int nchannels_dst, int stride_channel_x, int stride_channel_y, int stride_channel_dst,
         int nsamples_x, int nsamples_dst, int stride_sample_x, int stride_sample_y, int stride_sample_dst,
         int ids_stride, cudaStream_t stream) {
+    if (ggml_cuda_mcn_is_mcn(type_x)) { // mcn.cu (strides of x are in its blocks of 256)
+        ggml_cuda_mcn_mul_mat_vec_q(type_x, vx, vy, ids, dst, ncols_x, nrows_x, ncols_dst, stride_row_x, stride_col_y,
+            stride_col_dst, nchannels_x, nchannels_y, nchannels_dst, stride_channel_x, stride_channel_y, stride_channel_dst,
+            nsamples_x, nsamples_dst, stride_sample_x, stride_sample_y, stride_sample_dst, ids_stride, stream);
+        return;
+    }
     GGML_ASSERT(ncols_x % MCQ_HD_QK == 0);
 #define MCQ_MMVQ_TYPE(B)                                                                                                  \
         case GGML_TYPE_MCQ##B:                                                                                           \

@@ -10,15 +10,22 @@
 //                                                       skipped ids (mcmoe-ids.h) give zero rows.
 // No MMQ tiles (mmq.cu): for batches > MMVQ_MAX_BATCH_SIZE, mul_mat dequantizes to f16 + cuBLAS and
 // mul_mat_id takes ggml-cuda.cu's per-expert cuBLAS path.
+//
+// The mcn2 / mcn3 types (mcn.cuh) ride on these hooks: GGML_CUDA_MCQ_CASES and ggml_cuda_mcq_is_mcq()
+// include them and every ggml_cuda_mcq_* entry point forwards them to its ggml_cuda_mcn_* twin, so the
+// stock files need no hook of their own for them.
 #pragma once
 
 #include "common.cuh"
 #include "convert.cuh"
+#include "mcn.cuh"
 
-#define GGML_CUDA_MCQ_CASES case GGML_TYPE_MCQ1: case GGML_TYPE_MCQ2: case GGML_TYPE_MCQ3: case GGML_TYPE_MCQ4
+#define GGML_CUDA_MCQ_CASES case GGML_TYPE_MCQ1: case GGML_TYPE_MCQ2: case GGML_TYPE_MCQ3: case GGML_TYPE_MCQ4: \
+                            GGML_CUDA_MCN_CASES
 
 static inline bool ggml_cuda_mcq_is_mcq(ggml_type type) {
-    return type == GGML_TYPE_MCQ1 || type == GGML_TYPE_MCQ2 || type == GGML_TYPE_MCQ3 || type == GGML_TYPE_MCQ4;
+    return type == GGML_TYPE_MCQ1 || type == GGML_TYPE_MCQ2 || type == GGML_TYPE_MCQ3 || type == GGML_TYPE_MCQ4 ||
+           ggml_cuda_mcn_is_mcn(type);
 }
 
 to_fp32_cuda_t    ggml_cuda_mcq_get_to_fp32(ggml_type type);
@@ -35,7 +42,7 @@ void ggml_cuda_mcq_get_rows(
         int64_t ne10, int64_t ne11, int64_t ne12, size_t nb10, size_t nb11, size_t nb12,
         size_t nb1, size_t nb2, size_t nb3, cudaStream_t stream);
 
-// mmvq.cu's mul_mat_vec_q_switch_type arguments (vy: block_q8_1 activations; strides of x in blocks of 128,
+// mmvq.cu's mul_mat_vec_q_switch_type arguments (vy: block_q8_1 activations; strides of x in blocks of 128 (mcn: 256),
 // of y in Q8_1 blocks, of dst in floats; with ids: columns = tokens, channels = expert slots). No fusion.
 void ggml_cuda_mcq_mul_mat_vec_q(
         ggml_type type_x, const void * vx, const void * vy, const int32_t * ids, float * dst,

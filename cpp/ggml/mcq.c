@@ -227,6 +227,9 @@ void quantize_row_mcq4_ref(const float * x, void * y, int64_t k) { mcq_quantize_
 
 size_t mcq_quantize(enum ggml_type type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,
                     const float * imatrix) {
+    if (mcn_type_bits(type)) {
+        return mcn_quantize(type, src, dst, nrows, n_per_row, imatrix);
+    }
     (void) imatrix;
     const size_t row_size = ggml_row_size(type, n_per_row);
     for (int64_t r = 0; r < nrows; ++r) {
@@ -259,6 +262,9 @@ void dequantize_row_mcq4(const void * vx, float * y, int64_t k) { mcq_dequantize
 // ---- validation
 
 bool mcq_validate_row_data(enum ggml_type type, const void * data, size_t nbytes) {
+    if (mcn_type_bits(type)) {
+        return mcn_validate_row_data(type, data, nbytes);
+    }
     const int bits = mcq_type_bits(type);
     if (bits == 0) {
         return false;

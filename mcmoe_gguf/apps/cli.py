@@ -17,8 +17,9 @@ MIX_HELP = ("types of the tensors outside the experts: auto (default: llama.cpp'
 
 LADDER_HELP = ("expert types: mcq (default: the paper's program, 1/2/3 bits of our grid per expert), full (per "
                "projection, our mcq widths and llama.cpp's IQ1_S..IQ3_XXS, Q2_K..Q4_K, chosen by measured error "
-               "per byte; budgets down to ~1.3 bpw), stock (llama.cpp's types only), or a comma-separated list "
-               "of types (e.g. mcq1,iq2_xxs,q2_k)")
+               "per byte; budgets down to ~1.3 bpw), mcn (full plus our non-uniform table types mcn2 / mcn3, "
+               "2.19 / 3.19 bpw, GPTQ-rounded: the best quality per byte; needs the patched runtime), stock "
+               "(llama.cpp's types only), or a comma-separated list of types (e.g. mcq1,mcn2,iq2_xxs,q2_k)")
 GRANULARITY_HELP = "a ladder's choice: one type per projection (default) or one per expert"
 COMPAT_HELP = ("stock: a file any llama.cpp runs (ollama, LM Studio, stock llama-cpp-python): llama.cpp's own types "
                "only (the stock ladder unless --ladder names others), one type per layer and projection, merged "

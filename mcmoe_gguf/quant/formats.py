@@ -363,3 +363,219 @@ def quantize(w, bits: int, method: str = "mse") -> np.ndarray:
 def dequantize(blob, bits: int, n: int) -> np.ndarray:
     return dequantize_codes(*unpack(blob, bits, n))
 
+
+
+# ================================================================ mcn2 / mcn3 (issue 14)
+# Non-uniform scalar types: a fixed integer Lloyd-Max table T of 2^bits levels, a 4-bit scale s_j per 32
+# weights and an fp16 scale d per 256 (QK_K):  value = fp32(d) * float32(s_j * T[q]).
+# Byte layout of a 256-weight block (cpp/ggml/mcn-common.h, docs/FORMAT.md):
+#   [0, 2) d fp16 | [2, 6) scale nibbles, sub-block j in byte 2 + (j & 3), bits 4 (j >> 2)
+#   [6, 70) 2-bit plane, weight n in byte 6 + 32 (n >> 7) + (n & 31), bits 2 ((n >> 5) & 3)
+#   [70, 102) mcn3 only: high bits, weight n in byte 70 + (n & 31), bit n >> 5
+# The reference quantizer (mcn_quantize) is cpp/ggml/mcn.c's twin: float64 steps in the same order, the
+# 32-weight sums accumulated one weight at a time (vectorised across slices), so the bytes are identical.
+
+MCN_BLOCK = 256
+MCN_SUB = 32
+MCN_SMAX = 15
+MCN_LEVELS = {2: (-10, -3, 3, 10), 3: (-35, -22, -12, -4, 4, 12, 22, 35)}
+_MCN_NCAND = 16
+
+
+@dataclass(frozen=True)
+class McnSpec:
+    bits: int
+    type_id: int
+    name: str
+    block_bytes: int
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.block_bytes / MCN_BLOCK
+
+
+MCN_TYPES = {
+    "mcn2": McnSpec(bits=2, type_id=104, name="mcn2", block_bytes=2 + 4 + 64),
+    "mcn3": McnSpec(bits=3, type_id=105, name="mcn3", block_bytes=2 + 4 + 64 + 32),
+}
+MCN_BY_BITS = {s.bits: s for s in MCN_TYPES.values()}
+
+
+def mcn_spec(name_or_bits) -> McnSpec:
+    s = MCN_TYPES.get(name_or_bits) if isinstance(name_or_bits, str) else MCN_BY_BITS.get(name_or_bits)
+    if s is None:
+        raise ValueError(f"not an mcn type: {name_or_bits!r}; one of {', '.join(MCN_TYPES)}")
+    return s
+
+
+def mcn_levels(bits: int) -> np.ndarray:
+    return np.array(MCN_LEVELS[mcn_spec(bits).bits], dtype=np.float64)
+
+
+def _mcn_mids(bits: int) -> np.ndarray:
+    t = mcn_levels(bits)
+    return (t[:-1] + t[1:]) / 2.0
+
+
+def mcn_nearest(v: np.ndarray, bits: int) -> np.ndarray:
+    """Index of the nearest level of v (float64; ties to the lower level, as mcn.c's strict '>')."""
+    q = np.zeros(v.shape, dtype=np.uint8)
+    for m in _mcn_mids(bits):
+        q += v > m
+    return q
+
+
+def _mcn_weights(w: np.ndarray, importance) -> tuple[np.ndarray, np.ndarray | None]:
+    w = _as_numpy(w, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight [rows, n], got shape {w.shape}")
+    if w.shape[1] <= 0 or w.shape[1] % MCN_BLOCK:
+        raise ValueError(f"row length {w.shape[1]} is not a positive multiple of {MCN_BLOCK}; the mcn types "
+                         f"quantize whole blocks of {MCN_BLOCK} weights along the input dimension")
+    if not np.isfinite(w).all():
+        raise ValueError("weights contain NaN or Inf")
+    imp = None
+    if importance is not None:
+        imp = _as_numpy(importance, np.float32).reshape(-1)
+        if imp.shape != (w.shape[1],):
+            raise ValueError(f"importance has shape {imp.shape}, rows have {w.shape[1]} values")
+        if not np.isfinite(imp).all() or (imp < 0).any():
+            raise ValueError("importance must be finite and non-negative")
+    return w, imp
+
+
+def _mcn_slice_scales(x: np.ndarray, wt: np.ndarray, bits: int) -> np.ndarray:
+    """Weighted least-squares scale of every 32-slice (x, wt: float64 [S, 32]) -> float64 [S]
+    (mcn.c's mcn_slice_scale)."""
+    t = mcn_levels(bits)
+    amax = np.abs(x).max(axis=1)
+    best = np.zeros(len(x))
+    best_err = np.full(len(x), np.inf)
+    live = amax > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for k in range(_MCN_NCAND):
+            s0 = (amax * (0.5 + 0.05 * k)) / t[-1]
+            q = mcn_nearest(x / s0[:, None], bits)
+            tq = t[q]
+            num = np.zeros(len(x))
+            den = np.zeros(len(x))
+            for i in range(MCN_SUB):
+                num = num + (wt[:, i] * x[:, i]) * tq[:, i]
+                den = den + wt[:, i] * (tq[:, i] * tq[:, i])
+            s1 = np.where((den > 0) & (num > 0), num / den, s0)
+            err = np.zeros(len(x))
+            for i in range(MCN_SUB):
+                r = x[:, i] - s1 * tq[:, i]
+                err = err + wt[:, i] * (r * r)
+            better = live & (err < best_err)
+            best = np.where(better, s1, best)
+            best_err = np.where(better, err, best_err)
+    return best
+
+
+def mcn_fit(w, bits: int, importance=None) -> tuple[np.ndarray, np.ndarray]:
+    """Scales of w [rows, n]: d float32 [rows, n/256] (exact fp16 values) and s uint8 [rows, n/32] (0..15),
+    as the reference quantizer chooses them (importance: [n] weights of the squared error, None = 1)."""
+    w, imp = _mcn_weights(w, importance)
+    rows, n = w.shape
+    x = w.astype(np.float64).reshape(-1, MCN_SUB)
+    wt = (np.ones_like(w, dtype=np.float64) if imp is None else
+          np.broadcast_to(imp.astype(np.float64), w.shape)).reshape(-1, MCN_SUB)
+    sigma = _mcn_slice_scales(x, wt, bits).reshape(rows, n // MCN_BLOCK, MCN_BLOCK // MCN_SUB)
+    smax = sigma.max(axis=2)
+    df = np.minimum((smax / float(MCN_SMAX)).astype(np.float32), np.float32(FP16_MAX))
+    d = df.astype("<f2").astype(np.float32)
+    dd = d.astype(np.float64)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(dd > 0, np.clip(np.rint(sigma / dd), 0, MCN_SMAX), 0)
+    return d, s.astype(np.uint8).reshape(rows, -1)
+
+
+def mcn_step(d, s) -> np.ndarray:
+    """float64 [rows, n/32]: each 32-slice's step d * s_j (exact), the divisor of nearest rounding."""
+    d = _as_numpy(d, np.float32).astype(np.float64)
+    s = _as_numpy(s, np.uint8).astype(np.float64)
+    return np.repeat(d, MCN_BLOCK // MCN_SUB, axis=1) * s
+
+
+def mcn_codes(w, d, s, bits: int) -> np.ndarray:
+    """Nearest codes uint8 [rows, n] of w on the scales (d, s); slices with s_j = 0 get code 0."""
+    w = _as_numpy(w, np.float32).astype(np.float64)
+    step = np.repeat(mcn_step(d, s), MCN_SUB, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = mcn_nearest(w / step, bits)
+    return np.where(step > 0, q, 0).astype(np.uint8)
+
+
+def mcn_values(codes, d, s, bits: int) -> np.ndarray:
+    """float32 [rows, n]: fp32(d) * float32(s_j * T[q]), the dequantization of every backend."""
+    q = _as_numpy(codes, np.uint8)
+    st = (np.repeat(_as_numpy(s, np.uint8).astype(np.int32), MCN_SUB, axis=1)
+          * np.array(MCN_LEVELS[mcn_spec(bits).bits], dtype=np.int32)[q])
+    dd = np.repeat(_as_numpy(d, np.float32), MCN_BLOCK, axis=1)
+    return dd * st.astype(np.float32)
+
+
+def mcn_pack(codes, d, s, bits: int) -> np.ndarray:
+    """codes [rows, n], d [rows, n/256] (fp16 values), s [rows, n/32] (0..15) -> uint8 [rows, n/256 * block_bytes]."""
+    spec = mcn_spec(bits)
+    q = _as_numpy(codes, np.int64)
+    if q.ndim != 2 or q.shape[1] % MCN_BLOCK or q.shape[1] == 0:
+        raise ValueError(f"expected codes [rows, n] with n a multiple of {MCN_BLOCK}, got shape {q.shape}")
+    if q.size and (q.min() < 0 or q.max() >= 2 ** spec.bits):
+        raise ValueError(f"codes must lie in [0, {2 ** spec.bits - 1}] for {spec.name}")
+    rows, nb = q.shape[0], q.shape[1] // MCN_BLOCK
+    d = _as_numpy(d, np.float32)
+    s = _as_numpy(s, np.int64)
+    if d.shape != (rows, nb) or s.shape != (rows, nb * 8):
+        raise ValueError(f"d must be {(rows, nb)} and s {(rows, nb * 8)}, got {d.shape} and {s.shape}")
+    d16 = d.astype("<f2")
+    if not np.array_equal(d16.astype(np.float32), d):
+        raise ValueError("d holds values that are not exact fp16 values")
+    if s.size and (s.min() < 0 or s.max() > MCN_SMAX):
+        raise ValueError(f"sub-block scales must lie in [0, {MCN_SMAX}]")
+    qb = q.reshape(rows, nb, 2, 4, 32).astype(np.uint8)              # [.., half, sub-block in half, i]
+    lo = ((qb & 3) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=3, dtype=np.uint8)  # [.., 2, 32]
+    sb = s.reshape(rows, nb, 2, 4).astype(np.uint8)                  # [.., nibble plane, byte]
+    sc = sb[:, :, 0] | (sb[:, :, 1] << 4)
+    parts = [d16.view(np.uint8).reshape(rows, nb, 2), sc, lo.reshape(rows, nb, 64)]
+    if spec.bits == 3:
+        hb = (q.reshape(rows, nb, 8, 32) >> 2).astype(np.uint8)      # [.., sub-block, i]
+        parts.append(((hb << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2, dtype=np.uint8)))
+    return np.concatenate(parts, axis=-1).reshape(rows, nb * spec.block_bytes)
+
+
+def mcn_unpack(blob, bits: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blocks -> (codes uint8 [rows, n], d float32 [rows, n/256], s uint8 [rows, n/32])."""
+    spec = mcn_spec(bits)
+    if n <= 0 or n % MCN_BLOCK:
+        raise ValueError(f"row length {n} is not a positive multiple of {MCN_BLOCK}")
+    nb = n // MCN_BLOCK
+    raw = np.ascontiguousarray(_as_numpy(blob, np.uint8))
+    row_bytes = nb * spec.block_bytes
+    if raw.size % row_bytes or (raw.ndim == 2 and raw.shape[1] != row_bytes) or raw.ndim > 2:
+        raise ValueError(f"blob of shape {raw.shape} is not whole rows of {row_bytes} bytes ({spec.name}, n={n})")
+    b = raw.reshape(-1, nb, spec.block_bytes)
+    rows = b.shape[0]
+    d = np.ascontiguousarray(b[..., 0:2]).view("<f2").reshape(rows, nb).astype(np.float32)
+    sc = b[..., 2:6]
+    s = np.stack([sc & 15, sc >> 4], axis=2).reshape(rows, nb * 8)
+    lo = b[..., 6:70].reshape(rows, nb, 2, 1, 32)
+    q = (lo >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3      # [.., half, 4, 32]
+    q = q.reshape(rows, nb, 256)
+    if spec.bits == 3:
+        hb = b[..., 70:102].reshape(rows, nb, 1, 32)
+        q = q | (((hb >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 2).reshape(rows, nb, 256)
+    return q.reshape(rows, n).astype(np.uint8), d, s
+
+
+def mcn_quantize(w, bits: int, importance=None) -> np.ndarray:
+    """Reference quantization of w [rows, n] (nearest rounding on the fitted scales) to packed blocks:
+    the bytes of cpp/ggml/mcn.c (ggml_quantize_chunk with `importance` as the imatrix)."""
+    d, s = mcn_fit(w, bits, importance)
+    return mcn_pack(mcn_codes(w, d, s, bits), d, s, bits)
+
+
+def mcn_dequantize(blob, bits: int, n: int) -> np.ndarray:
+    q, d, s = mcn_unpack(blob, bits, n)
+    return mcn_values(q, d, s, bits)

@@ -46,6 +46,15 @@ class GPTQResult:
     stats: dict = field(default_factory=dict)
 
 
+@dataclass
+class McnResult:
+    codes: torch.Tensor        # uint8 [out, in], indices into the type's level table
+    d: object                  # float32 numpy [out, in/256], exact fp16 values
+    s: object                  # uint8 numpy [out, in/32], 0..15
+    dequantized: torch.Tensor  # float32 [out, in] == formats.mcn_values(codes, d, s)
+    stats: dict = field(default_factory=dict)
+
+
 def _check(W: torch.Tensor, bits: int) -> None:
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(W.shape)}")
@@ -138,6 +147,87 @@ class GPTQ:
         x = math.sqrt(2 / self.nsamples) * x
         self.H.addmm_(x.t(), x)
 
+    def _hinv(self, dead: torch.Tensor, perm: torch.Tensor | None, percdamp: float, act_order: bool):
+        """(upper Cholesky factor of the damped H^-1 in processing order, damping used), cached: see quantize."""
+        key = (self.H, self.H._version, float(percdamp), bool(act_order))
+        if self._factor is None or not (self._factor[0][0] is key[0] and self._factor[0][1:] == key[1:]):
+            self._factor = None                        # free the old factor before building the new one
+            H = self.H.clone()
+            H[dead, dead] = 1              # keeps H invertible
+            if act_order:
+                H = H[perm][:, perm]
+            U, damp = _inverse_cholesky_upper(H, percdamp)
+            del H
+            self._factor = (key, U.to(torch.float32), damp)
+        return self._factor[1], self._factor[2]
+
+    def quantize_mcn(self, W: torch.Tensor, bits: int, blocksize: int = 128, percdamp: float = 0.01,
+                     act_order: bool = True) -> McnResult:
+        """GPTQ-quantize W [out, n_in] into the mcn table type of `bits` (formats.mcn_*, issue 14).
+
+        The scales are fixed first (formats.mcn_fit, the reference quantizer's weighted fit with diag(H) as the
+        importance, from the original W), then GPTQ chooses every code: each column rounded to the nearest level
+        of its slice's step d * s_j, the error pushed onto the columns not yet rounded. Static scales make
+        act-order free (columns by decreasing H diagonal; the stored layout is untouched). Without calibration
+        tokens (H == 0) it is the reference quantizer's nearest rounding."""
+        t0 = time.perf_counter()
+        spec = formats.mcn_spec(bits)
+        W = W.detach().to(self.device, torch.float32).clone()
+        if W.dim() != 2 or W.shape[1] != self.n_in:
+            raise ValueError(f"expected a weight [out, {self.n_in}], got shape {tuple(W.shape)}")
+        if not torch.isfinite(W).all():
+            raise ValueError("weight contains NaN or Inf")
+        out, n = W.shape
+        if not torch.any(self.H):
+            Wc = W.cpu()
+            d, s = formats.mcn_fit(Wc, spec.bits)
+            codes = torch.from_numpy(formats.mcn_codes(Wc, d, s, spec.bits))
+            deq = torch.from_numpy(formats.mcn_values(codes, d, s, spec.bits)).to(self.device)
+            return McnResult(codes, d, s, deq, {"method": "rtn", "type": spec.name, "nsamples": self.nsamples,
+                                                "fallback": "no calibration tokens (H == 0): round-to-nearest",
+                                                "seconds": time.perf_counter() - t0})
+        diag = torch.diag(self.H).clone()
+        dead = diag == 0                   # inputs that were 0 on every token: their weights do not matter
+        W[:, dead] = 0
+        d, s = formats.mcn_fit(W.cpu(), spec.bits, diag.clamp_min(0).float().cpu().numpy())
+        step = torch.from_numpy(formats.mcn_step(d, s)).to(self.device, torch.float32)   # [out, n/32]
+        levels = torch.tensor(formats.MCN_LEVELS[spec.bits], dtype=torch.float32, device=self.device)
+        mids = (levels[:-1] + levels[1:]) / 2
+        perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
+        if perm is not None:
+            W = W[:, perm]
+            slice_of = perm // formats.MCN_SUB
+        else:
+            slice_of = torch.arange(n, device=self.device) // formats.MCN_SUB
+        Hinv, damp_used = self._hinv(dead, perm, percdamp, act_order)
+        codes = torch.zeros(out, n, dtype=torch.uint8, device=self.device)
+        losses = torch.zeros(out, dtype=torch.float64, device=self.device)
+        for i1 in range(0, n, blocksize):
+            i2 = min(i1 + blocksize, n)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                w = W1[:, i]
+                st = step[:, slice_of[i1 + i]]
+                c = torch.bucketize(torch.where(st > 0, w / st, torch.zeros_like(w)), mids, right=False)
+                c = torch.where(st > 0, c, torch.zeros_like(c))
+                q = st * levels[c]
+                codes[:, i1 + i] = c.to(torch.uint8)
+                err = (w - q) / Hinv1[i, i]
+                losses += (err.double() ** 2) / 2
+                W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                Err1[:, i] = err
+            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        if perm is not None:
+            codes = codes[:, torch.argsort(perm)]
+        codes = codes.cpu()
+        deq = torch.from_numpy(formats.mcn_values(codes, d, s, spec.bits)).to(self.device)
+        return McnResult(codes, d, s, deq, {
+            "method": "gptq", "type": spec.name, "act_order": act_order, "blocksize": blocksize,
+            "percdamp": damp_used, "n_dead": int(dead.sum()), "nsamples": self.nsamples,
+            "loss": float(losses.sum()), "seconds": time.perf_counter() - t0})
+
     def quantize(self, W: torch.Tensor, bits: int, blocksize: int = 128, percdamp: float = 0.01,
                  act_order: bool = False, param_method: str = "mse", static_groups: bool | None = None,
                  *, _inblock_feedback: bool = True) -> GPTQResult:
@@ -203,17 +293,7 @@ class GPTQ:
         # Keyed by H itself (the factor holds a reference, so `is` cannot be fooled by a reused address) and
         # torch's version counter, so any change to H (add_batch, an in-place edit, an assignment) computes
         # it anew.
-        key = (self.H, self.H._version, float(percdamp), bool(act_order))
-        if self._factor is None or not (self._factor[0][0] is key[0] and self._factor[0][1:] == key[1:]):
-            self._factor = None                        # free the old factor before building the new one
-            H = self.H.clone()
-            H[dead, dead] = 1              # keeps H invertible
-            if act_order:
-                H = H[perm][:, perm]
-            U, damp = _inverse_cholesky_upper(H, percdamp)
-            del H
-            self._factor = (key, U.to(torch.float32), damp)
-        Hinv, damp_used = self._factor[1], self._factor[2]
+        Hinv, damp_used = self._hinv(dead, perm, percdamp, act_order)
 
         Q = torch.zeros_like(W)
         codes = torch.zeros(out, n, dtype=torch.uint8, device=W.device)

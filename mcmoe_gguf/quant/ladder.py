@@ -27,12 +27,16 @@ from tqdm import tqdm
 
 from mcmoe_gguf.quant.budget import PROJECTIONS, projection_shapes
 from mcmoe_gguf.quant.gptq import GPTQ
-from mcmoe_gguf.quant.mixes import is_mcq, tensor_bytes
+from mcmoe_gguf.quant.mixes import is_ours, tensor_bytes
 from mcmoe_gguf.quant.quantizers import importance, quantize_matrix
 
 PAPER = "mcq"
 STOCK_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_k", "q3_k", "q4_k")
-LADDERS = {"stock": STOCK_TYPES, "full": ("mcq1", "mcq2", "mcq3") + STOCK_TYPES}
+MCN_TYPES = ("mcn2", "mcn3")     # our non-uniform table types (issue 14)
+# "full" is the ladder of issue 13 (kept as it was, so its tables and work directories stay reproducible);
+# "mcn" adds the table types to it
+LADDERS = {"stock": STOCK_TYPES, "full": ("mcq1", "mcq2", "mcq3") + STOCK_TYPES,
+           "mcn": ("mcq1", "mcq2", "mcq3") + MCN_TYPES + STOCK_TYPES}
 GRANULARITIES = ("projection", "expert", "layer")    # one type per projection, per expert (all three), or
                                                      # per (layer, projection) for all experts (--compat stock)
 _MCQ = ("mcq1", "mcq2", "mcq3", "mcq4")
@@ -52,12 +56,12 @@ def resolve(spec: str) -> tuple[str, ...]:
     for t in (s.strip().lower() for s in spec.split(",")):
         if not t:
             continue
-        if t not in _MCQ:
+        if t not in _MCQ and t not in MCN_TYPES:
             try:
                 q = gguf.GGMLQuantizationType[t.upper()]
             except KeyError:
                 raise ValueError(f"unknown type {t!r} in ladder {spec!r}; a ladder is one of {', '.join(names())} "
-                                 f"or a comma-separated list of mcq1..mcq4 and ggml types (iq2_xxs, q2_k, ...)") from None
+                                 f"or a comma-separated list of mcq1..mcq4, mcn2, mcn3 and ggml types (iq2_xxs, q2_k, ...)") from None
             if q in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 raise ValueError(f"{t} is not a quantized type; a ladder's types are low-bit types")
         if t not in types:
@@ -117,7 +121,7 @@ def measure_eps(moe: torch.nn.Module, x: torch.Tensor, types, cfg, desc: str = "
         a, b = xe @ W["w1"].t(), xe @ W["w3"].t()
         inner = torch.nn.functional.silu(a) * b
         H = {}
-        if cfg.method == "gptq" and any(is_mcq(t) for t in types):
+        if cfg.method == "gptq" and any(is_ours(t) for t in types):
             H["x"], H["inner"] = GPTQ(x.shape[-1], device=x.device), GPTQ(inner.shape[-1], device=x.device)
             H["x"].add_batch(xe)
             H["inner"].add_batch(inner)

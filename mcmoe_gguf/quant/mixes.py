@@ -96,6 +96,16 @@ def is_mcq(type_name: str) -> bool:
     return type_name.startswith("mcq")
 
 
+def is_mcn(type_name: str) -> bool:
+    """Our non-uniform table types (mcn2, mcn3; issue 14), GPTQ'd in Python like mcq."""
+    return type_name in formats.MCN_TYPES
+
+
+def is_ours(type_name: str) -> bool:
+    """A type of ours (mcq or mcn): quantized by GPTQ here, unknown to an unpatched llama.cpp."""
+    return is_mcq(type_name) or is_mcn(type_name)
+
+
 def mcq_bits(type_name: str) -> int:
     return int(type_name[3:])
 
@@ -106,6 +116,10 @@ def tensor_bytes(type_name: str, rows: int, n: int) -> int:
         return rows * n * (4 if type_name == "f32" else 2)
     if is_mcq(type_name):
         return rows * n * formats.block_bytes(mcq_bits(type_name)) // formats.GROUP_SIZE
+    if is_mcn(type_name):
+        if n % formats.MCN_BLOCK:
+            raise ValueError(f"{type_name} needs rows that are multiples of {formats.MCN_BLOCK} values; this tensor has {n}")
+        return rows * (n // formats.MCN_BLOCK) * formats.MCN_TYPES[type_name].block_bytes
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
     if n % block:
         raise ValueError(f"{type_name} needs rows that are multiples of {block} values; this tensor has {n}")

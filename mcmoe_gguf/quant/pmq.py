@@ -197,7 +197,7 @@ def check_ladder(cfg: PMQConfig) -> tuple[str, ...]:
                          f"({cfg.ladder!r}) only 'pmq' is defined")
     if cfg.compat == "stock":
         types = ladders.resolve("stock" if cfg.ladder == ladders.PAPER else cfg.ladder)
-        ours = [t for t in types if mixes.is_mcq(t)]
+        ours = [t for t in types if mixes.is_ours(t)]
         if ours:
             raise ValueError(f"--compat stock writes llama.cpp's own types only; the ladder has {', '.join(ours)}")
         if cfg.mix == "q8":
@@ -336,7 +336,7 @@ def quantize_experts(moe: torch.nn.Module, x: torch.Tensor, types, cfg: PMQConfi
             layer_imp = importance(x)       # no token of its own: the layer's importance (the i-quants need one)
         # RTN needs no Hessian (H2 alone is ff^2 float64: 1.6 GB for Mixtral): built only for GPTQ'd mcq
         H = None
-        if cfg.method == "gptq" and (mixes.is_mcq(te["w1"]) or mixes.is_mcq(te["w3"])):
+        if cfg.method == "gptq" and (mixes.is_ours(te["w1"]) or mixes.is_ours(te["w3"])):
             H = GPTQ(x.shape[-1], device=x.device)
             H.add_batch(xe)
         for name in ("w1", "w3"):

@@ -1,4 +1,5 @@
-"""One matrix into one type: our mcq widths by GPTQ (or RTN), llama.cpp's types by ggml's own quantizer.
+"""One matrix into one type: our mcq widths and mcn tables by GPTQ (or RTN), llama.cpp's types by ggml's own
+quantizer.
 
 A type is "mcqN" (our affine group-128 grid, quant/formats.py) or a ggml type name ("iq2_xxs", "q2_k",
 "q4_k", ...; base/ggml.py). Both take the calibration inputs of the matrix: GPTQ builds its Hessian from
@@ -13,7 +14,7 @@ import torch
 from mcmoe_gguf.base.ggml import ggml
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant.gptq import GPTQ, rtn
-from mcmoe_gguf.quant.mixes import is_mcq, mcq_bits
+from mcmoe_gguf.quant.mixes import is_mcn, is_mcq, mcq_bits
 
 
 def importance(x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,26 @@ def ggml_packed(W: torch.Tensor, type_name: str, imp: torch.Tensor | None) -> tu
     return {"type": type_name, "shape": list(w.shape), "data": torch.from_numpy(blob)}, deq
 
 
+def mcn_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | None,
+               fallback_importance: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """W in an mcn type: GPTQ into the table with the inputs' Hessian (act-order: the scales are static, so it
+    costs nothing), or the reference quantizer's nearest rounding with the inputs' importance (cfg.method
+    "rtn", or an expert no calibration token reached: the layer's importance)."""
+    spec = formats.mcn_spec(type_name)
+    if cfg.method == "gptq" and (H is not None or x.shape[0] > 0):
+        if H is None:
+            H = GPTQ(W.shape[1], device=W.device)
+            H.add_batch(x)
+        res = H.quantize_mcn(W, spec.bits, percdamp=cfg.percdamp, act_order=True)
+        blob, deq = formats.mcn_pack(res.codes, res.d, res.s, spec.bits), res.dequantized
+    else:
+        imp = routed_importance(x, fallback_importance)
+        blob = formats.mcn_quantize(W, spec.bits, None if imp is None else imp.cpu())
+        deq = torch.from_numpy(formats.mcn_dequantize(blob, spec.bits, W.shape[1]))
+    return ({"type": type_name, "shape": list(W.shape), "data": torch.from_numpy(blob)},
+            deq.to(W.device, W.dtype))
+
+
 def mcq_result(H: GPTQ | None, W: torch.Tensor, bits: int, cfg):
     """GPTQ on H (cfg: PMQConfig's method, percdamp, act_order, param_method), or RTN without one."""
     if cfg.method == "rtn" or H is None:
@@ -62,4 +83,6 @@ def quantize_matrix(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GP
             H.add_batch(x)
         res = mcq_result(H, W, mcq_bits(type_name), cfg)
         return mcq_packed(res, mcq_bits(type_name)), res.dequantized
+    if is_mcn(type_name):
+        return mcn_packed(W, type_name, x, cfg, H, fallback_importance)
     return ggml_packed(W, type_name, routed_importance(x, fallback_importance))

@@ -29,6 +29,8 @@ def test_resolve_names_lists_and_bad_types():
     assert ladder.resolve("stock") == ladder.STOCK_TYPES
     assert ladder.resolve("full")[:3] == ("mcq1", "mcq2", "mcq3")
     assert ladder.resolve(" mcq1, IQ2_XXS,q2_k,mcq1 ") == ("mcq1", "iq2_xxs", "q2_k")
+    assert ladder.resolve("mcn") == ladder.resolve("full")[:3] + ("mcn2", "mcn3") + ladder.STOCK_TYPES
+    assert ladder.resolve("mcn2,iq1_s") == ("mcn2", "iq1_s")
     with pytest.raises(ValueError, match="unknown type 'iq9'"):
         ladder.resolve("mcq1,iq9")
     with pytest.raises(ValueError, match="not a quantized type"):
@@ -196,7 +198,8 @@ def test_eps_equals_a_hand_computation(layer0):
     assert (eps[..., 2] < eps[..., 0]).all()            # 4.5 bpw beats 2.06 bpw everywhere
 
 
-@pytest.mark.parametrize("t, method", [("iq2_xxs", "rtn"), ("q2_k", "rtn"), ("mcq2", "gptq")])
+@pytest.mark.parametrize("t, method", [("iq2_xxs", "rtn"), ("q2_k", "rtn"), ("mcq2", "gptq"), ("mcn2", "gptq"),
+                                      ("mcn3", "rtn")])
 def test_rows_quantize_independently(layer0, t, method):
     """What eps_rows relies on: the sampled rows quantized alone are exactly those rows of the whole
     matrix quantized (ggml's blocks and GPTQ's updates run along rows)."""
@@ -321,6 +324,43 @@ def test_a_ladder_accepts_one_and_a_half_bits(ckpt, tmp_path):
     assert not list((tmp_path / "q2" / "stats").glob("*"))          # refused before calibrating a layer
     with pytest.raises(allocate.InfeasibleBudget, match=r"useful range is 1.625 "):
         pmq.quantize(ckpt, tmp_path / "q3", pmq.PMQConfig(budget="1.5", n_seq=8, seq_len=64), progress=False)
+
+
+def test_mcn_entries_hold_their_bytes_and_the_no_token_fallback(layer0):
+    """An mcn choice is stored as {type, shape, data} with the bytes the runtime reads (formats' twin), GPTQ'd
+    with the routed tokens; without tokens it is the reference quantizer with the layer's importance."""
+    from mcmoe_gguf.quant import formats
+    from mcmoe_gguf.quant.mixes import tensor_bytes
+    from mcmoe_gguf.quant.quantizers import importance, quantize_matrix
+    moe, x = layer0
+    W = moe.experts[1].w3.weight.detach()
+    for t in ("mcn2", "mcn3"):
+        entry, deq = quantize_matrix(W, t, x[:300], pmq.PMQConfig())
+        assert entry["type"] == t and entry["shape"] == list(W.shape)
+        assert entry["data"].numel() == tensor_bytes(t, *W.shape)
+        assert torch.equal(torch.from_numpy(formats.mcn_dequantize(entry["data"].numpy(), formats.mcn_spec(t).bits,
+                                                                   W.shape[1])), deq)
+        imp = importance(x)
+        entry, deq = quantize_matrix(W, t, x[:0], pmq.PMQConfig(), fallback_importance=imp)
+        assert np.array_equal(entry["data"].numpy(), formats.mcn_quantize(W, formats.mcn_spec(t).bits, imp))
+    with pytest.raises(ValueError, match="multiples of 256"):
+        tensor_bytes("mcn2", 4, 128)
+
+
+def test_an_mcn_ladder_file_runs_in_llama_cpp_as_its_fake_quant(ckpt, tmp_path):
+    """mcn experts beside i-quants in one layer: the file holds the chosen types and the engine computes what the
+    stored state means."""
+    from mcmoe_gguf.apps.evaluate import ppl_fake_quant, ppl_llama
+    from mcmoe_gguf.gguf.export import export_pmq
+    r = pmq.quantize(ckpt, tmp_path / "q", pmq.PMQConfig(budget="2.5", n_seq=8, seq_len=64,
+                                                         ladder="mcn2,mcn3,iq2_xxs"), progress=False)
+    kinds = set(np.array(r["types"], dtype=object).ravel())
+    assert kinds & {"mcn2", "mcn3"} and r["expert_bpw"] <= 2.5
+    path = export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False)
+    text = (ckpt / "calib.txt").read_text()
+    ref = ppl_fake_quant(tmp_path / "q", text, ctx=64, max_chunks=16)
+    got = ppl_llama(path, text, ctx=64, max_chunks=16, n_threads=2, progress=False, odp=False)
+    assert abs(got["ppl"] / ref["ppl"] - 1) < 0.005, (got, ref)
 
 
 @pytest.mark.parametrize("cfg, match", [
