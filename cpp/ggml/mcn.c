@@ -103,8 +103,6 @@ static void mcn_quantize_block(const struct mcn_table * tb, int bits, const floa
     const double   dd  = (double) mcq_fp16_to_fp32(d16);
 
     memset(out, 0, (size_t) MCN_HD_BLOCK_BYTES(bits));
-    out[0] = (uint8_t) (d16 & 0xFF);
-    out[1] = (uint8_t) (d16 >> 8);
     for (int j = 0; j < MCN_HD_NSUB; ++j) {
         int s = 0;
         if (dd > 0.0) {
@@ -121,6 +119,28 @@ static void mcn_quantize_block(const struct mcn_table * tb, int bits, const floa
             }
         }
     }
+    // Unshrink: nearest rounding to a coarse table returns (weighted) cell means, a shrunk copy of the weights
+    // (sum w x q < sum w x^2, ~10% at 2 bits). Scale d so the block's error is uncorrelated with its weights:
+    // d *= sum w x^2 / sum w x q, codes unchanged (the coherent shrink costs far more downstream than its
+    // share of the squared error; docs/FORMAT.md).
+    uint16_t d16u = d16;
+    if (dd > 0.0) {
+        double num = 0.0, den = 0.0;
+        for (int n = 0; n < MCN_HD_QK; ++n) {
+            const double wi = w ? (double) w[n] : 1.0;
+            const double xi = (double) x[n];
+            const double qv = dd*(double) (mcn_hd_scale(out, n >> 5)*mcn_hd_level(bits, mcn_hd_code(bits, out, n)));
+            num = num + (wi*xi)*xi;
+            den = den + (wi*xi)*qv;
+        }
+        if (num > 0.0 && den > 0.0) {
+            float du = (float) (dd*(num / den));
+            du = du > 65504.0f ? 65504.0f : du;
+            d16u = mcq_fp32_to_fp16(du);
+        }
+    }
+    out[0] = (uint8_t) (d16u & 0xFF);
+    out[1] = (uint8_t) (d16u >> 8);
 }
 
 void mcn_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k, const float * w) {

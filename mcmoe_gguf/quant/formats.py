@@ -569,11 +569,37 @@ def mcn_unpack(blob, bits: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return q.reshape(rows, n).astype(np.uint8), d, s
 
 
+def mcn_unshrink(w, importance, codes, d, s, bits: int) -> np.ndarray:
+    """d rescaled per block so the block's (importance-weighted) error is uncorrelated with its weights:
+    d * sum w x^2 / sum w x q, rounded to fp16 (mcn.c's last step; blocks where either sum is not positive
+    keep d). Nearest rounding to a coarse table shrinks (cell means: sum w x q < sum w x^2)."""
+    x, imp = _mcn_weights(w, importance)
+    rows, n = x.shape
+    nb = n // MCN_BLOCK
+    xb = x.astype(np.float64).reshape(rows, nb, MCN_BLOCK)
+    wt = (np.ones_like(xb) if imp is None else np.broadcast_to(imp.astype(np.float64), x.shape).reshape(xb.shape))
+    dd = _as_numpy(d, np.float32).astype(np.float64)
+    st = (np.repeat(_as_numpy(s, np.uint8).astype(np.int64), MCN_SUB, axis=1)
+          * np.array(MCN_LEVELS[mcn_spec(bits).bits], dtype=np.int64)[_as_numpy(codes, np.uint8)])
+    qv = dd[..., None] * st.reshape(rows, nb, MCN_BLOCK).astype(np.float64)
+    num = np.zeros((rows, nb))
+    den = np.zeros((rows, nb))
+    for i in range(MCN_BLOCK):
+        wx = wt[..., i] * xb[..., i]
+        num = num + wx * xb[..., i]
+        den = den + wx * qv[..., i]
+    ok = (dd > 0) & (num > 0) & (den > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        du = np.minimum((dd * (num / den)).astype(np.float32), np.float32(FP16_MAX))
+    return np.where(ok, du.astype("<f2").astype(np.float32), _as_numpy(d, np.float32))
+
+
 def mcn_quantize(w, bits: int, importance=None) -> np.ndarray:
-    """Reference quantization of w [rows, n] (nearest rounding on the fitted scales) to packed blocks:
-    the bytes of cpp/ggml/mcn.c (ggml_quantize_chunk with `importance` as the imatrix)."""
+    """Reference quantization of w [rows, n] (nearest rounding on the fitted scales, then mcn_unshrink) to
+    packed blocks: the bytes of cpp/ggml/mcn.c (ggml_quantize_chunk with `importance` as the imatrix)."""
     d, s = mcn_fit(w, bits, importance)
-    return mcn_pack(mcn_codes(w, d, s, bits), d, s, bits)
+    codes = mcn_codes(w, d, s, bits)
+    return mcn_pack(codes, mcn_unshrink(w, importance, codes, d, s, bits), s, bits)
 
 
 def mcn_dequantize(blob, bits: int, n: int) -> np.ndarray:

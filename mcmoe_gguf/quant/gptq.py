@@ -181,9 +181,8 @@ class GPTQ:
             raise ValueError("weight contains NaN or Inf")
         out, n = W.shape
         if not torch.any(self.H):
-            Wc = W.cpu()
-            d, s = formats.mcn_fit(Wc, spec.bits)
-            codes = torch.from_numpy(formats.mcn_codes(Wc, d, s, spec.bits))
+            codes, d, s = formats.mcn_unpack(formats.mcn_quantize(W.cpu(), spec.bits), spec.bits, n)
+            codes = torch.from_numpy(codes)
             deq = torch.from_numpy(formats.mcn_values(codes, d, s, spec.bits)).to(self.device)
             return McnResult(codes, d, s, deq, {"method": "rtn", "type": spec.name, "nsamples": self.nsamples,
                                                 "fallback": "no calibration tokens (H == 0): round-to-nearest",
