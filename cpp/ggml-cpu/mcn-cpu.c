@@ -84,10 +84,10 @@ MCN_GENERIC(3)
 //   - scales: the int16 pairs times s_j (<= 15) summed into int32 by madd / vpdpwssd, exact;
 //   - offset: the U sum exceeds the T sum by off * sum_j s_j * (bsums[2j] + bsums[2j+1]) (Q8_K bsums are exact
 //     sums of 16 codes, |.| <= 2048): bsums times -off*s_j (>= -525, int16) by one more madd;
-//   - reduction: the int32 lanes of two blocks are summed together (hadd; any partial sum is bounded by
+//   - reduction: the int32 lanes of four blocks are summed together (hadd; any partial sum is bounded by
 //     256*15*70*128 + 16*2048*525 < 5.2e7 < 2^31), and each block's isum is converted once and multiplied by
-//     its fp32(d) * d_y as in the reference: only the order of the float additions differs (two chains, even
-//     and odd blocks, then an odd last block).
+//     its fp32(d) * d_y as in the reference: only the order of the float additions differs (four chains, by
+//     block index mod 4, then a last pair and a last block).
 
 #if defined(MCN_CPU_AVX2)
 
@@ -132,9 +132,9 @@ static inline __m128i mcn_lut(const int bits, const int sel, int * off) {
 // mat-vec streams its matrix once and the hardware prefetcher alone leaves the loop waiting).
 #define MCN_PREFETCH 2048
 
-// every line of the two blocks (140 / 204 bytes) MCN_PREFETCH ahead of b0 (bb is a literal: 3 or 4 prefetches)
-static MCN_FORCE_INLINE void mcn_prefetch2(const uint8_t * b0, const size_t bb) {
-    for (size_t o = 0; o < 2*bb; o += 64) {
+// every line of the k blocks at b0 (k*bb bytes), MCN_PREFETCH ahead (k and bb are literals)
+static MCN_FORCE_INLINE void mcn_prefetch(const uint8_t * b0, const size_t k, const size_t bb) {
+    for (size_t o = 0; o < k*bb; o += 64) {
         _mm_prefetch((const char *) b0 + MCN_PREFETCH + o, _MM_HINT_T0);
     }
 }
@@ -153,11 +153,30 @@ static MCN_FORCE_INLINE __m256i mcn_offset_term(const block_q8_K * yb, const __m
     return _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *) yb->bsums), _mm256_mullo_epi16(dup, noff));
 }
 
+// [A, B, C, D]: the sums of the 8 int32 lanes of a, b, c, d
+static MCN_FORCE_INLINE __m128i mcn_isum4(const __m256i a, const __m256i b, const __m256i c, const __m256i d) {
+    // a01 a23 b01 b23 | a45 a67 b45 b67, then a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 // [A, B, A, B]: the sums of the 8 int32 lanes of a and of b
 static MCN_FORCE_INLINE __m128i mcn_isum2(const __m256i a, const __m256i b) {
-    const __m256i h = _mm256_hadd_epi32(a, b);   // a01 a23 b01 b23 | a45 a67 b45 b67
+    const __m256i h = _mm256_hadd_epi32(a, b);
     const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
     return _mm_hadd_epi32(t, t);
+}
+
+// fp32(d) * d_y of 4 consecutive blocks, as the reference rounds it
+static MCN_FORCE_INLINE __m128 mcn_dd4(const uint8_t * b0, const size_t bb, const block_q8_K * y) {
+    const __m128 dy = _mm_setr_ps(y[0].d, y[1].d, y[2].d, y[3].d);
+#if defined(__F16C__)
+    const __m128i h = _mm_setr_epi16((short) mcn_ld16(b0), (short) mcn_ld16(b0 + bb), (short) mcn_ld16(b0 + 2*bb),
+                                     (short) mcn_ld16(b0 + 3*bb), 0, 0, 0, 0);
+    return _mm_mul_ps(_mm_cvtph_ps(h), dy);
+#else
+    return _mm_mul_ps(_mm_setr_ps(mcn_block_d(b0), mcn_block_d(b0 + bb), mcn_block_d(b0 + 2*bb), mcn_block_d(b0 + 3*bb)), dy);
+#endif
 }
 
 // the sum of the 8 int32 lanes (an odd last block)
@@ -335,8 +354,7 @@ static MCN_FORCE_INLINE __m512i mcn_block_avx512(const int bits, const uint8_t *
 }
 #endif
 
-// bits is a literal at every call site: the compiler specializes this per type. Two blocks per iteration, so
-// that their isums are reduced together.
+// bits is a literal at every call site: the compiler specializes this per type.
 static MCN_FORCE_INLINE void mcn_vec_dot_simd_impl(const int bits, const int n, float * GGML_RESTRICT s,
                                                    const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
     assert(n % QK_K == 0);
@@ -348,8 +366,8 @@ static MCN_FORCE_INLINE void mcn_vec_dot_simd_impl(const int bits, const int n, 
     int off;
     const __m128i lut0 = mcn_lut(bits, 0, &off);
     const __m128i lut1 = mcn_lut(bits, 1, &off);
-    const __m256i cnt    = _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28);
-    __m256i       noff   = _mm256_set1_epi16((short) -off);
+    const __m256i cnt  = _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28);
+    __m256i       noff = _mm256_set1_epi16((short) -off);
     MCN_OPAQUE(noff);
 #if defined(MCN_CPU_AVX512)
     mcn_avx512_consts c;
@@ -372,17 +390,27 @@ static MCN_FORCE_INLINE void mcn_vec_dot_simd_impl(const int bits, const int n, 
 #    define MCN_BLOCK(b, yb) mcn_block_avx2(bits, b, yb, l0, l1, cnt, noff)
 #endif
 
+    // four blocks per iteration: their isums are reduced together; then a pair, then a last block
     __m128 acc = _mm_setzero_ps();
     int ib = 0;
-    for (; ib + 2 <= nb; ib += 2) {
+    for (; ib + 4 <= nb; ib += 4) {
         const uint8_t * b0 = x + ib*bb;
-        const uint8_t * b1 = b0 + bb;
-        mcn_prefetch2(b0, bb);
-        const __m256i i0 = MCN_BLOCK(b0, y + ib);
-        const __m256i i1 = MCN_BLOCK(b1, y + ib + 1);
-        const __m128  dd = _mm_setr_ps(mcn_block_d(b0) * y[ib].d, mcn_block_d(b1) * y[ib + 1].d, 0.0f, 0.0f);
-        acc = mcn_madd128(dd, _mm_cvtepi32_ps(mcn_isum2(i0, i1)), acc);
+        mcn_prefetch(b0, 4, bb);
+        const __m256i i0 = MCN_BLOCK(b0,        y + ib);
+        const __m256i i1 = MCN_BLOCK(b0 +   bb, y + ib + 1);
+        const __m256i i2 = MCN_BLOCK(b0 + 2*bb, y + ib + 2);
+        const __m256i i3 = MCN_BLOCK(b0 + 3*bb, y + ib + 3);
+        acc = mcn_madd128(mcn_dd4(b0, bb, y + ib), _mm_cvtepi32_ps(mcn_isum4(i0, i1, i2, i3)), acc);
     }
+    if (ib + 2 <= nb) {
+        const uint8_t * b0 = x + ib*bb;
+        const __m256i i0 = MCN_BLOCK(b0,      y + ib);
+        const __m256i i1 = MCN_BLOCK(b0 + bb, y + ib + 1);
+        const __m128  dd = _mm_setr_ps(mcn_block_d(b0) * y[ib].d, mcn_block_d(b0 + bb) * y[ib + 1].d, 0.0f, 0.0f);
+        acc = mcn_madd128(dd, _mm_cvtepi32_ps(mcn_isum2(i0, i1)), acc);
+        ib += 2;
+    }
+    acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
     float sumf = _mm_cvtss_f32(acc) + _mm_cvtss_f32(_mm_shuffle_ps(acc, acc, 1));
     if (ib < nb) {
         const uint8_t * b0 = x + ib*bb;
