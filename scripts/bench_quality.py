@@ -53,6 +53,9 @@ def main() -> int:
     ap.add_argument("--ladders", default="mcq", help="comma-separated expert type ladders (mcq, full, stock, compat)")
     ap.add_argument("--granularity", default="projection", choices=["projection", "expert"],
                     help="a ladder's choice: per projection or per expert")
+    ap.add_argument("--eps-holdout", type=float, default=PMQConfig.eps_holdout,
+                    help="a ladder's eps measured on this share of the calibration tokens, held out from its "
+                         "quantizers (0: on all of them: the cached runs from before it existed)")
     ap.add_argument("--eps-rows", type=int, default=0, help="a ladder's eps estimated from this many sampled rows "
                     "per projection (0: measured on all rows)")
     ap.add_argument("--stock", default=",".join(STOCK), help="llama.cpp types to compare with")
@@ -83,11 +86,15 @@ def main() -> int:
                     if a.eps_rows:
                         tag += f"-r{a.eps_rows}"
                         series += f"/eps {a.eps_rows} rows"
+                    if a.eps_holdout:                   # no suffix: the runs from before held-out eps
+                        tag += f"-h{round(100 * a.eps_holdout)}"
+                        series += "/held-out eps"
                 work = d / f"pmq-{tag}"
                 try:
                     quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix,
                                                     ladder="mcq" if compat else ladder, granularity=a.granularity,
-                                                    compat="stock" if compat else "none", eps_rows=a.eps_rows),
+                                                    compat="stock" if compat else "none", eps_rows=a.eps_rows,
+                                                    eps_holdout=a.eps_holdout if ladder != "mcq" else PMQConfig.eps_holdout),
                              progress=False)
                 except InfeasibleBudget as e:       # e.g. 1.5 bpw for the paper's program: not a point
                     print(f"skipped PMQ {b} {series}: {e}", flush=True)
@@ -147,7 +154,7 @@ def write_results(table: str, a, png: str) -> None:
     block = (f"## Quality: PMQ files vs llama.cpp's low-bit types ({a.preset} tiny model, llama.cpp PPL, KLD, "
              f"top-1 vs F16)\n\n"
              f"`.venv/bin/python scripts/bench_quality.py --preset {a.preset} --budgets {a.budgets} --mixes {a.mixes} "
-             f"--ladders {a.ladders} --granularity {a.granularity}{f' --eps-rows {a.eps_rows}' if a.eps_rows else ''} --stock {a.stock} --max-chunks {a.max_chunks} --write-results` on {machine()}.\n\n{table}\n\n"
+             f"--ladders {a.ladders} --granularity {a.granularity}{f' --eps-rows {a.eps_rows}' if a.eps_rows else ''}{f' --eps-holdout {a.eps_holdout}' if a.eps_holdout != PMQConfig.eps_holdout else ''} --stock {a.stock} --max-chunks {a.max_chunks} --write-results` on {machine()}.\n\n{table}\n\n"
              f"![Pareto]({png})")
     replace_section("bench_quality" if a.preset == "default" else f"bench_quality_{a.preset}", block)
 

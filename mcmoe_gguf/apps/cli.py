@@ -27,6 +27,9 @@ COMPAT_HELP = ("stock: a file any llama.cpp runs (ollama, LM Studio, stock llama
 EPS_ROWS_HELP = ("with a ladder: estimate each choice's error from N sampled rows per projection instead of "
                  "quantizing every row in every type (0: all rows, exact; 64 matches the exact allocation's quality "
                  "on the bench model and is what makes Mixtral-size ladders tractable: docs/RESULTS.md)")
+EPS_HOLDOUT_HELP = ("with a ladder: measure each choice's error on this share of the calibration text (contiguous "
+                    "stretches) that its quantizer did not see (default %(default)s; 0: on the same tokens, which "
+                    "flatters GPTQ'd types: they fit their calibration tokens)")
 MIN_SPEED_HELP = ("with a ladder: decode no slower than a file with every expert in TYPE (e.g. q2_k), per "
                   "each type's mat-vec time measured here with llama.cpp's test-backend-ops (cached), weighted by "
                   "how often the calibration tokens route to each expert")
@@ -48,6 +51,7 @@ def odp_target(v: str) -> str:
 
 def add_ladder_options(s: argparse.ArgumentParser) -> None:
     """PMQ's type-ladder, speed-floor and ODP-threshold options (convert --bits and quantize)."""
+    from mcmoe_gguf.quant.ladder import DEFAULT_EPS_HOLDOUT
     s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
     s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
     s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
@@ -56,6 +60,7 @@ def add_ladder_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--eps-rows", type=int, default=0, metavar="N", help=EPS_ROWS_HELP)
     s.add_argument("--eps-tokens", type=int, default=0, metavar="N",
                    help="with a ladder: measure each choice's error on at most N routed tokens per expert (0: all)")
+    s.add_argument("--eps-holdout", type=float, default=DEFAULT_EPS_HOLDOUT, metavar="F", help=EPS_HOLDOUT_HELP)
 
 
 EPILOG = """examples:
@@ -87,7 +92,7 @@ def cmd_convert(a) -> int:
         cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=a.scope, n_seq=a.n_seq,
                         seq_len=a.seq_len, calib_text=a.calib_text, device=a.device, eps_method=a.eps_method,
                         ladder=a.ladder, granularity=a.granularity, compat=a.compat, min_speed=a.min_speed,
-                        eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, odp=a.odp_target)
+                        eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout, odp=a.odp_target)
         quantize(a.model_dir, workdir, cfg, kernel_costs=kernel_costs(cfg))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
@@ -201,7 +206,7 @@ def cmd_quantize(a) -> int:
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
                     eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity, compat=a.compat,
-                    min_speed=a.min_speed, eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, odp=a.odp_target)
+                    min_speed=a.min_speed, eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout, odp=a.odp_target)
     r = quantize(a.model_dir, a.output, cfg, kernel_costs=kernel_costs(cfg))
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")

@@ -76,6 +76,9 @@ class PMQConfig:
                                         # merged expert tensors: the file runs in an unpatched llama.cpp
     eps_rows: int = 0                   # a ladder's eps from this many sampled rows per projection (0: all, exact)
     eps_tokens: int = 0                 # ... and at most this many routed tokens per expert (0: all)
+    eps_holdout: float = ladders.DEFAULT_EPS_HOLDOUT    # a ladder's eps measured on this share of the
+                                        # calibration tokens, held out from the quantizers' statistics
+                                        # (ladder.measure_eps; 0: on all of them, as before it existed)
     min_speed: str | None = None        # a ladder's decode-speed floor: a type (e.g. "q2_k"); the expected mat-vec
                                         # time of a token's routed experts is at most that of all in this type,
                                         # per mat-vec costs measured on the machine (engine/kernel_costs.py)
@@ -381,6 +384,9 @@ def _with_defaults(manifest: dict) -> dict:
         for k in ("embed_type", "output_type"):     # "q8_0" was the default; now it is the q8 mix's own
             if old.get(k) == "q8_0":
                 old[k] = None
+    if "eps_holdout" not in old:        # ladders measured eps on all calibration tokens before it existed
+        filled = _as_config({**asdict(PMQConfig()), **old})
+        old["eps_holdout"] = 0.0 if is_ladder(filled) else PMQConfig.eps_holdout
     return {**manifest, "config": _run_config({**asdict(PMQConfig()), **old})}
 
 
@@ -458,6 +464,8 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     odp_fit.parse_target(cfg.odp)
     if cfg.eps_rows < 0 or cfg.eps_tokens < 0:
         raise ValueError(f"eps_rows and eps_tokens must be >= 0 (0: all); got {cfg.eps_rows}, {cfg.eps_tokens}")
+    if not 0 <= cfg.eps_holdout < 1:
+        raise ValueError(f"eps_holdout must be in [0, 1) (a share of the calibration tokens); got {cfg.eps_holdout}")
     budget, mix = plan_budget(cfg, hp)
     ladder_types = check_ladder(cfg)
     if ladder_types:

@@ -176,7 +176,7 @@ def layer0(ckpt):
 def test_eps_equals_a_hand_computation(layer0):
     moe, x = layer0
     types = ("iq2_xxs", "mcq2", "q4_k")
-    eps = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn"), progress=False)
+    eps = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_holdout=0), progress=False)
     _, wts, ids = moe.route(x)
     from mcmoe_gguf.quant import formats
     for e in (0, 5):
@@ -196,6 +196,74 @@ def test_eps_equals_a_hand_computation(layer0):
         want = torch.linalg.norm(g * (ref - expert_forward(W["w1"], q2.reshape(W["w2"].shape), W["w3"], xe))).item()
         assert eps[e, 2, 1] == pytest.approx(want, rel=1e-5)
     assert (eps[..., 2] < eps[..., 0]).all()            # 4.5 bpw beats 2.06 bpw everywhere
+
+
+def test_holdout_mask_holds_out_evenly_spaced_contiguous_runs():
+    m = ladder.holdout_mask(160, 0.25)
+    runs = [int(i) for i in torch.where(m)[0]]
+    assert runs == [i for r in (3, 7, 11, 15) for i in range(10 * r, 10 * r + 10)]
+    assert not ladder.holdout_mask(160, 0.0).any()
+    assert int(ladder.holdout_mask(1000, 0.5).sum()) == 496    # the 8 odd runs: 62 tokens each (even: 63)
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="eps_holdout must be in"):
+            ladder.holdout_mask(10, bad)
+
+
+@torch.no_grad()
+def test_held_out_eps_equals_a_hand_computation(layer0):
+    """eps_holdout: the quantizer sees only the tokens outside the held-out runs (GPTQ's Hessian, the
+    importance of ggml's quantizers), the error is measured on the held-out routed tokens and scaled by
+    routed / held-out."""
+    from mcmoe_gguf.quant.calibration import expert_inner
+    from mcmoe_gguf.quant.gptq import GPTQ
+    moe, x = layer0
+    types = ("iq2_xxs", "mcn2")
+    eps = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="gptq", eps_holdout=0.25), progress=False)
+    _, wts, ids = moe.route(x)
+    held = ladder.holdout_mask(x.shape[0], 0.25)
+    checked = 0
+    for e in range(8):
+        tok, slot = torch.where(ids == e)
+        h = held[tok]
+        if not h.any() or h.all():
+            continue
+        xe, g, xf = x[tok[h]], wts[tok[h], slot[h]][:, None], x[tok[~h]]
+        scale = len(tok) / int(h.sum())
+        W = {p: getattr(moe.experts[e], p).weight.detach() for p in ("w1", "w2", "w3")}
+        ref = expert_forward(W["w1"], W["w2"], W["w3"], xe)
+        imp = (xf.double() ** 2).mean(0).float().numpy()          # fit tokens only
+        q1 = torch.from_numpy(ggml().dequantize(ggml().quantize(W["w1"].numpy(), "iq2_xxs", imp), "iq2_xxs",
+                                                W["w1"].shape[1]))
+        want = (scale * float((g * (ref - expert_forward(q1, W["w2"], W["w3"], xe))).pow(2).sum())) ** 0.5
+        assert eps[e, 0, 0] == pytest.approx(want, rel=1e-5)
+        Hd = GPTQ(W["w2"].shape[1])
+        Hd.add_batch(expert_inner(W["w1"], W["w3"], xf))
+        q2 = Hd.quantize_mcn(W["w2"].float(), 2).dequantized
+        want = (scale * float((g * (ref - expert_forward(W["w1"], q2, W["w3"], xe))).pow(2).sum())) ** 0.5
+        assert eps[e, 2, 1] == pytest.approx(want, rel=1e-4)
+        checked += 1
+    assert checked >= 4
+
+
+def test_held_out_eps_shows_what_gptq_fits(layer0):
+    """Why eps is held out: on its own calibration tokens a GPTQ'd type looks better than on tokens it did
+    not see, much more than a type rounded with the importance alone does."""
+    moe, x = layer0
+    types = ("iq2_xxs", "mcn2")
+    cfg = pmq.PMQConfig(method="gptq", eps_holdout=0.25)
+    held_out = ladder.measure_eps(moe, x, types, cfg, progress=False)
+    # the same fit, measured on the tokens it was fitted on: the held-out runs dropped from x
+    keep = ~ladder.holdout_mask(x.shape[0], 0.25)
+    in_sample = ladder.measure_eps(moe, x[keep], types, pmq.PMQConfig(method="gptq", eps_holdout=0), progress=False)
+    ok = (held_out > 0) & (in_sample > 0)
+    ratio = np.where(ok, held_out / np.where(ok, in_sample, 1), np.nan)
+    # down projection (the largest input dimension: the most room to fit); normalised per token count
+    n_all = np.array([int((moe.route(x)[2] == e).any(-1).sum()) for e in range(8)], dtype=float)
+    n_fit = np.array([int((moe.route(x[keep])[2] == e).any(-1).sum()) for e in range(8)], dtype=float)
+    norm = (n_fit / n_all) ** 0.5       # held-out eps is scaled to all routed tokens, in-sample to the fit ones
+    gptq = np.nanmedian(ratio[:, 2, 1] * norm)
+    imp = np.nanmedian(ratio[:, 2, 0] * norm)
+    assert gptq > 1.1 * imp, (gptq, imp)
 
 
 @pytest.mark.parametrize("t, method", [("iq2_xxs", "rtn"), ("q2_k", "rtn"), ("mcq2", "gptq"), ("mcn2", "gptq"),
@@ -218,16 +286,16 @@ def test_sampled_rows_estimate_the_measured_eps(layer0):
     projection's rows, up to cross terms for gate/up) and keep the types' order."""
     moe, x = layer0
     types = ("iq1_s", "iq2_xxs", "q4_k")
-    exact = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn"), progress=False)
-    assert np.allclose(ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_rows=10**6),
+    exact = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_holdout=0), progress=False)
+    assert np.allclose(ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_rows=10**6, eps_holdout=0),
                                           progress=False), exact, rtol=1e-6)
-    est = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_rows=64), progress=False)
+    est = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_rows=64, eps_holdout=0), progress=False)
     ok = exact > 0
     rel = np.abs(est[ok] / exact[ok] - 1)
     assert np.median(rel) < 0.2 and rel.max() < 1.0, (np.median(rel), rel.max())
     assert (np.argsort(est, -1)[ok[..., 0]] == np.argsort(exact, -1)[ok[..., 0]]).mean() > 0.9
     # token subsampling: at most 8 tokens per expert, scaled to the expert's count
-    few = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_tokens=8), progress=False)
+    few = ladder.measure_eps(moe, x, types, pmq.PMQConfig(method="rtn", eps_tokens=8, eps_holdout=0), progress=False)
     assert 0.3 < np.median(few[ok] / exact[ok]) < 3.0
 
 
@@ -235,7 +303,7 @@ def test_projection_errors_add_up_to_the_whole_experts(layer0):
     """With gamma = 2 the program sums squared errors over projections: check that this is close to the
     squared error of quantizing all three at once (it is exact when the errors are uncorrelated)."""
     moe, x = layer0
-    eps = ladder.measure_eps(moe, x, ("iq2_xxs",), pmq.PMQConfig(method="rtn"), progress=False)[..., 0]
+    eps = ladder.measure_eps(moe, x, ("iq2_xxs",), pmq.PMQConfig(method="rtn", eps_holdout=0), progress=False)[..., 0]
     _, wts, ids = moe.route(x)
     ratios = []
     for e in range(8):

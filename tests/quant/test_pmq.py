@@ -250,3 +250,19 @@ def test_eps_method_and_manifests_from_before_it_existed(micro_checkpoint, tmp_p
         pmq.quantize(micro_checkpoint, tmp_path / "mse", pmq.PMQConfig(**cfg, eps_method="minmax"), progress=False)
     with pytest.raises(ValueError, match="eps_method"):
         pmq.quantize(micro_checkpoint, tmp_path / "bad", pmq.PMQConfig(**cfg, eps_method="l1"), progress=False)
+
+
+def test_manifests_from_before_held_out_eps(micro_checkpoint, tmp_path):
+    """A ladder run from before eps_holdout existed measured eps on all its tokens: its manifest means
+    eps_holdout = 0 (a resume with 0 continues it, the new default is another run). The paper's program
+    never used it: its old manifests mean the default. A share outside [0, 1) is refused before any work."""
+    from dataclasses import asdict
+    for ladder, want in (("full", 0.0), ("mcq", pmq.PMQConfig.eps_holdout)):
+        old = {"config": {k: v for k, v in asdict(pmq.PMQConfig(ladder=ladder)).items() if k != "eps_holdout"}}
+        assert pmq._with_defaults(old)["config"]["eps_holdout"] == want
+    assert pmq._with_defaults({"config": asdict(pmq.PMQConfig(ladder="full", eps_holdout=0.5))})["config"][
+        "eps_holdout"] == 0.5
+    for bad in (1.0, -0.25):
+        with pytest.raises(ValueError, match="eps_holdout must be in"):
+            pmq.quantize(micro_checkpoint, tmp_path / "bad", pmq.PMQConfig(**CFG, eps_holdout=bad), progress=False)
+        assert not (tmp_path / "bad").exists()
