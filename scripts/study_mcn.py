@@ -63,7 +63,9 @@ def rel(W, Q, X) -> float:
 
 
 @torch.no_grad()
-def study(a) -> str:
+def study(a, quantize=quantize, bpw=BPW) -> str:
+    """The table for a.layers x a.formats; quantize(W, X, fmt) -> dequantized W, bpw: bits per weight of each
+    format's first word (scripts/study_vq.py brings its own)."""
     torch.set_num_threads(a.threads)
     model_dir = tiny_model("bench")
     ck = Checkpoint(model_dir)
@@ -125,7 +127,7 @@ def study(a) -> str:
              "| layer | format | bpw | gate/up rel. error, held-out (geo. mean) | MoE output rel. error | PPL / float |",
              "|---:|---|---:|---:|---:|---:|"]
     for l, fmt, me, oe, r in rows:
-        lines.append(f"| {l} | {fmt} | {BPW[fmt.split()[0]]:.4g} | {me:.4f} | {oe:.4f} | {r:.4f} |")
+        lines.append(f"| {l} | {fmt} | {bpw[fmt.split()[0]]:.4g} | {me:.4f} | {oe:.4f} | {r:.4f} |")
     return "\n".join(lines)
 
 

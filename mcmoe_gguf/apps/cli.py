@@ -28,8 +28,9 @@ EPS_ROWS_HELP = ("with a ladder: estimate each choice's error from N sampled row
                  "quantizing every row in every type (0: all rows, exact; 64 matches the exact allocation's quality "
                  "on the bench model and is what makes Mixtral-size ladders tractable: docs/RESULTS.md)")
 EPS_HOLDOUT_HELP = ("with a ladder: measure each choice's error on this share of the calibration text (contiguous "
-                    "stretches) that its quantizer did not see (default %(default)s; 0: on the same tokens, which "
-                    "flatters GPTQ'd types: they fit their calibration tokens)")
+                    "stretches) that its quantizer did not see (default %(default)s: on the same tokens, which flatters "
+                    "GPTQ'd types; 0.25 changed the bench model's allocations but not their quality beyond noise: "
+                    "docs/RESULTS.md, \"held-out eps\")")
 MIN_SPEED_HELP = ("with a ladder: decode no slower than a file with every expert in TYPE (e.g. q2_k), per "
                   "each type's mat-vec time measured here with llama.cpp's test-backend-ops (cached), weighted by "
                   "how often the calibration tokens route to each expert")

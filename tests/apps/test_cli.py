@@ -56,4 +56,4 @@ def test_a_bad_odp_target_is_refused_by_the_parser(tmp_path, command, capsys):
     assert e.value.code == 2
     assert "'median', 'skip:S' with 0 <= S < 1 or 'error:B'" in capsys.readouterr().err
     a = build_parser().parse_args([command, str(tmp_path), "-o", str(tmp_path / "x")])
-    assert a.odp_target == "skip:0.225" and a.min_speed is None and a.eps_rows == 0 and a.eps_holdout == 0.25
+    assert a.odp_target == "skip:0.225" and a.min_speed is None and a.eps_rows == 0 and a.eps_holdout == 0.0

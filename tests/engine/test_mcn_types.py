@@ -306,8 +306,8 @@ def test_bad_input_is_refused():
 # ---------------------------------------------------------------- GPTQ into the table
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_mcn_beats_nearest_and_reads_back_exactly(name, act_order):
+@pytest.mark.parametrize("act_order, shrink", [(False, 0.0), (True, 0.0), (True, 0.3)])
+def test_gptq_mcn_beats_nearest_and_reads_back_exactly(name, act_order, shrink):
     from mcmoe_gguf.quant.gptq import GPTQ
     torch.manual_seed(0)
     n, out = 512, 48
@@ -316,7 +316,7 @@ def test_gptq_mcn_beats_nearest_and_reads_back_exactly(name, act_order):
     W = torch.randn(out, n) * 0.02
     g = GPTQ(n)
     g.add_batch(x)
-    res = g.quantize_mcn(W, BITS[name], act_order=act_order, unshrink=False)
+    res = g.quantize_mcn(W, BITS[name], act_order=act_order, unshrink=False, shrink=shrink)
     blob = F.mcn_pack(res.codes, res.d, res.s, BITS[name])
     assert torch.equal(torch.from_numpy(F.mcn_dequantize(blob, BITS[name], n)), res.dequantized)
     H = g.H.float()
@@ -327,10 +327,56 @@ def test_gptq_mcn_beats_nearest_and_reads_back_exactly(name, act_order):
     imp = torch.diag(g.H).float().numpy()
     nearest = torch.from_numpy(F.mcn_dequantize(F.mcn_quantize(W, BITS[name], imp), BITS[name], n))
     assert err(res.dequantized) < 0.85 * err(nearest), (err(res.dequantized), err(nearest))
-    # GPTQ's own loss is half the output error under the damped Hessian it factorized
-    Hd = g.H + res.stats["percdamp"] * torch.diag(g.H).mean() * torch.eye(n, dtype=g.H.dtype)
+    # GPTQ's own loss is half the output error under the (shrunk) damped Hessian it factorized
+    Hs = (1 - shrink) * g.H + shrink * torch.diag(torch.diag(g.H))
+    Hd = Hs + res.stats["percdamp"] * torch.diag(g.H).mean() * torch.eye(n, dtype=g.H.dtype)
     dW = (W - res.dequantized).double()
     assert res.stats["loss"] == pytest.approx(float(torch.einsum("ij,jk,ik->", dW, Hd, dW)) / 2, rel=1e-3)
+
+
+def test_gptq_mcn_shrink_one_feeds_no_error_forward():
+    """shrink = 1: GPTQ on diag(H) alone, whose inverse Cholesky factor is diagonal: no column's error reaches
+    another, so every code is the nearest level on the scales it fitted (formats.mcn_codes; float32 division
+    in GPTQ against float64 there may differ on an exact midpoint)."""
+    from mcmoe_gguf.quant.gptq import GPTQ
+    torch.manual_seed(2)
+    n = 256
+    g = GPTQ(n)
+    g.add_batch((torch.randn(2048, n) * torch.linspace(0.2, 3, n)) @ (torch.randn(n, n) / n ** 0.5 + torch.eye(n)))
+    W = torch.randn(40, n) * 0.02
+    res = g.quantize_mcn(W, 2, unshrink=False, shrink=1.0)
+    near = F.mcn_codes(W.numpy(), res.d, res.s, 2)
+    assert (res.codes.numpy() == near).mean() > 0.999
+    assert not torch.equal(g.quantize_mcn(W, 2, unshrink=False, shrink=0.0).codes, res.codes)
+
+
+def test_gptq_mcn_shrink_generalises_from_few_tokens():
+    """Why quantize_mcn shrinks H toward its diagonal by default: from a few tokens per input dimension of a
+    down projection's kind of input (SiLU(a) * b of a low-rank latent, token norms spread) GPTQ on the raw H
+    fits those tokens and errs more on new ones from the same distribution. (On Gaussian inputs it does not
+    overfit and shrinking neither helps nor hurts much; the inputs' structure is the point.)"""
+    from mcmoe_gguf.quant.gptq import GPTQ, MCN_SHRINK
+    torch.manual_seed(3)
+    n, latent = 256, 64
+    A, B = torch.randn(latent, n) / latent ** 0.5, torch.randn(latent, n) / latent ** 0.5
+
+    def tokens(k):
+        z = torch.randn(k, latent) * torch.exp(0.5 * torch.randn(k, 1))
+        return torch.nn.functional.silu(2 * z @ A) * (z @ B)
+    g = GPTQ(n)
+    g.add_batch(tokens(3 * n))
+    W = torch.randn(64, n) * 0.02
+    new = GPTQ(n)
+    new.add_batch(tokens(50000))
+
+    def held_out(Q):
+        dW = (W - Q).double()
+        return float(torch.einsum("ij,jk,ik->", dW, new.H, dW))
+    raw = held_out(g.quantize_mcn(W, 2, shrink=0.0).dequantized)
+    shrunk = held_out(g.quantize_mcn(W, 2).dequantized)    # the default for 2 bits
+    assert MCN_SHRINK[2] > 0 and shrunk < 0.9 * raw, (shrunk, raw)
+    with pytest.raises(ValueError, match="shrink must be in"):
+        g.quantize_mcn(W, 2, shrink=1.5)
 
 
 def test_gptq_mcn_without_tokens_is_nearest():
