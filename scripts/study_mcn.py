@@ -131,23 +131,27 @@ def study(a, quantize=quantize, bpw=BPW) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", default="0,1,2,3")
-    ap.add_argument("--formats", default=",".join(FORMATS))
+def run(doc: str, section: str, title: str, layers: str, formats, quantize=quantize, bpw=BPW,
+        prepare=lambda formats: None) -> int:
+    """The command line of a layer-by-layer study (this one, study_vq.py): parse, prepare(formats), print the
+    table and with --write-results put it into docs/RESULTS.md as `section`."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default=layers)
+    ap.add_argument("--formats", default=",".join(formats))
     ap.add_argument("--chunks", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
-    text = study(a)
+    prepare(a.formats.split(","))
+    text = study(a, quantize, bpw)
     print(text)
     if a.write_results:
         from results_md import machine, replace_section
-        replace_section("study_mcn", "## Issue 14: the mcn types judged end to end, layer by layer (bench model)\n\n"
-                        f"`.venv/bin/python scripts/study_mcn.py --layers {a.layers} --chunks {a.chunks} "
-                        f"--write-results` on {machine()}.\n\n{text}\n")
+        replace_section(section, f"## {title}\n\n`.venv/bin/python scripts/{section}.py --layers {a.layers} "
+                        f"--chunks {a.chunks} --formats \"{a.formats}\" --write-results` on {machine()}.\n\n{text}\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(__doc__, "study_mcn", "Issue 14: the mcn types judged end to end, layer by layer (bench model)",
+                 "0,1,2,3", FORMATS))

@@ -21,12 +21,10 @@ Other formats as in study_mcn.py (iq1_s, iq1_m, iq2_xxs, mcn2 gptq, ...).
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,28 +171,13 @@ class Bpw(dict):
         return bpw(k)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", default="0,2")
-    ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--chunks", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--write-results", action="store_true")
-    a = ap.parse_args()
-    for f in a.formats.split(","):
-        n = f.split()[0]
-        if parse(n):
-            codebook(parse(n)[0])
-    text = study_mcn.study(a, quantize=quantize, bpw=Bpw())
-    print(text)
-    if a.write_results:
-        from results_md import machine, replace_section
-        replace_section("study_vq", "## Issue 14: GPTQ into an 8-weight vector codebook, judged end to end (bench "
-                        f"model)\n\n`.venv/bin/python scripts/study_vq.py --layers {a.layers} --chunks {a.chunks} "
-                        f"--write-results` on {machine()}.\n\n{text}\n")
-    return 0
+def prepare(formats) -> None:
+    """Train (or load) the codebooks first: their k-means runs once per K and is cached."""
+    for f in formats:
+        if parse(f.split()[0]):
+            codebook(parse(f.split()[0])[0])
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
-    sys.exit(main())
+    sys.exit(study_mcn.run(__doc__, "study_vq", "Issue 14: GPTQ into an 8-weight vector codebook, judged end to end "
+                           "(bench model)", "0,2", FORMATS, quantize, Bpw(), prepare))
