@@ -10,7 +10,8 @@ tokens, down with the inner activations of the quantized gate/up), then
     inputs (geometric mean over the gate/up matrices), the statistic of the issue-14 study;
   - the MoE block's output error on held-out tokens, ||y_q - y||^2 / ||y||^2 (all experts, gates applied);
   - held-out perplexity of the whole model (ratio to the float model's on the same chunks).
-Formats: mcn2 / mcn3 (GPTQ into the table, and nearest rounding with importance), mcq2 (GPTQ), and
+Formats: mcn2 / mcn3 (GPTQ into the table, and nearest rounding with importance), mcq1-3 (GPTQ; "gptq-unshrink":
+with the unshrink step), and
 llama.cpp's iq2_xxs, q2_k, iq3_xxs through ggml's quantizer with the routed tokens' importance.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from mcmoe_gguf.quant import formats as F  # noqa: E402
 from mcmoe_gguf.quant.gptq import GPTQ  # noqa: E402
 
 FORMATS = ("mcn2 gptq", "mcn2 rtn", "mcq2 gptq", "iq2_xxs", "q2_k", "mcn3 gptq", "iq3_xxs")
-BPW = {"mcn2": 2.1875, "mcq2": 2.25, "iq2_xxs": 2.0625, "q2_k": 2.625, "mcn3": 3.1875, "iq3_xxs": 3.0625}
+BPW = {"mcn2": 2.1875, "mcq1": 1.25, "mcq2": 2.25, "mcq3": 3.25, "iq2_xxs": 2.0625, "q2_k": 2.625, "mcn3": 3.1875, "iq3_xxs": 3.0625}
 
 
 def quantize(W: torch.Tensor, X: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -53,7 +54,7 @@ def quantize(W: torch.Tensor, X: torch.Tensor, fmt: str) -> torch.Tensor:
     if name.startswith("mcq"):
         g = GPTQ(W.shape[1])
         g.add_batch(X)
-        return g.quantize(W, int(name[3:])).dequantized
+        return g.quantize(W, int(name[3:]), unshrink=how == "gptq-unshrink").dequantized
     return torch.from_numpy(ggml().dequantize(ggml().quantize(W.numpy(), name, imp), name, W.shape[1]))
 
 

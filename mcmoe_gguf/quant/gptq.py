@@ -35,6 +35,12 @@ MAX_PERCDAMP = 10.0         # Cholesky retries stop once the damping exceeds 10x
 MCN_SHRINK = {2: 0.3, 3: 0.0}   # quantize_mcn's Hessian per width: (1 - s) H + s diag(H) (see quantize_mcn)
 
 
+def _fp16(x):
+    """x rounded to fp16 values (kept in float32), saturated at fp16's largest finite value."""
+    x = np.clip(np.asarray(x, np.float32), -formats.FP16_MAX, formats.FP16_MAX)
+    return x.astype("<f2").astype(np.float32)
+
+
 class GPTQError(RuntimeError):
     """The damped Hessian could not be factorized (not positive definite even with heavy damping)."""
 
@@ -259,20 +265,23 @@ class GPTQ:
         SiLU(gate) * up and the down projection it costs far more than its share of the MSE: on the bench
         model's first layer the whole MoE output error of GPTQ'd mcn2 drops from 0.069 to the i-quants' level
         and the layer's PPL cost by 2/3 (docs/RESULTS.md, "the mcn types judged end to end")."""
-        Q = torch.from_numpy(formats.mcn_values(codes, d, s, bits)).to(self.device, self.dtype)
-        Wd = W.to(self.dtype)
+        c = self._row_gain(W, torch.from_numpy(formats.mcn_values(codes, d, s, bits)))
+        return _fp16(d * c[:, None]), c
+
+    def _row_gain(self, W, Q) -> np.ndarray:
+        """float32 [out]: c_r = (W H W^T)_rr / (Q H W^T)_rr, clamped to [0.5, 2] (1 where undefined)."""
+        Wd, Q = W.to(self.device, self.dtype), Q.to(self.device, self.dtype)
         HW = Wd @ self.H                                 # [out, n]
         num = (HW * Wd).sum(1)
         den = (HW * Q).sum(1)
         ok = (den > 0) & (num > 0)
         c = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(num)).clamp(0.5, 2.0)
-        c = c.float().cpu().numpy()
-        d_new = np.minimum(d * c[:, None], formats.FP16_MAX).astype(np.float32).astype("<f2").astype(np.float32)
-        return d_new, c
+        return c.float().cpu().numpy()
+
 
     def quantize(self, W: torch.Tensor, bits: int, blocksize: int = 128, percdamp: float = 0.01,
                  act_order: bool = False, param_method: str = "mse", static_groups: bool | None = None,
-                 *, _inblock_feedback: bool = True) -> GPTQResult:
+                 unshrink: bool = False, *, _inblock_feedback: bool = True) -> GPTQResult:
         """GPTQ-quantize W [out, n_in] to `bits` on the group-128 grid.
 
         Group parameters: by default each group's (scale, min) is fitted, with `param_method`, to the current
@@ -286,6 +295,10 @@ class GPTQ:
         groups' parameters are fitted up front from the original W, then only the codes are chosen by GPTQ. (The
         alternative, act-order with dynamic groups, needs a g_idx permutation at inference; our format has none.)
         `static_groups=True` may also be used without act_order; act_order with static_groups=False is refused.
+
+        unshrink: afterwards scale each row's (scale, min) pairs by c_r = (W H W^T)_rr / (Q H W^T)_rr, the codes
+        unchanged, as quantize_mcn does (see _unshrink): the affine grid shrinks too (bench model layer 0: mcq2
+        costs x1.077 against mcn2's x1.031 with it).
         """
         t0 = time.perf_counter()
         W = W.detach().to(self.device, torch.float32).clone()
@@ -314,6 +327,7 @@ class GPTQ:
         diag[dead] = 1
         W[:, dead] = 0                     # these inputs contribute nothing to the error, so (as the reference
                                            # does) their weights are simply dropped to 0
+        W_orig = W.clone() if unshrink else None
 
         n_groups = n // GROUP
         if static_groups:
@@ -387,6 +401,13 @@ class GPTQ:
             invperm = torch.argsort(perm)
             Q = Q[:, invperm]
             codes = codes[:, invperm]
+        gain = None
+        if unshrink:
+            c = torch.from_numpy(self._row_gain(W_orig, Q)).to(scale.device)   # W holds the updated weights
+            scale = torch.from_numpy(_fp16((scale * c[:, None]).cpu().numpy())).to(scale.device)
+            mn = torch.from_numpy(_fp16((mn * c[:, None]).cpu().numpy())).to(mn.device)
+            Q = formats.dequantize_codes(codes, scale, mn)
+            gain = [float(c.min()), float(c.mean()), float(c.max())]
 
         return GPTQResult(codes, scale, mn, Q, {
             "method": "gptq", "bits": bits, "param_method": param_method,
@@ -394,5 +415,5 @@ class GPTQ:
             "percdamp": damp_used,           # > the requested percdamp if the Cholesky had to be retried
             "n_dead": int(dead.sum()), "nsamples": self.nsamples,
             # GPTQ's own error estimate: sum over columns of (w - q)^2 / (2 [U]_ii^2) == 1/2 tr(dW H_damped dW^T)
-            "loss": float(losses.sum()),
+            "loss": float(losses.sum()), **({"unshrink": gain} if gain else {}),
             "seconds": time.perf_counter() - t0})

@@ -67,10 +67,13 @@ def mcn_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | 
 
 
 def mcq_result(H: GPTQ | None, W: torch.Tensor, bits: int, cfg):
-    """GPTQ on H (cfg: PMQConfig's method, percdamp, act_order, param_method), or RTN without one."""
+    """GPTQ on H (cfg: PMQConfig's method, percdamp, act_order, param_method), or RTN without one. GPTQ's rows
+    are unshrunk (GPTQ.quantize): on the bench model's layer 0 that took mcq1 experts from x2.28 PPL to x1.28,
+    mcq2 from x1.077 to x1.030, mcq3 from x1.013 to x1.005 (docs/RESULTS.md, "unshrink for mcq")."""
     if cfg.method == "rtn" or H is None:
         return rtn(W, bits, cfg.param_method)
-    return H.quantize(W, bits, percdamp=cfg.percdamp, act_order=cfg.act_order, param_method=cfg.param_method)
+    return H.quantize(W, bits, percdamp=cfg.percdamp, act_order=cfg.act_order, param_method=cfg.param_method,
+                      unshrink=True)
 
 
 def quantize_matrix(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | None = None,

@@ -281,3 +281,29 @@ def GPTQ_with(H: torch.Tensor) -> GPTQ:
     g.H = H.clone()
     g.nsamples = 1
     return g
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_unshrink_makes_the_output_error_uncorrelated_with_the_output(data, bits, act_order):
+    """unshrink (as quantize_mcn's): GPTQ on the affine grid shrinks (<Q H W> < <W H W> row by row); afterwards
+    each row's (scale, min) pairs are scaled so that its output error is orthogonal to its output under H, up to
+    fp16 rounding, the codes unchanged and the bytes reading back exactly."""
+    X, W, g = data
+    plain = g.quantize(W, bits, act_order=act_order)
+    fixed = g.quantize(W, bits, act_order=act_order, unshrink=True)
+    assert torch.equal(plain.codes, fixed.codes)
+    H = g.H
+
+    def beta(Q):
+        Wd, Qd = W.double(), Q.double()
+        return ((Qd @ H) * Wd).sum(1) / ((Wd @ H) * Wd).sum(1)
+    b0, b1 = beta(plain.dequantized), beta(fixed.dequantized)
+    assert float(b0.mean()) < 0.995, b0
+    assert torch.allclose(b1, torch.ones_like(b1), atol=3e-3), b1
+    c = torch.tensor(fixed.stats["unshrink"])
+    assert 1 <= float(c[1]) <= 2 and float(c[0]) >= 0.5
+    for p in (fixed.scale, fixed.mn):
+        assert torch.equal(p, p.half().float())
+    blob = formats.pack(fixed.codes, fixed.scale, fixed.mn, bits)
+    assert torch.equal(torch.from_numpy(formats.dequantize(blob, bits, N)), fixed.dequantized)
