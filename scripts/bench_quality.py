@@ -53,6 +53,9 @@ def main() -> int:
     ap.add_argument("--ladders", default="mcq", help="comma-separated expert type ladders (mcq, full, stock, compat)")
     ap.add_argument("--granularity", default="projection", choices=["projection", "expert"],
                     help="a ladder's choice: per projection or per expert")
+    ap.add_argument("--rerun", default="", metavar="NAME",
+                    help="suffix of the PMQ work directories and series names, for new runs after a quantizer change "
+                         "(the cached ones are kept under their old names)")
     ap.add_argument("--eps-holdout", type=float, default=PMQConfig.eps_holdout,
                     help="a ladder's eps measured on this share of the calibration tokens, held out from its "
                          "quantizers (0: on all of them: the cached runs from before it existed)")
@@ -89,6 +92,9 @@ def main() -> int:
                     if a.eps_holdout:                   # no suffix: the runs from before held-out eps
                         tag += f"-h{round(100 * a.eps_holdout)}"
                         series += "/held-out eps"
+                if a.rerun:
+                    tag += f"-{a.rerun}"
+                    series += f" ({a.rerun})"
                 work = d / f"pmq-{tag}"
                 try:
                     quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix,
