@@ -66,25 +66,27 @@ def mcn_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | 
             deq.to(W.device, W.dtype))
 
 
-def mcq_result(H: GPTQ | None, W: torch.Tensor, bits: int, cfg):
+def mcq_result(H: GPTQ | None, W: torch.Tensor, bits: int, cfg, unshrink: bool = True):
     """GPTQ on H (cfg: PMQConfig's method, percdamp, act_order, param_method), or RTN without one. GPTQ's rows
     are unshrunk (GPTQ.quantize): on the bench model's layer 0 that took mcq1 experts from x2.28 PPL to x1.28,
     mcq2 from x1.077 to x1.030, mcq3 from x1.013 to x1.005 (docs/RESULTS.md, "unshrink for mcq")."""
     if cfg.method == "rtn" or H is None:
         return rtn(W, bits, cfg.param_method)
     return H.quantize(W, bits, percdamp=cfg.percdamp, act_order=cfg.act_order, param_method=cfg.param_method,
-                      unshrink=True)
+                      unshrink=unshrink)
 
 
 def quantize_matrix(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | None = None,
-                    fallback_importance: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+                    fallback_importance: torch.Tensor | None = None, mcq_unshrink: bool = True
+                    ) -> tuple[dict, torch.Tensor]:
     """W [out, in] in `type_name` given its calibration inputs x [tokens, in]: (stored entry, dequantized).
-    H: a GPTQ Hessian of x already built (shared by gate and up); built here if needed and not given."""
+    H: a GPTQ Hessian of x already built (shared by gate and up); built here if needed and not given.
+    mcq_unshrink=False: mcq's GPTQ without the unshrink (what the ladder's eps measures, ladder.measure_eps)."""
     if is_mcq(type_name):
         if H is None and cfg.method == "gptq":
             H = GPTQ(W.shape[1], device=W.device)
             H.add_batch(x)
-        res = mcq_result(H, W, mcq_bits(type_name), cfg)
+        res = mcq_result(H, W, mcq_bits(type_name), cfg, mcq_unshrink)
         return mcq_packed(res, mcq_bits(type_name)), res.dequantized
     if is_mcn(type_name):
         return mcn_packed(W, type_name, x, cfg, H, fallback_importance)
