@@ -46,7 +46,8 @@ class Mix:
 
 # llama.cpp's mixes for 8 experts: ftype -> (expert gate/up type, mean real expert bpw, Mix). Note
 # IQ2_S's base type is IQ2_XS (IQ2_M's is IQ2_S), and Q2_K/Q3_K_S put ffn_down in Q3_K (Q2_K's experts:
-# (2 x 2.625 + 3.4375) / 3 bpw; Q4_K_M's ffn_down is Q6_K in 16 of Mixtral's 32 layers).
+# (2 x 2.625 + 3.4375) / 3 bpw; Q4_K_M's ffn_down is Q6_K in 16 of Mixtral's 32 layers; IQ3_XXS's is wider in
+# some layers of some models, e.g. Q3_K in a 2-layer one).
 STOCK: dict[str, tuple[str, float, Mix]] = {
     "IQ1_S": ("iq1_s", 1.5625, Mix("q2_k", "q5_k", "iq1_s", "q4_k", "q4_k", "q5_k")),
     "IQ1_M": ("iq1_m", 1.75, Mix("q2_k", "q5_k", "iq1_m", "q4_k", "q4_k", "q5_k")),
@@ -54,6 +55,7 @@ STOCK: dict[str, tuple[str, float, Mix]] = {
     "IQ2_XS": ("iq2_xs", 2.3125, Mix("q2_k", "q5_k", "iq2_xs", "q4_k", "q4_k", "q5_k")),
     "IQ2_S": ("iq2_xs", 2.3125, Mix("iq3_s", "q5_k", "iq2_xs", "q4_k", "q4_k", "q5_k")),
     "Q2_K": ("q2_k", 2.8958, Mix("q2_k", "q6_k", "q2_k", "q8_0", "q8_0", "q5_k")),
+    "IQ3_XXS": ("iq3_xxs", 3.0625, Mix("iq3_s", "q5_k", "iq2_s", "q8_0", "q8_0", "q5_k")),
     "Q3_K_S": ("q3_k", 3.4375, Mix("q3_k", "q6_k", "q3_k", "q8_0", "q8_0", "q5_k")),
     "Q4_K_M": ("q4_k", 4.84, Mix("q4_k", "q6_k", "q4_k", "q8_0", "q8_0", "q5_k")),
 }
@@ -70,7 +72,9 @@ def names() -> list[str]:
 
 
 # "auto" chooses among these (IQ2_S is IQ2_XS's experts with wider embeddings)
-AUTO = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "Q3_K_S", "Q4_K_M")
+# IQ3_XXS since issue 14: without it a 3.0-3.4 bpw file took Q2_K's mix (q2_k embeddings and attn_q), and a
+# uniform mcn3 file lost to the IQ3_XXS file by more than its experts did (docs/RESULTS.md, "unshrink for mcq")
+AUTO = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q4_K_M")
 
 
 def auto_ftype(expert_bpw: float) -> str:
