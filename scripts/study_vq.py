@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import study_mcn  # noqa: E402
 from mcmoe_gguf.base.cache import cache_dir  # noqa: E402
-from mcmoe_gguf.quant.gptq import GPTQ, _inverse_cholesky_upper  # noqa: E402
+from mcmoe_gguf.quant.gptq import GPTQ  # noqa: E402
 
 FORMATS = ("vq11s64 gptq", "vq11s64 gptq0", "vq11s64 rtn", "vq10s32 gptq", "vq11s32 gptq", "vq12s32 gptq", "iq1_s", "iq1_m",
            "iq2_xxs", "mcn2 gptq")
@@ -50,8 +50,7 @@ def bpw(name: str) -> float:
     if parse(name):
         k, s = parse(name)
         return k / DIM + 4 / s + 16 / 256
-    return study_mcn.BPW.get(name, float("nan")) if name in study_mcn.BPW else \
-        {"iq1_s": 1.5625, "iq1_m": 1.75, "iq2_xs": 2.3125}[name]
+    return {**study_mcn.BPW, "iq1_s": 1.5625, "iq1_m": 1.75, "iq2_xs": 2.3125}[name]
 
 
 def _nearest(X: torch.Tensor, C: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
@@ -123,11 +122,8 @@ def quantize_vq(W: torch.Tensor, X: torch.Tensor, k: int, S: int, how: str) -> t
             idx = _weighted_nearest(T[:, b], imp[b * DIM:(b + 1) * DIM], C)
             Q[:, b * DIM:(b + 1) * DIM] = C[idx] * col_step[:, b * DIM:(b + 1) * DIM]
         return Q
-    H = g.H.clone()
     lam = int(how[4:]) / 100 if how[4:].isdigit() and how != "gptq0" else 0.0
-    H = (1 - lam) * H + lam * torch.diag(torch.diag(H))
-    U, _ = _inverse_cholesky_upper(H, 0.01)
-    U = U.float()
+    U, _ = g._hinv(torch.diag(g.H) == 0, None, 0.01, False, lam)     # GPTQ's factor, natural column order
     Wc = W.clone()
     Q = torch.empty_like(W)
     for b in range(n // DIM):
@@ -146,11 +142,7 @@ def quantize_vq(W: torch.Tensor, X: torch.Tensor, k: int, S: int, how: str) -> t
     if how == "gptq0":
         return Q
     # unshrink: each row's output error uncorrelated with its output under H (gptq.GPTQ._unshrink)
-    Hd = g.H.float()
-    HW = W @ Hd
-    num, den = (HW * W).sum(1), (HW * Q).sum(1)
-    c = torch.where((num > 0) & (den > 0), num / den.clamp_min(1e-30), torch.ones_like(num)).clamp(0.5, 2.0)
-    return Q * c[:, None]
+    return Q * torch.from_numpy(g._row_gain(W, Q))[:, None]
 
 
 def quantize(W: torch.Tensor, X: torch.Tensor, fmt: str) -> torch.Tensor:

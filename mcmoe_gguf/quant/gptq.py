@@ -35,12 +35,6 @@ MAX_PERCDAMP = 10.0         # Cholesky retries stop once the damping exceeds 10x
 MCN_SHRINK = {2: 0.3, 3: 0.0}   # quantize_mcn's Hessian per width: (1 - s) H + s diag(H) (see quantize_mcn)
 
 
-def _fp16(x):
-    """x rounded to fp16 values (kept in float32), saturated at fp16's largest finite value."""
-    x = np.clip(np.asarray(x, np.float32), -formats.FP16_MAX, formats.FP16_MAX)
-    return x.astype("<f2").astype(np.float32)
-
-
 class GPTQError(RuntimeError):
     """The damped Hessian could not be factorized (not positive definite even with heavy damping)."""
 
@@ -266,7 +260,7 @@ class GPTQ:
         model's first layer the whole MoE output error of GPTQ'd mcn2 drops from 0.069 to the i-quants' level
         and the layer's PPL cost by 2/3 (docs/RESULTS.md, "the mcn types judged end to end")."""
         c = self._row_gain(W, torch.from_numpy(formats.mcn_values(codes, d, s, bits)))
-        return _fp16(d * c[:, None]), c
+        return formats._to_fp16(torch.from_numpy(d * c[:, None])).numpy(), c
 
     def _row_gain(self, W, Q) -> np.ndarray:
         """float32 [out]: c_r = (W H W^T)_rr / (Q H W^T)_rr, clamped to [0.5, 2] (1 where undefined)."""
@@ -277,7 +271,6 @@ class GPTQ:
         ok = (den > 0) & (num > 0)
         c = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(num)).clamp(0.5, 2.0)
         return c.float().cpu().numpy()
-
 
     def quantize(self, W: torch.Tensor, bits: int, blocksize: int = 128, percdamp: float = 0.01,
                  act_order: bool = False, param_method: str = "mse", static_groups: bool | None = None,
@@ -404,8 +397,7 @@ class GPTQ:
         gain = None
         if unshrink:
             c = torch.from_numpy(self._row_gain(W_orig, Q)).to(scale.device)   # W holds the updated weights
-            scale = torch.from_numpy(_fp16((scale * c[:, None]).cpu().numpy())).to(scale.device)
-            mn = torch.from_numpy(_fp16((mn * c[:, None]).cpu().numpy())).to(mn.device)
+            scale, mn = formats._to_fp16(scale * c[:, None]), formats._to_fp16(mn * c[:, None])
             Q = formats.dequantize_codes(codes, scale, mn)
             gain = [float(c.min()), float(c.mean()), float(c.max())]
 

@@ -128,7 +128,7 @@ def measure_eps(moe: torch.nn.Module, x: torch.Tensor, types, cfg, desc: str = "
     eps = np.zeros((E, len(PROJECTIONS), len(types)))
     n_rows, n_tok = int(getattr(cfg, "eps_rows", 0) or 0), int(getattr(cfg, "eps_tokens", 0) or 0)
     held = holdout_mask(x.shape[0], float(getattr(cfg, "eps_holdout", 0) or 0), x.device)
-    layer_imp = importance(x[~held]) if bool((~held).any()) else importance(x)
+    layer_imp = importance(x[~held])     # never empty: run 0 is never held out
     for e in tqdm(range(E), desc=desc, unit="expert", leave=False, disable=not progress):
         tok, slot = torch.where(ids == e)
         if len(tok) == 0:
