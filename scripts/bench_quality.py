@@ -59,6 +59,10 @@ def main() -> int:
     ap.add_argument("--eps-holdout", type=float, default=PMQConfig.eps_holdout,
                     help="a ladder's eps measured on this share of the calibration tokens, held out from its "
                          "quantizers (0: on all of them: the cached runs from before it existed)")
+    ap.add_argument("--scope", choices=["layer", "model"], default="layer",
+                    help="a ladder's program: one per layer (default) or one for the whole model")
+    ap.add_argument("--sensitivity", choices=["none", "kl"], default="none",
+                    help="with --scope model: weigh each layer's eps by its measured output KL (quant/sensitivity.py)")
     ap.add_argument("--eps-rows", type=int, default=0, help="a ladder's eps estimated from this many sampled rows "
                     "per projection (0: measured on all rows)")
     ap.add_argument("--stock", default=",".join(STOCK), help="llama.cpp types to compare with")
@@ -92,6 +96,9 @@ def main() -> int:
                     if a.eps_holdout:                   # no suffix: the runs from before held-out eps
                         tag += f"-h{round(100 * a.eps_holdout)}"
                         series += "/held-out eps"
+                    if a.scope == "model":
+                        tag += "-model" + ("-kl" if a.sensitivity == "kl" else "")
+                        series += "/model" + ("+kl" if a.sensitivity == "kl" else "")
                 if a.rerun:
                     tag += f"-{a.rerun}"
                     series += f" ({a.rerun})"
@@ -100,7 +107,9 @@ def main() -> int:
                     quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix,
                                                     ladder="mcq" if compat else ladder, granularity=a.granularity,
                                                     compat="stock" if compat else "none", eps_rows=a.eps_rows,
-                                                    eps_holdout=a.eps_holdout if ladder != "mcq" else PMQConfig.eps_holdout),
+                                                    eps_holdout=a.eps_holdout if ladder != "mcq" else PMQConfig.eps_holdout,
+                                                    scope=a.scope if ladder != "mcq" else "layer",
+                                                    sensitivity=a.sensitivity if ladder != "mcq" else "none"),
                              progress=False)
                 except InfeasibleBudget as e:       # e.g. 1.5 bpw for the paper's program: not a point
                     print(f"skipped PMQ {b} {series}: {e}", flush=True)
@@ -160,7 +169,7 @@ def write_results(table: str, a, png: str) -> None:
     block = (f"## Quality: PMQ files vs llama.cpp's low-bit types ({a.preset} tiny model, llama.cpp PPL, KLD, "
              f"top-1 vs F16)\n\n"
              f"`.venv/bin/python scripts/bench_quality.py --preset {a.preset} --budgets {a.budgets} --mixes {a.mixes} "
-             f"--ladders {a.ladders} --granularity {a.granularity}{f' --eps-rows {a.eps_rows}' if a.eps_rows else ''}{f' --eps-holdout {a.eps_holdout}' if a.eps_holdout != PMQConfig.eps_holdout else ''} --stock {a.stock} --max-chunks {a.max_chunks} --write-results` on {machine()}.\n\n{table}\n\n"
+             f"--ladders {a.ladders} --granularity {a.granularity}{f' --eps-rows {a.eps_rows}' if a.eps_rows else ''}{f' --eps-holdout {a.eps_holdout}' if a.eps_holdout != PMQConfig.eps_holdout else ''}{f' --scope {a.scope}' if a.scope != 'layer' else ''}{f' --sensitivity {a.sensitivity}' if a.sensitivity != 'none' else ''} --stock {a.stock} --max-chunks {a.max_chunks} --write-results` on {machine()}.\n\n{table}\n\n"
              f"![Pareto]({png})")
     replace_section("bench_quality" if a.preset == "default" else f"bench_quality_{a.preset}", block)
 

@@ -31,6 +31,10 @@ EPS_HOLDOUT_HELP = ("with a ladder: measure each choice's error on this share of
                     "stretches) that its quantizer did not see (default %(default)s: on the same tokens, which flatters "
                     "GPTQ'd types; 0.25 changed the bench model's allocations but not their quality beyond noise: "
                     "docs/RESULTS.md, \"held-out eps\")")
+SENSITIVITY_HELP = ("with a ladder and --scope model: 'kl' measures, per layer, the output KL its experts cost "
+                    "at the layer-scope choice and weighs that layer's errors by it, so the one program moves bytes to "
+                    "the layers where they matter (one extra quantization of every layer); 'none' (default): errors "
+                    "as measured")
 MIN_SPEED_HELP = ("with a ladder: decode no slower than a file with every expert in TYPE (e.g. q2_k), per "
                   "each type's mat-vec time measured here with llama.cpp's test-backend-ops (cached), weighted by "
                   "how often the calibration tokens route to each expert")
@@ -53,6 +57,7 @@ def odp_target(v: str) -> str:
 def add_ladder_options(s: argparse.ArgumentParser) -> None:
     """PMQ's type-ladder, speed-floor and ODP-threshold options (convert --bits and quantize)."""
     from mcmoe_gguf.quant.ladder import DEFAULT_EPS_HOLDOUT
+    from mcmoe_gguf.quant.sensitivity import DEFAULT_SENS_SEQS
     s.add_argument("--ladder", default="mcq", help=LADDER_HELP)
     s.add_argument("--granularity", choices=["projection", "expert"], default="projection", help=GRANULARITY_HELP)
     s.add_argument("--compat", choices=["none", "stock"], default="none", help=COMPAT_HELP)
@@ -62,6 +67,9 @@ def add_ladder_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--eps-tokens", type=int, default=0, metavar="N",
                    help="with a ladder: measure each choice's error on at most N routed tokens per expert (0: all)")
     s.add_argument("--eps-holdout", type=float, default=DEFAULT_EPS_HOLDOUT, metavar="F", help=EPS_HOLDOUT_HELP)
+    s.add_argument("--sensitivity", choices=["none", "kl"], default="none", help=SENSITIVITY_HELP)
+    s.add_argument("--sens-seqs", type=int, default=DEFAULT_SENS_SEQS, metavar="N",
+                   help=f"with --sensitivity kl: calibration sequences the layers' KL is measured on (default {DEFAULT_SENS_SEQS})")
 
 
 EPILOG = """examples:
@@ -93,7 +101,8 @@ def cmd_convert(a) -> int:
         cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=a.scope, n_seq=a.n_seq,
                         seq_len=a.seq_len, calib_text=a.calib_text, device=a.device, eps_method=a.eps_method,
                         ladder=a.ladder, granularity=a.granularity, compat=a.compat, min_speed=a.min_speed,
-                        eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout, odp=a.odp_target)
+                        eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout,
+                        sensitivity=a.sensitivity, sens_seqs=a.sens_seqs, odp=a.odp_target)
         quantize(a.model_dir, workdir, cfg, kernel_costs=kernel_costs(cfg))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
@@ -207,7 +216,8 @@ def cmd_quantize(a) -> int:
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
                     eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity, compat=a.compat,
-                    min_speed=a.min_speed, eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout, odp=a.odp_target)
+                    min_speed=a.min_speed, eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout,
+                        sensitivity=a.sensitivity, sens_seqs=a.sens_seqs, odp=a.odp_target)
     r = quantize(a.model_dir, a.output, cfg, kernel_costs=kernel_costs(cfg))
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")

@@ -318,8 +318,12 @@ class SlowerThanFloor(ValueError):
 
 
 def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granularity="projection",
-                    alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, gamma=DEFAULT_GAMMA, speed=None) -> LadderAllocation:
-    """Types minimising sum_{l,e,p} phi^alpha w^beta eps[l,e,p,t]^gamma under a real-byte budget.
+                    alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, gamma=DEFAULT_GAMMA, speed=None,
+                    layer_scale=None) -> LadderAllocation:
+    """Types minimising sum_{l,e,p} s[l] phi^alpha w^beta eps[l,e,p,t]^gamma under a real-byte budget.
+
+    layer_scale: s [L] >= 0, each layer's exchange rate from eps^gamma to output damage (quant/sensitivity.py);
+    None: 1 for every layer. Only a model-scope program compares layers, so only there does it matter.
 
     speed: optional (us [P, T], floor [P]): the decode cost of one mat-vec of projection p in type t
     (test-backend-ops, engine/kernel_costs.py) and that of the reference type (e.g. q2_K). A decoded
@@ -354,6 +358,11 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
     L, E, P, T = eps.shape
     n = np.broadcast_to(np.asarray(n_params, dtype=np.int64), (L, E))
     imp = importance(phi, w, alpha, beta)
+    if layer_scale is not None:
+        layer_scale = np.asarray(layer_scale, dtype=np.float64)
+        if layer_scale.shape != (L,) or not (np.isfinite(layer_scale).all() and (layer_scale >= 0).all()):
+            raise ValueError(f"layer_scale must be {L} finite values >= 0, one per layer; got shape {layer_scale.shape}")
+        imp = imp * layer_scale[:, None]
     cost = np.where(imp[..., None, None] > 0, imp[..., None, None] * np.power(eps, gamma), 0.0)
     if not np.isfinite(cost).all():
         raise ValueError("phi^alpha * w^beta * eps^gamma overflows; rescale eps")

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from mcmoe_gguf.quant import allocate, odp_fit
+from mcmoe_gguf.quant import sensitivity as layer_sensitivity
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant import ladder as ladders
 from mcmoe_gguf.quant import mixes
@@ -82,6 +83,9 @@ class PMQConfig:
     min_speed: str | None = None        # a ladder's decode-speed floor: a type (e.g. "q2_k"); the expected mat-vec
                                         # time of a token's routed experts is at most that of all in this type,
                                         # per mat-vec costs measured on the machine (engine/kernel_costs.py)
+    sensitivity: str = "none"           # "kl": scope="model" weighs each layer's eps by its measured output KL
+                                        # per unit of eps (quant/sensitivity.py); "none": eps as measured
+    sens_seqs: int = layer_sensitivity.DEFAULT_SENS_SEQS     # calibration sequences that KL is measured on
     odp: str = odp_fit.DEFAULT_TARGET   # ODP thresholds' target (odp_fit.py): median | skip:S | error:B. Applied
                                         # when the run finishes, not part of the run's identity: a rerun with
                                         # another target only refits the thresholds
@@ -255,8 +259,8 @@ def layer_statistics(l: int, moe: torch.nn.Module, x: torch.Tensor, h_mid: torch
 
 
 def choose_types(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig, budget: allocate.Budget,
-                 hp, speed=None) -> np.ndarray:
-    """[L', E, P] type names of these layers' expert projections."""
+                 hp, speed=None, layer_scale=None) -> np.ndarray:
+    """[L', E, P] type names of these layers' expert projections (layer_scale: allocate_ladder's)."""
     types = check_ladder(cfg)
     if not types:
         return types_of_bits(_bits_of(choose_bits(stats, n_params, cfg, budget)))
@@ -264,7 +268,7 @@ def choose_types(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig, 
     w = np.array([s.w for s in stats])
     eps = np.array([s.ladder_eps for s in stats])
     a = allocate.allocate_ladder(phi, w, eps, ladders.choice_bytes(hp, types), n_params, budget, cfg.scope,
-                                 granularity(cfg), cfg.alpha, cfg.beta, cfg.gamma, speed)
+                                 granularity(cfg), cfg.alpha, cfg.beta, cfg.gamma, speed, layer_scale)
     return np.array(types, dtype=object)[a.choice]
 
 
@@ -390,29 +394,63 @@ def _with_defaults(manifest: dict) -> dict:
     return {**manifest, "config": _run_config({**asdict(PMQConfig()), **old})}
 
 
-def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk) -> list[LayerStats]:
-    """scope='model': statistics of every layer on the unquantized model (resumable per layer)."""
+def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk, budget, speed
+                ) -> tuple[list[LayerStats], np.ndarray | None]:
+    """scope='model': statistics of every layer on the unquantized model, and with sensitivity="kl" each
+    layer's scale (quant/sensitivity.py): the first sens_seqs sequences ("probes") run float, plus one copy per
+    layer with that layer's experts quantized to its layer-scope choice; after the last layer each copy's KL
+    from the float probe. Resumes after the last layer whose statistics, state and probes are stored."""
     hp = ck.hp
-    h = None
-    stats = []
-    for l in tqdm(range(hp.num_hidden_layers), desc="calibrate (fp)", unit="layer"):
-        path = wd.stats_path(l, fp=True)
-        if path.exists() and l < hp.num_hidden_layers - 1 and wd.state_path(l + 1, fp=True).exists():
-            stats.append(LayerStats(**wd.load_stats(l, fp=True)))
-            h = None
-            continue
-        if h is None:
-            h = _embed(ck, tokens, cfg.device) if l == 0 else _load_state(wd.state_path(l, fp=True), cfg)
+    L = hp.num_hidden_layers
+    probe = layer_sensitivity.check(cfg)
+
+    def stored(k: int) -> bool:     # layers < k done, and what enters layer k stored (0: the embeddings)
+        return k == 0 or (all(wd.stats_path(l, fp=True).exists() for l in range(k))
+                and (k == L or wd.state_path(k, fp=True).exists())
+                and (not probe or wd.sens_state_path(k).exists()))
+    start = next(k for k in range(L, -1, -1) if stored(k))
+    stats = [LayerStats(**wd.load_stats(l, fp=True)) for l in range(start)]
+    sens = torch.load(wd.sens_state_path(start)) if probe and start > 0 else None
+    if start < L:
+        h = _embed(ck, tokens, cfg.device) if start == 0 else _load_state(wd.state_path(start, fp=True), cfg)
+        if probe and sens is None:
+            sens = {"h": {"fp": h[:cfg.sens_seqs].cpu()}, "pred": {}}
+    n_params = expert_params(hp)
+    for l in tqdm(range(start, L), desc="calibrate (fp)", unit="layer", initial=start, total=L):
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
         h_mid, x = moe_input(layer, h, cos, sin, chunk)
         s = layer_statistics(l, layer.moe, x, h_mid, cfg, progress=False)
-        wd.save(s.to_dict(), path, as_json=True)
+        del h_mid
+        wd.save(s.to_dict(), wd.stats_path(l, fp=True), as_json=True)
         stats.append(s)
-        if l < hp.num_hidden_layers - 1:
-            h = layer_forward(layer, h, cos, sin, chunk)
+        h = layer_forward(layer, h, cos, sin, chunk) if l < L - 1 else None
+        if probe:
+            entering = sens["h"]["fp"].to(cfg.device)
+            sens["h"] = {k: layer_forward(layer, v.to(cfg.device), cos, sin, chunk).cpu() for k, v in sens["h"].items()}
+            # the probe of this layer: its experts as the layer-scope program would give them at this budget
+            choice = choose_types([s], n_params[l:l + 1], cfg, budget, hp, speed)[0]
+            quantize_experts(layer.moe, x, choice, cfg, f"layer {l} probe", progress=False)
+            sens["h"][str(l)] = layer_forward(layer, entering, cos, sin, chunk).cpu()
+            idx = np.vectorize(s.ladder.index)(choice)
+            sens["pred"][str(l)] = layer_sensitivity.predicted(s.phi, s.w, s.ladder_eps, idx, cfg.alpha, cfg.beta, cfg.gamma)
+            wd.save(sens, wd.sens_state_path(l + 1))
+            wd.drop_sens_state(l)
+        if h is not None:
             wd.save(h.cpu(), wd.state_path(l + 1, fp=True))
             wd.drop_state(l, fp=True)
-    return stats
+        del layer, x
+    if not probe:
+        return stats, None
+    if wd.sensitivity_path.exists():
+        rep = json.loads(wd.sensitivity_path.read_text())
+    else:
+        fp = sens["h"]["fp"].to(cfg.device)
+        kl = [layer_sensitivity.mean_kl(ck, fp, sens["h"][str(l)].to(cfg.device)) for l in range(L)]
+        pred = [sens["pred"][str(l)] for l in range(L)]
+        rep = {"kl": kl, "predicted": pred, "scale": layer_sensitivity.layer_scales(kl, pred).tolist(),
+               "sens_seqs": int(fp.shape[0])}
+        wd.save(rep, wd.sensitivity_path, as_json=True)
+    return stats, np.array(rep["scale"])
 
 
 def odp_curves(model_dir: str | Path, text: str, n_seq: int = 32, seq_len: int = 256,
@@ -472,6 +510,9 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
         allocate.check_ladder_budget(ladders.choice_bytes(hp, ladder_types), expert_params(hp), budget, cfg.scope,
                                      granularity(cfg))
     check_min_speed(cfg, ladder_types)
+    if layer_sensitivity.check(cfg) and not ladder_types:
+        raise ValueError("--sensitivity kl weighs a ladder's eps (--ladder full|stock|<types>); the paper's "
+                         "program (--ladder mcq) has no use for it")
     wd = WorkDir(outdir)
     wd.open(_manifest(model_dir, cfg), same=lambda old, new: _with_defaults(old) == new)
     stored = cfg.min_speed and wd.kernel_costs_path.exists()
@@ -495,7 +536,8 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
 
     global_types = None
     if cfg.scope == "model" and not cfg.strategy.startswith("uniform"):
-        global_types = choose_types(_stats_pass(ck, tokens, cfg, wd, cos, sin, chunk), n_params, cfg, budget, hp, speed)
+        fp_stats, scale = _stats_pass(ck, tokens, cfg, wd, cos, sin, chunk, budget, speed)
+        global_types = choose_types(fp_stats, n_params, cfg, budget, hp, speed, scale)
 
     start = 0
     while start < L and wd.has_layer(start) and (start == L - 1 or wd.state_path(start + 1).exists()):
@@ -518,19 +560,13 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
             h = layer_forward(layer, h, cos, sin, chunk)
             wd.save(h.cpu(), wd.state_path(l + 1))
         else:   # before the last layer file, which marks the run as complete
-            wd.save(importance(_final_norm(ck, layer_forward(layer, h, cos, sin, chunk))), wd.output_importance_path)
+            wd.save(importance(layer_sensitivity.final_norm(ck, layer_forward(layer, h, cos, sin, chunk))), wd.output_importance_path)
         bits = bits_of_types(types[None])
         wd.save({"layer": l, "types": types.tolist(), **({"bits": bits[0].tolist()} if bits is not None else {}),
                  "tensors": tensors}, wd.layer_path(l))
         wd.drop_state(l)
         del layer, x        # before the next layer is built: peak memory of one layer, not two
     return finish(wd, ck, cfg.odp)
-
-
-def _final_norm(ck: Checkpoint, h: torch.Tensor) -> torch.Tensor:
-    w = ck.get(ck.arch.GLOBAL_KEYS["norm"]).float().to(h.device)
-    hf = h.float()
-    return hf * torch.rsqrt((hf * hf).mean(-1, keepdim=True) + ck.hp.rms_norm_eps) * w
 
 
 def quantize_globals(wd: WorkDir, ck: Checkpoint, mix: mixes.Mix) -> None:

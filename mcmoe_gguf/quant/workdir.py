@@ -7,6 +7,9 @@ fake-quant evaluation read them through here).
     layers/layer_XX.pt     quantized tensors of layer XX (packed bytes as stored in GGUF, + bits)
     state/h_XX.pt          hidden states entering layer XX (outputs of the quantized layer XX-1)
     state/fp_h_XX.pt       the same on the unquantized model (scope="model" only)
+    state/sens_h_XX.pt     sensitivity="kl": the probe sequences entering layer XX, float and with each earlier
+                           layer's experts quantized (quant/sensitivity.py)
+    sensitivity.json       sensitivity="kl": per layer the probe's choice cost, its KL and the scale
     output_importance.pt   mean x^2 of the output projection's input (written with the last layer)
     layers/globals.pt      embeddings and output in the mix's ggml types (written at the end)
     allocation.json        bits [layer][expert], the mix and the real-byte accounting (written at the end)
@@ -53,6 +56,14 @@ class WorkDir:
     @property
     def kernel_costs_path(self) -> Path:
         return self.path / "kernel_costs.json"
+
+    @property
+    def sensitivity_path(self) -> Path:
+        return self.path / "sensitivity.json"
+
+    def sens_state_path(self, l: int) -> Path:
+        """sensitivity probes entering layer l (l = n_layers: after the last one)"""
+        return self.path / "state" / f"sens_h_{l:02d}.pt"
 
     @property
     def output_importance_path(self) -> Path:
@@ -102,6 +113,11 @@ class WorkDir:
 
     def drop_state(self, l: int, fp: bool = False) -> None:
         p = self.state_path(l, fp)
+        if p.exists():
+            p.unlink()
+
+    def drop_sens_state(self, l: int) -> None:
+        p = self.sens_state_path(l)
         if p.exists():
             p.unlink()
 
