@@ -19,6 +19,11 @@ So we measure it once per layer (sensitivity="kl"), during the model-scope stati
 and the model program minimises sum_l scale_l * sum_{e,p} phi^alpha w^beta eps^gamma: the program's cost in
 units of output KL, each layer's eps read at its own exchange rate. For small errors KL is quadratic in the
 output perturbation, as eps^2 is (gamma = 2), so the rate holds around the choice it was measured at.
+
+Cost: every layer is quantized once more (the probe) and the L + 1 probe copies pass through every later
+layer: ~L/2 extra layer forwards on sens_seqs sequences each. The copies are stored with the statistics'
+state (resume): (L + 1) * sens_seqs * seq_len * d * 4 bytes, ~9 GB for Mixtral at 8 x 2048 tokens, so there
+`--sens-seqs 2` (2.2 GB) is the sensible setting.
 """
 from __future__ import annotations
 
