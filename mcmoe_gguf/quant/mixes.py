@@ -74,7 +74,10 @@ def names() -> list[str]:
 # "auto" chooses among these (IQ2_S is IQ2_XS's experts with wider embeddings)
 # IQ3_XXS since issue 14: without it a 3.0-3.4 bpw file took Q2_K's mix (q2_k embeddings and attn_q), and a
 # uniform mcn3 file lost to the IQ3_XXS file by more than its experts did (docs/RESULTS.md, "unshrink for mcq")
-AUTO = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q4_K_M")
+# IQ2_S after IQ2_XS (same expert width, so from 2.3125 bpw on IQ2_S's wins): its IQ3_S token embeddings instead
+# of Q2_K took the default model's stock file from KLD 0.0135 to 0.0085, and a 2.5 bpw ladder file from 0.0101
+# (IQ2_XS's mix) to 0.0051 (docs/RESULTS.md, "model_scope"); on Mixtral (32000 x 4096) they cost 13 MB
+AUTO = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K_S", "Q4_K_M")
 
 
 def auto_ftype(expert_bpw: float) -> str:

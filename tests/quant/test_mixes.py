@@ -57,7 +57,8 @@ def test_stock_mixes_are_llama_cpps(f16, ftype):
 def test_auto_picks_the_widest_stock_mix_not_above_the_budget():
     assert mixes.auto_ftype(1.0) == "IQ1_S" and mixes.auto_ftype(1.5625) == "IQ1_S"
     assert mixes.auto_ftype(2.0) == "IQ1_M" and mixes.auto_ftype(2.25) == "IQ2_XXS"
-    assert mixes.auto_ftype(2.5) == "IQ2_XS" and mixes.auto_ftype(3.0) == "Q2_K"
+    # IQ2_XS and IQ2_S have one expert width: the later (IQ3_S embeddings) wins
+    assert mixes.auto_ftype(2.3125) == "IQ2_S" and mixes.auto_ftype(2.5) == "IQ2_S" and mixes.auto_ftype(3.0) == "Q2_K"
     assert mixes.auto_ftype(3.1875) == "IQ3_XXS" and mixes.auto_ftype(3.5) == "Q3_K_S"
     assert mixes.auto_ftype(9.0) == "Q4_K_M"
     with pytest.raises(ValueError, match="unknown mix 'q9'"):
