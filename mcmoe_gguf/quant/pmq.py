@@ -404,13 +404,15 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk, budge
     L = hp.num_hidden_layers
     probe = layer_sensitivity.check(cfg)
 
+    measured = probe and wd.sensitivity_path.exists()      # written after the last layer: nothing left to probe
+
     def stored(k: int) -> bool:     # layers < k done, and what enters layer k stored (0: the embeddings)
         return k == 0 or (all(wd.stats_path(l, fp=True).exists() for l in range(k))
                 and (k == L or wd.state_path(k, fp=True).exists())
-                and (not probe or wd.sens_state_path(k).exists()))
+                and (not probe or wd.sens_state_path(k).exists() or (k == L and measured)))
     start = next(k for k in range(L, -1, -1) if stored(k))
     stats = [LayerStats(**wd.load_stats(l, fp=True)) for l in range(start)]
-    sens = torch.load(wd.sens_state_path(start)) if probe and start > 0 else None
+    sens = torch.load(wd.sens_state_path(start)) if probe and start > 0 and not measured else None
     if start < L:
         h = _embed(ck, tokens, cfg.device) if start == 0 else _load_state(wd.state_path(start, fp=True), cfg)
         if probe and sens is None:
@@ -441,7 +443,7 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk, budge
         del layer, x
     if not probe:
         return stats, None
-    if wd.sensitivity_path.exists():
+    if measured:
         rep = json.loads(wd.sensitivity_path.read_text())
     else:
         fp = sens["h"]["fp"].to(cfg.device)
@@ -450,6 +452,7 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk, budge
         rep = {"kl": kl, "predicted": pred, "scale": layer_sensitivity.layer_scales(kl, pred).tolist(),
                "sens_seqs": int(fp.shape[0])}
         wd.save(rep, wd.sensitivity_path, as_json=True)
+        wd.drop_sens_state(L)           # the probes' last copies (~9 GB at Mixtral size): the report replaces them
     return stats, np.array(rep["scale"])
 
 

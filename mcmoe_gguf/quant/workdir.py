@@ -62,7 +62,7 @@ class WorkDir:
         return self.path / "sensitivity.json"
 
     def sens_state_path(self, l: int) -> Path:
-        """sensitivity probes entering layer l (l = n_layers: after the last one)"""
+        """sensitivity probes entering layer l (l = n_layers: after the last one, until sensitivity.json)"""
         return self.path / "state" / f"sens_h_{l:02d}.pt"
 
     @property
@@ -112,14 +112,10 @@ class WorkDir:
             self.save(manifest, self.manifest_path, as_json=True)
 
     def drop_state(self, l: int, fp: bool = False) -> None:
-        p = self.state_path(l, fp)
-        if p.exists():
-            p.unlink()
+        self.state_path(l, fp).unlink(missing_ok=True)
 
     def drop_sens_state(self, l: int) -> None:
-        p = self.sens_state_path(l)
-        if p.exists():
-            p.unlink()
+        self.sens_state_path(l).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- reading
     def manifest(self) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import calibrated_checkpoint, random_state, save_checkpoint, small_config
+from helpers import calibrated_checkpoint, crash_on_call, random_state, save_checkpoint, small_config
 from mcmoe_gguf.quant import calibration
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant import pmq
@@ -99,15 +99,7 @@ def test_resume_after_crash_gives_identical_state(micro_checkpoint, tmp_path, mo
     pmq.quantize(micro_checkpoint, tmp_path / "straight", cfg, progress=False)
 
     real = pmq.quantize_experts
-    calls = []
-
-    def crash_on_second_layer(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
-
-    monkeypatch.setattr(pmq, "quantize_experts", crash_on_second_layer)
+    monkeypatch.setattr(pmq, "quantize_experts", crash_on_call(real, 2))     # the second layer's experts
     with pytest.raises(KeyboardInterrupt):
         pmq.quantize(micro_checkpoint, tmp_path / "crashed", cfg, progress=False)
     assert (tmp_path / "crashed" / "layers" / "layer_00.pt").exists()

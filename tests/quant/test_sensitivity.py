@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import calibrated_checkpoint
+from helpers import calibrated_checkpoint, crash_on_call
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant import allocate, pmq, sensitivity
 from mcmoe_gguf.quant.calibration import calibration_tokens
@@ -105,23 +105,21 @@ def test_measured_kl_equals_a_whole_model_forward(micro_checkpoint, tmp_path, mo
     assert rep["sens_seqs"] == CFG["sens_seqs"]
 
 
-def test_resume_inside_the_probe_pass_gives_identical_state(micro_checkpoint, tmp_path, monkeypatch):
+# quantize_experts runs for layer 0's probe, layer 1's probe, then the two layers' experts: crash in either pass
+@pytest.mark.parametrize("crash_at", [2, 4])
+def test_resume_gives_identical_state(micro_checkpoint, tmp_path, monkeypatch, crash_at):
     cfg = pmq.PMQConfig(**{**CFG, "ladder": "iq1_s,q2_k,q4_k"})
     pmq.quantize(micro_checkpoint, tmp_path / "straight", cfg, progress=False)
     real = pmq.quantize_experts
-    calls = []
-
-    def crash_on_second_probe(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
-
-    monkeypatch.setattr(pmq, "quantize_experts", crash_on_second_probe)
+    monkeypatch.setattr(pmq, "quantize_experts", crash_on_call(real, crash_at))
     with pytest.raises(KeyboardInterrupt):
         pmq.quantize(micro_checkpoint, tmp_path / "crashed", cfg, progress=False)
-    assert (tmp_path / "crashed" / "state" / "sens_h_01.pt").exists()
-    assert not (tmp_path / "crashed" / "sensitivity.json").exists()
+    state = tmp_path / "crashed" / "state"
+    if crash_at == 2:       # inside the probe pass: layer 0's probes stored, no report yet
+        assert (state / "sens_h_01.pt").exists()
+        assert not (tmp_path / "crashed" / "sensitivity.json").exists()
+    else:                   # the report replaced the probes' last copies
+        assert (tmp_path / "crashed" / "sensitivity.json").exists() and not list(state.glob("sens_h_*.pt"))
     monkeypatch.setattr(pmq, "quantize_experts", real)
     pmq.quantize(micro_checkpoint, tmp_path / "crashed", cfg, progress=False)
     for name in ("sensitivity.json", "allocation.json"):

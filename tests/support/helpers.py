@@ -104,6 +104,18 @@ def calibrated_checkpoint(root: Path, tokenizer_dir: Path, seed: int) -> Path:
     return d
 
 
+def crash_on_call(real, n: int):
+    """`real` wrapped so that its n-th call raises KeyboardInterrupt instead (a simulated crash mid-run)."""
+    calls = []
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+    return wrapper
+
+
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mcmoe_gguf.apps.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=timeout)
