@@ -12,8 +12,10 @@ from mcmoe_gguf.quant.odp_fit import DEFAULT_TARGET as DEFAULT_ODP_TARGET, parse
 
 MIX_HELP = ("types of the tensors outside the experts: auto (default: llama.cpp's own choice for the stock "
             "type of the nearest expert width, e.g. Q2_K embeddings, Q5_K output, Q4_K/Q5_K attention at ~2 "
-            "bits), stock:<ftype> (that stock type's choice), q8 (Q8_0 embeddings and output, mcq4 "
-            "attention: files before issue 13)")
+            "bits), program (the model's one integer program chooses embeddings, output and each attention "
+            "projection's type beside the experts, by measured KL per byte, in the file size auto would give; "
+            "needs --scope model --sensitivity kl and a ladder), stock:<ftype> (that stock type's choice), q8 "
+            "(Q8_0 embeddings and output, mcq4 attention: files before issue 13)")
 
 LADDER_HELP = ("expert types: mcq (default: the paper's program, 1/2/3 bits of our grid per expert), full (per "
                "projection, our mcq widths and llama.cpp's IQ1_S..IQ3_XXS, Q2_K..Q4_K, chosen by measured error "

@@ -311,6 +311,8 @@ class LadderAllocation:
     expert_bytes: int
     scope: str
     granularity: str
+    extra: np.ndarray | None = None     # int [N]: the choice of each extra item (allocate_ladder's extra)
+    extra_bytes: int = 0                # their bytes
 
 
 class SlowerThanFloor(ValueError):
@@ -319,7 +321,7 @@ class SlowerThanFloor(ValueError):
 
 def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granularity="projection",
                     alpha=DEFAULT_ALPHA, beta=DEFAULT_BETA, gamma=DEFAULT_GAMMA, speed=None,
-                    layer_scale=None) -> LadderAllocation:
+                    layer_scale=None, extra=None) -> LadderAllocation:
     """Types minimising sum_{l,e,p} s[l] phi^alpha w^beta eps[l,e,p,t]^gamma under a real-byte budget.
 
     layer_scale: s [L] >= 0, each layer's exchange rate from eps^gamma to output damage (quant/sensitivity.py);
@@ -339,7 +341,11 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
     tensors need (costs and bytes summed over the experts)
     No per-layer width guard: unlike the paper's three widths of one grid, a ladder's cheapest types are
     not all alike, and the measured eps already says where bytes pay. Among optimal choices the one with
-    the fewest bytes (as `allocate`)."""
+    the fewest bytes (as `allocate`).
+
+    extra: optional (cost [N, U], size int [N, U], cap_bytes): N more items that share the model program's
+    byte cap, which grows by cap_bytes: the tensors outside the experts (quant/mix_choice.py), their costs in
+    the experts' units (with layer_scale in KL, both are KL). scope="model" only; U may differ from T."""
     phi, w = (np.asarray(a, dtype=np.float64) for a in (phi, w))
     eps = np.asarray(eps, dtype=np.float64)
     nbytes = np.asarray(nbytes, dtype=np.int64)
@@ -376,19 +382,53 @@ def allocate_ladder(phi, w, eps, nbytes, n_params, budget, scope="layer", granul
             raise ValueError(f"speed: expected positive us [P, T] = {(P, T)} and floor [P]; got {us.shape}, {floor.shape}")
         time, _ = _items(phi[..., None, None] * np.broadcast_to(us, (L, E, P, T)), np.zeros((L, E, P, T)), granularity)
     choice = np.zeros(cost.shape[:3], dtype=np.int64)
+    ex = _check_extra(extra, scope, time)
+    extra_choice = None
     for ls in programs:
         cap = math.floor(target * int(n[ls].sum()) / 8)         # bytes; floor keeps "<=" exact
         lim = None
         if time is not None:
             lim = (time[ls].reshape(-1, T), float(phi[ls].sum() * floor.sum()))
-        choice[ls] = _solve_choices(cost[ls].reshape(-1, T), size[ls].reshape(-1, T), cap, lim).reshape(choice[ls].shape)
+        c, sz = cost[ls].reshape(-1, T), size[ls].reshape(-1, T)
+        if ex is None:
+            choice[ls] = _solve_choices(c, sz, cap, lim).reshape(choice[ls].shape)
+            continue
+        (xc, xs, xcap), k = ex, c.shape[0]
+        c, sz, xc_p, xs_p = _pad_columns(c, sz, xc, xs)
+        pick = _solve_choices(np.concatenate([c, xc_p]), np.concatenate([sz, xs_p]), cap + xcap)
+        choice[ls] = np.minimum(pick[:k], T - 1).reshape(choice[ls].shape)
+        extra_choice = np.minimum(pick[k:], xc.shape[1] - 1)
     if granularity == "expert":
         choice = np.repeat(choice, P, axis=2)
     elif granularity == "layer":
         choice = np.repeat(choice, E, axis=1)
     obj = float(np.take_along_axis(full_cost, choice[..., None], axis=3).sum())
     nb = int(np.take_along_axis(np.broadcast_to(nbytes, (L, E, P, T)), choice[..., None], axis=3).sum())
-    return LadderAllocation(choice, obj, 8 * nb / int(n.sum()), nb, scope, granularity)
+    xb = 0 if extra_choice is None else int(np.take_along_axis(ex[1], extra_choice[:, None], 1).sum())
+    return LadderAllocation(choice, obj, 8 * nb / int(n.sum()), nb, scope, granularity, extra_choice, xb)
+
+
+def _check_extra(extra, scope, time):
+    if extra is None:
+        return None
+    if scope != "model":
+        raise ValueError("extra items join the model's one program: they need scope='model'")
+    if time is not None:
+        raise ValueError("a speed floor with extra items is not supported (the floor counts expert mat-vecs only)")
+    xc, xs, xcap = extra
+    xc, xs = np.asarray(xc, dtype=np.float64), np.asarray(xs, dtype=np.int64)
+    if xc.ndim != 2 or xc.shape != xs.shape or xc.shape[1] < 1:
+        raise ValueError(f"extra: expected cost and size [N, U]; got {xc.shape}, {xs.shape}")
+    if not (np.isfinite(xc).all() and (xc >= 0).all()) or (xs <= 0).any() or int(xcap) < 0:
+        raise ValueError("extra: costs must be finite and >= 0, sizes > 0 and the added cap >= 0")
+    return xc, xs, int(xcap)
+
+
+def _pad_columns(*mats):
+    """Cost/size matrices of different widths as one width: each row repeats its last column (a copy of a
+    choice changes no optimum; the caller maps an index past a row's width back to its last column)."""
+    W = max(m.shape[1] for m in mats)
+    return [np.concatenate([m, np.repeat(m[:, -1:], W - m.shape[1], 1)], 1) if m.shape[1] < W else m for m in mats]
 
 
 def _items(cost: np.ndarray, size: np.ndarray, granularity: str) -> tuple[np.ndarray, np.ndarray]:

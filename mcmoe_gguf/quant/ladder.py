@@ -47,21 +47,27 @@ def names() -> list[str]:
 
 
 def resolve(spec: str) -> tuple[str, ...]:
-    """The types of a ladder: a name (stock, full) or a comma-separated list of types."""
+    """The types of a ladder: a name (stock, full), or a list of types and names, split by "," or "+" ("full+q5_k+q6_k":
+    the full ladder with two wider types, which reach Q4_K_M's file size; "full" itself stays as it was measured)."""
     if spec == PAPER:
         raise ValueError("the 'mcq' ladder is the paper's per-expert program (allocate.allocate), not a type list")
     if spec in LADDERS:
         return LADDERS[spec]
     types = []
-    for t in (s.strip().lower() for s in spec.split(",")):
+    for t in (s.strip().lower() for s in spec.replace("+", ",").split(",")):    # "+": for lists of ladders
         if not t:
+            continue
+        if t == PAPER:
+            raise ValueError(f"ladder {spec!r}: 'mcq' is the paper's per-expert program and cannot join a type list")
+        if t in LADDERS:
+            types += [u for u in LADDERS[t] if u not in types]
             continue
         if t not in _MCQ and t not in MCN_TYPES:
             try:
                 q = gguf.GGMLQuantizationType[t.upper()]
             except KeyError:
                 raise ValueError(f"unknown type {t!r} in ladder {spec!r}; a ladder is one of {', '.join(names())} "
-                                 f"or a comma-separated list of mcq1..mcq4, mcn2, mcn3 and ggml types (iq2_xxs, q2_k, ...)") from None
+                                 f"or a comma-separated list of ladder names, mcq1..mcq4, mcn2, mcn3 and ggml types (iq2_xxs, q2_k, ...)") from None
             if q in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 raise ValueError(f"{t} is not a quantized type; a ladder's types are low-bit types")
         if t not in types:

@@ -67,8 +67,13 @@ MIXES: dict[str, Mix] = {
 }
 
 
+# "program": the model's integer program chooses these tensors' types (quant/mix_choice.py); until it has,
+# and for its byte cap, it stands for "auto"
+PROGRAM = "program"
+
+
 def names() -> list[str]:
-    return ["auto", *MIXES]
+    return ["auto", PROGRAM, *MIXES]
 
 
 # "auto" chooses among these (IQ2_S is IQ2_XS's experts with wider embeddings)
@@ -91,7 +96,7 @@ def auto_ftype(expert_bpw: float) -> str:
 
 def resolve(name: str, expert_bpw: float) -> Mix:
     """A mix by name ("auto", "q8", "stock:iq2_xxs", ...) for a model whose experts get `expert_bpw`."""
-    if name == "auto":
+    if name in ("auto", PROGRAM):
         return STOCK[auto_ftype(expert_bpw)][2]
     try:
         return MIXES[name]
@@ -164,7 +169,7 @@ def expert_budget_for_size(hp, file_bytes: int, mix_name: str, n_expert_params: 
     overrides: fields replaced in the mix (embed/output types given by the user)."""
     def over(m: Mix) -> Mix:
         return Mix(**{**m.to_dict(), **(overrides or {})})
-    if mix_name != "auto":
+    if mix_name not in ("auto", PROGRAM):
         mix = over(resolve(mix_name, 0.0))
         return Fraction(file_bytes - nonexpert_bytes(hp, mix)), mix
     chosen = None

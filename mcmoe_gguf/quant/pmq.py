@@ -38,7 +38,7 @@ from mcmoe_gguf.quant import allocate, odp_fit
 from mcmoe_gguf.quant import sensitivity as layer_sensitivity
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant import ladder as ladders
-from mcmoe_gguf.quant import mixes
+from mcmoe_gguf.quant import mix_choice, mixes
 from mcmoe_gguf.quant.calibration import (LayerStats, calibration_tokens, expert_inner, moe_stats, odp_curve, odp_mu,
                                           rtn_dequant)
 from mcmoe_gguf.model.checkpoint import Checkpoint
@@ -246,13 +246,15 @@ def check_min_speed(cfg: PMQConfig, types) -> str | None:
 
 
 def layer_statistics(l: int, moe: torch.nn.Module, x: torch.Tensor, h_mid: torch.Tensor, cfg: PMQConfig,
-                     progress: bool) -> LayerStats:
+                     progress: bool, ladder_eps: bool = True) -> LayerStats:
     """phi, w, mu, the ODP pruning curve and the paper's eps of one MoE layer; with a ladder also every
-    choice's eps. h_mid: the residual stream the MoE block's output is added to."""
+    choice's eps (ladder_eps=False: not; the model program of scope="model" chose from the float model's, and
+    measuring them again on the quantized one, the most expensive statistic, would change nothing).
+    h_mid: the residual stream the MoE block's output is added to."""
     s = moe_stats(l, moe, x, _eps_quantizer(cfg))
     s.odp = odp_curve(moe, x, h_mid)
     types = check_ladder(cfg)
-    if types:
+    if types and ladder_eps:
         s.ladder = list(types)
         s.ladder_eps = ladders.measure_eps(moe, x, types, cfg, f"layer {l} ladder eps", progress).tolist()
     return s
@@ -264,12 +266,40 @@ def choose_types(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig, 
     types = check_ladder(cfg)
     if not types:
         return types_of_bits(_bits_of(choose_bits(stats, n_params, cfg, budget)))
+    a = _ladder_allocation(stats, n_params, cfg, budget, hp, types, speed, layer_scale)
+    return np.array(types, dtype=object)[a.choice]
+
+
+def _ladder_allocation(stats, n_params, cfg, budget, hp, types, speed=None, layer_scale=None, extra=None):
     phi = np.array([s.phi for s in stats])
     w = np.array([s.w for s in stats])
     eps = np.array([s.ladder_eps for s in stats])
-    a = allocate.allocate_ladder(phi, w, eps, ladders.choice_bytes(hp, types), n_params, budget, cfg.scope,
-                                 granularity(cfg), cfg.alpha, cfg.beta, cfg.gamma, speed, layer_scale)
-    return np.array(types, dtype=object)[a.choice]
+    return allocate.allocate_ladder(phi, w, eps, ladders.choice_bytes(hp, types), n_params, budget, cfg.scope,
+                                    granularity(cfg), cfg.alpha, cfg.beta, cfg.gamma, speed, layer_scale, extra)
+
+
+def choose_with_mix(stats: list[LayerStats], n_params: np.ndarray, cfg: PMQConfig, budget: allocate.Budget, hp,
+                    layer_scale, mix_kl: dict, reference: mixes.Mix) -> tuple[np.ndarray, mixes.Mix]:
+    """mix="program": the experts' types and the mix from one program (quant/mix_choice.py), whose byte cap
+    is the experts' budget plus the reference mix's matrices: the file `reference` would give."""
+    types = check_ladder(cfg)
+    cands = mix_choice.candidates(hp, reference, _overrides(cfg))
+    groups, cost, size = mix_choice.items(hp, mix_kl, cands)
+    a = _ladder_allocation(stats, n_params, cfg, budget, hp, types, None, layer_scale,
+                           (cost, size, mix_choice.matrix_bytes(hp, reference)))
+    return np.array(types, dtype=object)[a.choice], mix_choice.chosen_mix(groups, cands, a.extra, reference)
+
+
+def check_mix_program(cfg: PMQConfig, ladder_types) -> bool:
+    """Whether the program chooses the mix; its needs fail before any work."""
+    if cfg.mix != mixes.PROGRAM:
+        return False
+    if not ladder_types or cfg.scope != "model" or cfg.sensitivity != "kl":
+        raise ValueError("--mix program weighs the tensors outside the experts against the experts in KL: it needs "
+                         "a ladder (--ladder full|stock|<types>), --scope model and --sensitivity kl")
+    if cfg.min_speed:
+        raise ValueError("--mix program with --min-speed is not supported (the floor counts expert mat-vecs only)")
+    return True
 
 
 # ------------------------------------------------------------------------------------- the layers
@@ -403,6 +433,7 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk, budge
     hp = ck.hp
     L = hp.num_hidden_layers
     probe = layer_sensitivity.check(cfg)
+    cands = mix_choice.candidates(hp, plan_budget(cfg, hp)[1], _overrides(cfg)) if cfg.mix == mixes.PROGRAM else {}
 
     measured = probe and wd.sensitivity_path.exists()      # written after the last layer: nothing left to probe
 
@@ -417,9 +448,17 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk, budge
         h = _embed(ck, tokens, cfg.device) if start == 0 else _load_state(wd.state_path(start, fp=True), cfg)
         if probe and sens is None:
             sens = {"h": {"fp": h[:cfg.sens_seqs].cpu()}, "pred": {}}
+            if cands:
+                sens["h"].update(mix_choice.start_probes(ck.get(ck.arch.GLOBAL_KEYS["embed"]).float(),
+                                                         tokens[:cfg.sens_seqs], h[:cfg.sens_seqs], cands))
     n_params = expert_params(hp)
+    fwd = lambda lay, hh: layer_forward(lay, hh, cos, sin, chunk)    # noqa: E731
     for l in tqdm(range(start, L), desc="calibrate (fp)", unit="layer", initial=start, total=L):
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
+        if cands:       # what the attention candidates are quantized with: their inputs' importance
+            xa, xo = _attention_inputs(layer, h, cos, sin, chunk)
+            imp_a, imp_o = importance(xa), importance(xo)
+            del xa, xo
         h_mid, x = moe_input(layer, h, cos, sin, chunk)
         s = layer_statistics(l, layer.moe, x, h_mid, cfg, progress=False)
         del h_mid
@@ -428,7 +467,10 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk, budge
         h = layer_forward(layer, h, cos, sin, chunk) if l < L - 1 else None
         if probe:
             entering = sens["h"]["fp"].to(cfg.device)
-            sens["h"] = {k: layer_forward(layer, v.to(cfg.device), cos, sin, chunk).cpu() for k, v in sens["h"].items()}
+            mixed = {k: v for k, v in sens["h"].items() if k.startswith(mix_choice.KEY)}
+            sens["h"] = {k: fwd(layer, v.to(cfg.device)).cpu() for k, v in sens["h"].items() if k not in mixed}
+            if mixed:       # before the probe below quantizes this layer's experts in place
+                sens["h"].update(mix_choice.layer_step(layer, mixed, imp_a, imp_o, fwd, cfg.device))
             # the probe of this layer: its experts as the layer-scope program would give them at this budget
             choice = choose_types([s], n_params[l:l + 1], cfg, budget, hp, speed)[0]
             quantize_experts(layer.moe, x, choice, cfg, f"layer {l} probe", progress=False)
@@ -442,7 +484,7 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk, budge
             wd.drop_state(l, fp=True)
         del layer, x
     if not probe:
-        return stats, None
+        return stats, None, None
     if measured:
         rep = json.loads(wd.sensitivity_path.read_text())
     else:
@@ -451,9 +493,15 @@ def _stats_pass(ck: Checkpoint, tokens, cfg, wd: WorkDir, cos, sin, chunk, budge
         pred = [sens["pred"][str(l)] for l in range(L)]
         rep = {"kl": kl, "predicted": pred, "scale": layer_sensitivity.layer_scales(kl, pred).tolist(),
                "sens_seqs": int(fp.shape[0])}
+        if cands:
+            head = None if hp.tie_word_embeddings else ck.get(ck.arch.GLOBAL_KEYS["lm_head"]).float()
+            rep["mix_kl"] = mix_choice.measure(
+                lambda a, b, head=None: layer_sensitivity.mean_kl(ck, a, b, head=head), fp,
+                {k: v for k, v in sens["h"].items() if k.startswith(mix_choice.KEY)}, cands, head,
+                layer_sensitivity.final_norm(ck, fp))
         wd.save(rep, wd.sensitivity_path, as_json=True)
         wd.drop_sens_state(L)           # the probes' last copies (~9 GB at Mixtral size): the report replaces them
-    return stats, np.array(rep["scale"])
+    return stats, np.array(rep["scale"]), rep.get("mix_kl")
 
 
 def odp_curves(model_dir: str | Path, text: str, n_seq: int = 32, seq_len: int = 256,
@@ -516,6 +564,9 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     if layer_sensitivity.check(cfg) and not ladder_types:
         raise ValueError("--sensitivity kl weighs a ladder's eps (--ladder full|stock|<types>); the paper's "
                          "program (--ladder mcq) has no use for it")
+    mix_program = check_mix_program(cfg, ladder_types)
+    if mix_program:
+        mix_choice.candidates(hp, mix, _overrides(cfg))     # a reference or override it cannot use fails here
     wd = WorkDir(outdir)
     wd.open(_manifest(model_dir, cfg), same=lambda old, new: _with_defaults(old) == new)
     stored = cfg.min_speed and wd.kernel_costs_path.exists()
@@ -539,8 +590,12 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
 
     global_types = None
     if cfg.scope == "model" and not cfg.strategy.startswith("uniform"):
-        fp_stats, scale = _stats_pass(ck, tokens, cfg, wd, cos, sin, chunk, budget, speed)
-        global_types = choose_types(fp_stats, n_params, cfg, budget, hp, speed, scale)
+        fp_stats, scale, mix_kl = _stats_pass(ck, tokens, cfg, wd, cos, sin, chunk, budget, speed)
+        if mix_program:
+            global_types, mix = choose_with_mix(fp_stats, n_params, cfg, budget, hp, scale, mix_kl, mix)
+            wd.save(mix.to_dict(), wd.mix_path, as_json=True)
+        else:
+            global_types = choose_types(fp_stats, n_params, cfg, budget, hp, speed, scale)
 
     start = 0
     while start < L and wd.has_layer(start) and (start == L - 1 or wd.state_path(start + 1).exists()):
@@ -551,7 +606,7 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
         layer = ck.arch.decoder_layer_from(ck, l).to(cfg.device)
         tensors = {f"self_attn.{k}": v for k, v in quantize_attention(layer, h, cos, sin, cfg, chunk, mix).items()}
         h_mid, x = moe_input(layer, h, cos, sin, chunk)
-        s = layer_statistics(l, layer.moe, x, h_mid, cfg, progress)
+        s = layer_statistics(l, layer.moe, x, h_mid, cfg, progress, ladder_eps=global_types is None)
         del h_mid
         wd.save(s.to_dict(), wd.stats_path(l), as_json=True)
         types = global_types[l] if global_types is not None else \
@@ -602,7 +657,7 @@ def finish(wd: WorkDir | Path, ck: Checkpoint, odp: str | None = None) -> dict:
     bits = bits_of_types(types)
     stats = [wd.load_stats(l) for l in range(hp.num_hidden_layers)]
     cfg = _with_defaults(wd.manifest())["config"]
-    mix = resolved_mix(cfg, hp)
+    mix = mixes.Mix(**json.loads(wd.mix_path.read_text())) if cfg["mix"] == mixes.PROGRAM else resolved_mix(cfg, hp)
     if not wd.globals_path.exists():
         quantize_globals(wd, ck, mix)
     if odp is None:

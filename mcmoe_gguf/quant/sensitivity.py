@@ -65,15 +65,17 @@ def _lm_head(ck, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_kl(ck, h_ref: torch.Tensor, h: torch.Tensor, chunk: int = 2048) -> float:
+def mean_kl(ck, h_ref: torch.Tensor, h: torch.Tensor, chunk: int = 2048, head: torch.Tensor | None = None) -> float:
     """Mean over tokens of KL(p_ref || p), p = softmax(lm_head(final_norm(h))), from the last hidden states
-    h_ref, h [..., d] (chunked over tokens: Mixtral's vocabulary is 32k logits per token)."""
+    h_ref, h [..., d] (chunked over tokens: Mixtral's vocabulary is 32k logits per token). head: another output
+    matrix for p (a quantized one; quant/mix_choice.py), p_ref keeps the model's."""
     W = _lm_head(ck, h.device)
+    Wq = W if head is None else head.float().to(h.device)
     a, b = h_ref.reshape(-1, h_ref.shape[-1]), h.reshape(-1, h.shape[-1])
     total = 0.0
     for s in range(0, a.shape[0], chunk):
         lp = torch.log_softmax(final_norm(ck, a[s:s + chunk]) @ W.t(), -1)
-        lq = torch.log_softmax(final_norm(ck, b[s:s + chunk]) @ W.t(), -1)
+        lq = torch.log_softmax(final_norm(ck, b[s:s + chunk]) @ Wq.t(), -1)
         total += float((lp.exp() * (lp - lq)).sum())
     return total / max(a.shape[0], 1)
 

@@ -9,7 +9,11 @@ fake-quant evaluation read them through here).
     state/fp_h_XX.pt       the same on the unquantized model (scope="model" only)
     state/sens_h_XX.pt     sensitivity="kl": the probe sequences entering layer XX, float and with each earlier
                            layer's experts quantized (quant/sensitivity.py)
-    sensitivity.json       sensitivity="kl": per layer the probe's choice cost, its KL and the scale
+    state/sens_h_XX.pt     ... and with mix="program" the probes of every candidate type of the tensors outside
+                           the experts (quant/mix_choice.py)
+    sensitivity.json       sensitivity="kl": per layer the probe's choice cost, its KL and the scale (mix="program":
+                           also each outside group's KL per candidate type)
+    mix.json               mix="program": the types the program chose outside the experts
     output_importance.pt   mean x^2 of the output projection's input (written with the last layer)
     layers/globals.pt      embeddings and output in the mix's ggml types (written at the end)
     allocation.json        bits [layer][expert], the mix and the real-byte accounting (written at the end)
@@ -64,6 +68,10 @@ class WorkDir:
     def sens_state_path(self, l: int) -> Path:
         """sensitivity probes entering layer l (l = n_layers: after the last one, until sensitivity.json)"""
         return self.path / "state" / f"sens_h_{l:02d}.pt"
+
+    @property
+    def mix_path(self) -> Path:
+        return self.path / "mix.json"
 
     @property
     def output_importance_path(self) -> Path:

@@ -31,6 +31,12 @@ def test_resolve_names_lists_and_bad_types():
     assert ladder.resolve(" mcq1, IQ2_XXS,q2_k,mcq1 ") == ("mcq1", "iq2_xxs", "q2_k")
     assert ladder.resolve("mcn") == ladder.resolve("full")[:3] + ("mcn2", "mcn3") + ladder.STOCK_TYPES
     assert ladder.resolve("mcn2,iq1_s") == ("mcn2", "iq1_s")
+    # a name inside a list expands in place, each type once
+    assert ladder.resolve("full,q5_k,q6_k") == ladder.resolve("full") + ("q5_k", "q6_k")
+    assert ladder.resolve("q6_k,stock,iq1_s") == ("q6_k",) + ladder.STOCK_TYPES
+    assert ladder.resolve("full+q5_k+q6_k") == ladder.resolve("full,q5_k,q6_k")
+    with pytest.raises(ValueError, match="paper's per-expert program"):
+        ladder.resolve("mcq,q6_k")
     with pytest.raises(ValueError, match="unknown type 'iq9'"):
         ladder.resolve("mcq1,iq9")
     with pytest.raises(ValueError, match="not a quantized type"):
