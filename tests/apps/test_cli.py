@@ -1,6 +1,8 @@
 """The command line: help that explains itself, and bad input ends with a message and a non-zero exit."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import cli
@@ -57,3 +59,31 @@ def test_a_bad_odp_target_is_refused_by_the_parser(tmp_path, command, capsys):
     assert "'median', 'skip:S' with 0 <= S < 1 or 'error:B'" in capsys.readouterr().err
     a = build_parser().parse_args([command, str(tmp_path), "-o", str(tmp_path / "x")])
     assert a.odp_target == "skip:0.225" and a.min_speed is None and a.eps_rows == 0 and a.eps_holdout == 0.0
+
+
+@pytest.mark.parametrize("args, scope", [
+    ([], "layer"),                                          # the paper's mcq program: per layer
+    (["--ladder", "full"], "model"),                        # a ladder: one program for the model (measured)
+    (["--ladder", "stock", "--scope", "layer"], "layer"),   # an explicit scope wins
+    (["--ladder", "iq2_xxs,q2_k", "--compat", "stock"], "layer"),
+    (["--scope", "model"], "model"),
+])
+@pytest.mark.parametrize("command", ["quantize", "convert"])
+def test_scope_auto_reaches_the_quantizer(command, args, scope, tmp_path, monkeypatch):
+    import mcmoe_gguf.gguf.export as export
+    import mcmoe_gguf.quant.pmq as pmq
+    from mcmoe_gguf.apps.cli import main
+    seen = []
+
+    def fake_quantize(model_dir, outdir, cfg, **kw):
+        seen.append(cfg)
+        return {"expert_bpw": 2.0, "expert_bytes": 1, "total_bpw": 2.0, "total_bytes": 1}
+    monkeypatch.setattr(pmq, "quantize", fake_quantize)
+
+    def fake_export(workdir, out, **kw):
+        Path(out).write_bytes(b"GGUF")
+        return Path(out)
+    monkeypatch.setattr(export, "export_pmq", fake_export)
+    out = ["-o", str(tmp_path / ("x.gguf" if command == "convert" else "w"))]
+    assert main([command, str(tmp_path), "--bits", "2", *out, *args]) == 0
+    assert [c.scope for c in seen] == [scope]
