@@ -60,17 +60,15 @@ def candidates(hp, reference: mixes.Mix, fixed: dict | None = None) -> dict[str,
             raise ValueError(f"mix 'program' chooses among llama.cpp's quantized types; {pool[0]} for {g} is not one")
         if ref not in pool and not (fixed and g in fixed):
             pool = pool + (ref,)
-        pool = tuple(sorted(pool, key=lambda t: group_bytes(hp, g, t)))     # narrowest first: the tables read so
-        ok = []
+        ok = {}
         for t in pool:
             try:
-                group_bytes(hp, g, t)
-            except ValueError:
+                ok[t] = group_bytes(hp, g, t)
+            except ValueError:          # its blocks do not divide the rows (e.g. a 256-block k-quant, d=2880)
                 continue
-            ok.append(t)
         if not ok:
             raise ValueError(f"no candidate type fits the rows of {g} ({shapes[g][0]}); candidates: {', '.join(pool)}")
-        out[g] = tuple(ok)
+        out[g] = tuple(sorted(ok, key=ok.get))          # narrowest first: the tables read so
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -79,6 +80,18 @@ def test_candidates_hold_the_reference_and_pins(micro_checkpoint):
     assert groups == [g for g in mix_choice.GROUPS if g in c]
     i = groups.index("attn_o")
     assert cost[i, 0] == 0 and cost[i, 1] == 0.5 and size[i, 1] == mix_choice.group_bytes(hp, "attn_o", c["attn_o"][1])
+
+
+def test_candidates_whose_blocks_do_not_fit_are_left_out():
+    """Rows of 96 values: only the 32-value block types can hold them (q8_0 here); 256-block k-quants and
+    i-quants are left out, not an error, and a pin that cannot fit is one."""
+    hp = SimpleNamespace(hidden_size=96, d_head=24, num_hidden_layers=2, vocab_size=1000, tie_word_embeddings=False,
+                         num_attention_heads=4, num_key_value_heads=2)
+    ref = mixes.Mix(**{**mixes.STOCK["IQ2_XXS"][2].to_dict(), **{g: "q8_0" for g in mix_choice.GROUPS}})
+    c = mix_choice.candidates(hp, ref)
+    assert c == {g: ("q8_0",) for g in mix_choice.GROUPS}
+    with pytest.raises(ValueError, match="no candidate type fits the rows of embed"):
+        mix_choice.candidates(hp, ref, {"embed": "q4_k"})
 
 
 def _whole_model(ck: Checkpoint, replace: dict):
