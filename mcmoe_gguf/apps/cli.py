@@ -10,11 +10,13 @@ from mcmoe_gguf.model.tiny import PRESETS
 from mcmoe_gguf.quant.mixes import names as mix_names
 from mcmoe_gguf.quant.odp_fit import DEFAULT_TARGET as DEFAULT_ODP_TARGET, parse_target
 
-MIX_HELP = ("types of the tensors outside the experts: auto (default: llama.cpp's own choice for the stock "
+MIX_HELP = ("types of the tensors outside the experts: auto (llama.cpp's own choice for the stock "
             "type of the nearest expert width, e.g. Q2_K embeddings, Q5_K output, Q4_K/Q5_K attention at ~2 "
-            "bits), program (the model's one integer program chooses embeddings, output and each attention "
+            "bits; the default for the paper's mcq program, --compat stock and --min-speed), program (the default "
+            "with a ladder: the model's one integer program chooses embeddings, output and each attention "
             "projection's type beside the experts, by measured KL per byte, in the file size auto would give; "
-            "needs --scope model --sensitivity kl and a ladder), stock:<ftype> (that stock type's choice), q8 "
+            "bench model: 8-29%% lower KLD than auto at equal bytes; needs --scope model --sensitivity kl and a "
+            "ladder), stock:<ftype> (that stock type's choice), q8 "
             "(Q8_0 embeddings and output, mcq4 attention: files before issue 13)")
 
 LADDER_HELP = ("expert types: mcq (default: the paper's program, 1/2/3 bits of our grid per expert), full (per "
@@ -38,8 +40,8 @@ EPS_HOLDOUT_HELP = ("with a ladder: measure each choice's error on this share of
                     "docs/RESULTS.md, \"held-out eps\")")
 SENSITIVITY_HELP = ("with a ladder and --scope model: 'kl' measures, per layer, the output KL its experts cost "
                     "at the layer-scope choice and weighs that layer's errors by it, so the one program moves bytes to "
-                    "the layers where they matter (one extra quantization of every layer); 'none' (default): errors "
-                    "as measured")
+                    "the layers where they matter (one extra quantization of every layer); default: kl with --mix program "
+                    "(which needs it), else 'none': errors as measured")
 MIN_SPEED_HELP = ("with a ladder: decode no slower than a file with every expert in TYPE (e.g. q2_k), per "
                   "each type's mat-vec time measured here with llama.cpp's test-backend-ops (cached), weighted by "
                   "how often the calibration tokens route to each expert")
@@ -73,17 +75,27 @@ def add_ladder_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--eps-tokens", type=int, default=0, metavar="N",
                    help="with a ladder: measure each choice's error on at most N routed tokens per expert (0: all)")
     s.add_argument("--eps-holdout", type=float, default=DEFAULT_EPS_HOLDOUT, metavar="F", help=EPS_HOLDOUT_HELP)
-    s.add_argument("--sensitivity", choices=["none", "kl"], default="none", help=SENSITIVITY_HELP)
+    s.add_argument("--sensitivity", choices=["none", "kl"], default=None, help=SENSITIVITY_HELP)
     s.add_argument("--sens-seqs", type=int, default=DEFAULT_SENS_SEQS, metavar="N",
                    help=f"with --sensitivity kl: calibration sequences the layers' KL is measured on (default {DEFAULT_SENS_SEQS})")
 
 
-def scope_of(a) -> str:
-    """--scope auto: one program for the model where that was measured to win (a type ladder), the paper's
-    per-layer programs elsewhere (its mcq program; --compat stock, measured per layer only)."""
-    if a.scope != "auto":
-        return a.scope
-    return "model" if a.ladder != "mcq" and a.compat == "none" else "layer"
+def program_of(a) -> dict:
+    """PMQConfig's scope, mix and sensitivity from the options, defaults filled where each was measured to win
+    (docs/RESULTS.md, bench model): with a type ladder one program for the model (--scope auto) that also chooses
+    the types outside the experts (--mix program, which weighs them in KL: --sensitivity kl); the paper's
+    per-layer programs and llama.cpp's mix for its mcq program, --compat stock and --min-speed (measured so only,
+    or not supported with the mix program). An option given explicitly is kept as given."""
+    scope = a.scope
+    if scope == "auto":
+        scope = "model" if a.ladder != "mcq" and a.compat == "none" else "layer"
+    mix = a.mix
+    if mix is None:
+        chosen = (scope == "model" and a.ladder != "mcq" and a.compat == "none" and not a.min_speed
+                  and getattr(a, "strategy", "pmq") == "pmq")
+        mix = "program" if chosen and a.sensitivity in (None, "kl") else "auto"
+    sensitivity = a.sensitivity or ("kl" if mix == "program" else "none")
+    return {"scope": scope, "mix": mix, "sensitivity": sensitivity}
 
 
 EPILOG = """examples:
@@ -112,11 +124,11 @@ def cmd_convert(a) -> int:
     elif a.bits or a.size:
         from mcmoe_gguf.quant.pmq import PMQConfig, quantize
         workdir = Path(a.workdir or f"{a.output}.pmq")
-        cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=scope_of(a), n_seq=a.n_seq,
+        cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), **program_of(a), n_seq=a.n_seq,
                         seq_len=a.seq_len, calib_text=a.calib_text, device=a.device, eps_method=a.eps_method,
                         ladder=a.ladder, granularity=a.granularity, compat=a.compat, min_speed=a.min_speed,
                         eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout,
-                        sensitivity=a.sensitivity, sens_seqs=a.sens_seqs, odp=a.odp_target)
+                        sens_seqs=a.sens_seqs, odp=a.odp_target)
         quantize(a.model_dir, workdir, cfg, kernel_costs=kernel_costs(cfg))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
@@ -226,12 +238,12 @@ def kernel_costs(cfg) -> dict | None:
 
 def cmd_quantize(a) -> int:
     from mcmoe_gguf.quant.pmq import PMQConfig, quantize
-    cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), mix=a.mix, scope=scope_of(a), strategy=a.strategy, method=a.method, alpha=a.alpha,
+    cfg = PMQConfig(budget=a.bits or "2.5", size=_tensor_size(a), **program_of(a), strategy=a.strategy, method=a.method, alpha=a.alpha,
                     beta=a.beta, gamma=a.gamma, n_seq=a.n_seq, seq_len=a.seq_len, calib_text=a.calib_text,
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
                     eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity, compat=a.compat,
                     min_speed=a.min_speed, eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout,
-                    sensitivity=a.sensitivity, sens_seqs=a.sens_seqs, odp=a.odp_target)
+                    sens_seqs=a.sens_seqs, odp=a.odp_target)
     r = quantize(a.model_dir, a.output, cfg, kernel_costs=kernel_costs(cfg))
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")
@@ -333,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "per-expert 1/2/3-bit tensors (mcq types; needs the patched runtime to run)")
     s.add_argument("--size", help="run PMQ so that the whole file has at most this many bytes (e.g. 13GB = 13e9, "
                    "12GiB): the mix outside the experts first, the rest to the experts")
-    s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
+    s.add_argument("--mix", default=None, choices=mix_names(), help=MIX_HELP)
     add_ladder_options(s)
     s.add_argument("--workdir", help="PMQ work directory (default OUT.gguf.pmq; resumable)")
     s.add_argument("--n-seq", type=int, default=128, help="PMQ calibration sequences (default 128)")
@@ -391,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "bytes (e.g. 13GB = 13e9, 12GiB); default 2.5")
     s.add_argument("--size", help="budget as whole-file bytes instead (e.g. 13GB): the mix outside the experts "
                    "first, the rest to the experts")
-    s.add_argument("--mix", default="auto", choices=mix_names(), help=MIX_HELP)
+    s.add_argument("--mix", default=None, choices=mix_names(), help=MIX_HELP)
     add_ladder_options(s)
     s.add_argument("--strategy", default="pmq", help="pmq | uniform:B | random:SEED | frequency | weight | eps")
     s.add_argument("--method", choices=["gptq", "rtn"], default="gptq")

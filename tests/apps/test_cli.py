@@ -61,29 +61,35 @@ def test_a_bad_odp_target_is_refused_by_the_parser(tmp_path, command, capsys):
     assert a.odp_target == "skip:0.225" and a.min_speed is None and a.eps_rows == 0 and a.eps_holdout == 0.0
 
 
-@pytest.mark.parametrize("args, scope", [
-    ([], "layer"),                                          # the paper's mcq program: per layer
-    (["--ladder", "full"], "model"),                        # a ladder: one program for the model (measured)
-    (["--ladder", "stock", "--scope", "layer"], "layer"),   # an explicit scope wins
-    (["--ladder", "iq2_xxs,q2_k", "--compat", "stock"], "layer"),
-    (["--scope", "model"], "model"),
+@pytest.mark.parametrize("args, chosen", [
+    ([], ("layer", "auto", "none")),                        # the paper's mcq program: per layer, llama.cpp's mix
+    (["--ladder", "full"], ("model", "program", "kl")),     # a ladder: one program for the model and its mix
+    (["--ladder", "stock", "--scope", "layer"], ("layer", "auto", "none")),     # an explicit option wins
+    (["--ladder", "iq2_xxs,q2_k", "--compat", "stock"], ("layer", "auto", "none")),
+    (["--ladder", "full", "--sensitivity", "none"], ("model", "auto", "none")),
+    (["--ladder", "full", "--min-speed", "q2_k"], ("model", "auto", "none")),
+    (["--ladder", "full", "--mix", "stock:iq2_s"], ("model", "stock:iq2_s", "none")),
+    (["--scope", "model"], ("model", "auto", "none")),
 ])
 @pytest.mark.parametrize("command", ["quantize", "convert"])
-def test_scope_auto_reaches_the_quantizer(command, args, scope, tmp_path, monkeypatch):
+def test_defaults_reach_the_quantizer(command, args, chosen, tmp_path, monkeypatch):
+    """--scope auto, --mix and --sensitivity left out: filled where each was measured to win, what reaches
+    PMQConfig (the quantizer itself replaced: no model is read)."""
+    import mcmoe_gguf.apps.cli as cli_mod
     import mcmoe_gguf.gguf.export as export
     import mcmoe_gguf.quant.pmq as pmq
-    from mcmoe_gguf.apps.cli import main
     seen = []
 
     def fake_quantize(model_dir, outdir, cfg, **kw):
         seen.append(cfg)
         return {"expert_bpw": 2.0, "expert_bytes": 1, "total_bpw": 2.0, "total_bytes": 1}
-    monkeypatch.setattr(pmq, "quantize", fake_quantize)
 
     def fake_export(workdir, out, **kw):
         Path(out).write_bytes(b"GGUF")
         return Path(out)
+    monkeypatch.setattr(pmq, "quantize", fake_quantize)
     monkeypatch.setattr(export, "export_pmq", fake_export)
+    monkeypatch.setattr(cli_mod, "kernel_costs", lambda cfg: None)      # --min-speed would time the kernels
     out = ["-o", str(tmp_path / ("x.gguf" if command == "convert" else "w"))]
-    assert main([command, str(tmp_path), "--bits", "2", *out, *args]) == 0
-    assert [c.scope for c in seen] == [scope]
+    assert cli_mod.main([command, str(tmp_path), "--bits", "2", *out, *args]) == 0
+    assert [(c.scope, c.mix, c.sensitivity) for c in seen] == [chosen]
