@@ -25,8 +25,8 @@ LADDER_HELP = ("expert types: mcq (default: the paper's program, 1/2/3 bits of o
                "2.19 / 3.19 bpw, GPTQ-rounded: the best quality per byte; needs the patched runtime), stock "
                "(llama.cpp's types only), or a comma-separated list of types (e.g. mcq1,mcn2,iq2_xxs,q2_k)")
 SCOPE_HELP = ("one integer program per layer (the paper's) or one for the whole model; auto (default): the whole "
-              "model with a ladder (measured better: bench model at 1.5625 expert bpw mean KLD 0.181 against 0.227 with "
-              "per-layer programs, docs/RESULTS.md), per layer for the paper's mcq program and --compat stock")
+              "model with a ladder or --compat stock (measured better: bench model at 1.5625 expert bpw mean KLD "
+              "0.181 against 0.227 with per-layer programs, docs/RESULTS.md), per layer for the paper's mcq program")
 GRANULARITY_HELP = "a ladder's choice: one type per projection (default) or one per expert"
 COMPAT_HELP = ("stock: a file any llama.cpp runs (ollama, LM Studio, stock llama-cpp-python): llama.cpp's own types "
                "only (the stock ladder unless --ladder names others), one type per layer and projection, merged "
@@ -82,13 +82,14 @@ def add_ladder_options(s: argparse.ArgumentParser) -> None:
 
 def program_of(a) -> dict:
     """PMQConfig's scope, mix and sensitivity from the options, defaults filled where each was measured to win
-    (docs/RESULTS.md, bench model): with a type ladder one program for the model (--scope auto) that also chooses
-    the types outside the experts (--mix program, which weighs them in KL: --sensitivity kl); the paper's
-    per-layer programs and llama.cpp's mix for its mcq program, --compat stock and --min-speed (measured so only,
-    or not supported with the mix program). An option given explicitly is kept as given."""
+    (docs/RESULTS.md, bench model): with a type ladder or --compat stock one program for the model (--scope auto);
+    with a ladder it also chooses the types outside the experts (--mix program, which weighs them in KL:
+    --sensitivity kl); llama.cpp's mix for --compat stock (the mix program untried there) and --min-speed (not
+    supported with it); the paper's per-layer programs and llama.cpp's mix for its mcq program. An option given
+    explicitly is kept as given."""
     scope = a.scope
     if scope == "auto":
-        scope = "model" if a.ladder != "mcq" and a.compat == "none" else "layer"
+        scope = "model" if a.ladder != "mcq" or a.compat != "none" else "layer"
     mix = a.mix
     if mix is None:
         chosen = (scope == "model" and a.ladder != "mcq" and a.compat == "none" and not a.min_speed

@@ -65,7 +65,9 @@ def test_a_bad_odp_target_is_refused_by_the_parser(tmp_path, command, capsys):
     ([], ("layer", "auto", "none")),                        # the paper's mcq program: per layer, llama.cpp's mix
     (["--ladder", "full"], ("model", "program", "kl")),     # a ladder: one program for the model and its mix
     (["--ladder", "stock", "--scope", "layer"], ("layer", "auto", "none")),     # an explicit option wins
-    (["--ladder", "iq2_xxs,q2_k", "--compat", "stock"], ("layer", "auto", "none")),
+    (["--ladder", "iq2_xxs,q2_k", "--compat", "stock"], ("model", "auto", "none")),   # the mix program untried
+    (["--compat", "stock"], ("model", "auto", "none")),
+    (["--compat", "stock", "--scope", "layer"], ("layer", "auto", "none")),
     (["--ladder", "full", "--sensitivity", "none"], ("model", "auto", "none")),
     (["--ladder", "full", "--min-speed", "q2_k"], ("model", "auto", "none")),
     (["--ladder", "full", "--mix", "stock:iq2_s"], ("model", "stock:iq2_s", "none")),
