@@ -21,6 +21,12 @@ non-expert tensor (attention, router, norms, output) once, the embedding one row
 the expert bytes (2 of 8 experts per layer; with mixed widths the average over experts, i.e. uniform
 routing, which the random router roughly gives).
 
+--model pareto (section "bench_speed_pareto"). pp/tg of every file of the bench model's quality curves
+(stock types and PMQ files that scripts/bench_quality.py --preset bench left in its cache; --sources picks
+some by name) at Mixtral's sizes: each file is mirrored onto a 4-layer Mixtral-shaped model with every
+tensor in the type the bench file gives it (mixtral_shaped.mirror: synthetic data, real types and layout,
+~20 s a file), timed, and deleted. Same timing method and bandwidth columns as mixtral-shaped.
+
 --model both (default) runs tiny, then mixtral-shaped.
 """
 from __future__ import annotations
@@ -53,7 +59,7 @@ def time_file(path: Path, threads: int, n_pp: int, n_tg: int, repeat: int) -> tu
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("tiny", "mixtral-shaped", "both"), default="both")
+    ap.add_argument("--model", choices=("tiny", "mixtral-shaped", "pareto", "both"), default="both")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--pp", type=int, default=256)
     ap.add_argument("--tg", type=int, default=64)
@@ -61,12 +67,18 @@ def main() -> int:
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--no-build", action="store_true",
                     help="mixtral-shaped: time only the files already built (skip the missing ones)")
+    ap.add_argument("--sources", default="",
+                    help="pareto: comma-separated bench-model file names without tiny- and .gguf (e.g. "
+                         "q2_k,pmq-2.25-program-full-model-kl); default every one in the cache but F16")
+    ap.add_argument("--keep-mirrors", action="store_true", help="pareto: keep the mirrored files (GBs each)")
     a = ap.parse_args()
     rc = 0
     if a.model in ("tiny", "both"):
         rc = bench_tiny(a)
     if a.model in ("mixtral-shaped", "both"):
         rc = bench_mixtral(a) or rc
+    if a.model == "pareto":
+        rc = bench_pareto(a)
     return rc
 
 
@@ -216,6 +228,82 @@ def bench_mixtral(a) -> int:
             f"--tg {a.tg} --repeat {a.repeat} {'--no-build ' if a.no_build else ''}--write-results` on "
             f"{platform.machine()} ({cpu}), "
             f"{datetime.date.today().isoformat()}; all files in one process, side by side.\n\n{table}"))
+    return 0
+
+
+# ------------------------------------------------------------------------------ the Pareto files, Mixtral-sized
+def pareto_sources(a) -> list[Path]:
+    """The bench model's quality files to mirror: --sources, or every one but F16, by file bytes."""
+    d = cache_dir("bench", tiny_model("bench").name, "quality")
+    if a.sources:
+        files = [d / f"tiny-{n}.gguf" for n in a.sources.split(",")]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise SystemExit(f"not in {d}: {', '.join(missing)} (run scripts/bench_quality.py --preset bench)")
+    else:
+        files = [f for f in d.glob("tiny-*.gguf") if f.name != "tiny-f16.gguf"]
+        if not files:
+            raise SystemExit(f"no files in {d}: run scripts/bench_quality.py --preset bench first")
+    return sorted(files, key=lambda f: f.stat().st_size)
+
+
+def bench_pareto(a) -> int:
+    import datetime
+    import json
+    from mixtral_shaped import Recipe, config, mirror
+    from mcmoe_gguf.model.arch.mixtral import MixtralHParams
+    sources = pareto_sources(a)
+    bench_dir = tiny_model("bench")
+    hp = MixtralHParams.from_config(config(Recipe(n_layers=4), json.loads((bench_dir / "config.json").read_text())))
+    out_dir = cache_dir("bench", "mixtral-shaped", "mirrors")
+    threads = list(map(int, a.threads.split(",")))
+    bw = {t: memory_bandwidth(t) for t in threads}
+    print("memory read bandwidth GB/s:", bw, flush=True)
+    rows = []
+    for src in sources:
+        name = src.stem.removeprefix("tiny-")
+        m = out_dir / f"{name}.gguf"
+        if not m.exists():
+            print(f"mirroring {src.name} at Mixtral's sizes", flush=True)
+            mirror(src, m, hp)
+        try:
+            z, rb = gguf_sizes(m), decode_read_bytes(m)
+            for t in threads:
+                pp, tg = time_file(m, t, a.pp, a.tg, a.repeat)
+                gbs = rb["per_token"] * tg / 1e9
+                rows.append((name, t, z["bytes"], z["expert_bpw"], pp, tg, rb["per_token"], gbs, 100 * gbs / bw[t]))
+                print(rows[-1], flush=True)
+        finally:
+            if not a.keep_mirrors:
+                m.unlink()
+    ref = {t: (pp, tg) for (n, t, _, _, pp, tg, *_) in rows if n == "q2_k"}
+    lines = ["Measured memory read bandwidth (1 GiB sum, best of 7): "
+             + ", ".join(f"{t} thread{'s' if t > 1 else ''} {bw[t]:.1f} GB/s" for t in threads) + ".", "",
+             "| bench-model file | threads | bytes (Mixtral-shaped) | expert bpw | pp tok/s | tg tok/s | pp / Q2_K | "
+             "tg / Q2_K | MB read / token | % of bandwidth |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in threads:
+        for n, tt, b, ebpw, pp, tg, per_tok, gbs, pct in rows:
+            if tt != t:
+                continue
+            rp, rt = (f"{pp / ref[t][0]:.2f}", f"{tg / ref[t][1]:.2f}") if t in ref else ("", "")
+            lines.append(f"| {n} | {t} | {b:,} | {ebpw:.3f} | {pp:.1f} | {tg:.1f} | {rp} | {rt} | "
+                         f"{per_tok / 1e6:.1f} | {pct:.0f}% |")
+    table = "\n".join(lines)
+    print(table)
+    if a.write_results:
+        from results_md import machine
+        src_arg = f"--sources {a.sources} " if a.sources else ""
+        replace_section("bench_speed_pareto", (
+            "## Issue 13: pp/tg of the bench model's Pareto files at Mixtral's sizes\n\n"
+            f"`.venv/bin/python scripts/bench_speed.py --model pareto {src_arg}--threads {a.threads} --pp {a.pp} "
+            f"--tg {a.tg} --repeat {a.repeat} --write-results` on {machine()}, "
+            f"{datetime.date.today().isoformat()}. Each file of the bench model's quality curves is mirrored onto "
+            f"a 4-layer Mixtral-shaped model (4096/14336, 8 experts top-2, GQA 32/8, the bench model's vocabulary of "
+            f"{hp.vocab_size}) with every tensor in the type the bench file gives it (synthetic data: the kernels' time "
+            f"does not depend on the values), then timed through llama-cpp-python with ODP off, one file after "
+            f"another in one process. \"MB read / token\": non-expert tensors once, the expert bytes x 2/8.\n\n"
+            f"{table}"))
     return 0
 
 

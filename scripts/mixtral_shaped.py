@@ -11,6 +11,9 @@ times on it, built once and cached under ~/.cache/mcmoe-gguf/bench/mixtral-shape
 Every step writes atomically (temporary name, rename at the end), so a crash leaves no half artifact and a
 rerun continues with the first missing one. Weights are random (quality is meaningless); the files exist
 so the kernels run at Mixtral's real matrix sizes, where the expert weights no longer fit in the L3 cache.
+
+mirror(src, out, hp): any other file's type choices (every tensor's type, per-expert or merged layout) at these
+sizes, with synthetic data, in ~20 s instead of hours of quantization (scripts/bench_speed.py --model pareto).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -185,6 +189,91 @@ def build_all(r: Recipe = Recipe(), threads: int = 2) -> dict[str, Path]:
             print(f"  PMQ {b}", flush=True)
             build_pmq(r, d, hf, b)
     return files
+
+
+# ------------------------------------------------------------------------ mirrors of other files' types
+def _role_shape(name: str, hp, n_vocab: int) -> tuple[int, ...]:
+    """numpy-order shape of tensor `name` in a model of hyper-parameters hp (unknown names raise)."""
+    import re
+    d, ff, dh, e = hp.hidden_size, hp.intermediate_size, hp.d_head, hp.num_local_experts
+    fixed = {"token_embd.weight": (n_vocab, d), "output.weight": (n_vocab, d), "output_norm.weight": (d,)}
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(r"blk\.\d+\.(\w+?)(?:\.(\d+))?\.weight", name)
+    role = m and m.group(1)
+    per_role = {"attn_norm": (d,), "ffn_norm": (d,), "attn_q": (hp.num_attention_heads * dh, d),
+                "attn_k": (hp.num_key_value_heads * dh, d), "attn_v": (hp.num_key_value_heads * dh, d),
+                "attn_output": (d, hp.num_attention_heads * dh), "ffn_gate_inp": (e, d),
+                "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff),
+                "ffn_gate_exps": (e, ff, d), "ffn_up_exps": (e, ff, d), "ffn_down_exps": (e, d, ff)}
+    if role not in per_role:
+        raise ValueError(f"{name}: not a tensor of a Mixtral model; cannot mirror it")
+    return per_role[role]
+
+
+def _synthetic_rows(qtype: int, n: int, rows: int, rng) -> np.ndarray:
+    """`rows` random Gaussian rows of n weights quantized to qtype by its own quantizer (ggml's, or
+    formats.py for our mcq types; importance 1 where ggml asks for one): uint8 [rows, row bytes]."""
+    from mcmoe_gguf.base.ggml import ggml
+    from mcmoe_gguf.gguf.types import type_name
+    from mcmoe_gguf.quant import formats
+    w = rng.standard_normal((rows, n), dtype=np.float32) * 0.02
+    if qtype in formats.TYPES_BY_ID:
+        return np.asarray(formats.quantize(torch.from_numpy(w), formats.TYPES_BY_ID[qtype].bits, method="minmax"),
+                          np.uint8).reshape(rows, -1)
+    g, name = ggml(), type_name(qtype).lower()
+    return g.quantize(w, name, imatrix=np.ones(n, np.float32) if g.requires_imatrix(name) else None)
+
+
+def mirror(src: Path, out: Path, hp, rows_per_type: int = 256, seed: int = 0) -> Path:
+    """A model of hyper-parameters hp (e.g. Mixtral's sizes) whose every tensor has the type it has in
+    `src`, same names and layout (per-expert tensors stay per-expert, merged ones merged), metadata and
+    tokenizer copied from src: what a file's type choices cost in pp/tg at another model size.
+
+    The data is synthetic: per (type, row length), `rows_per_type` random rows quantized by the type's own
+    quantizer, repeated down every tensor of that type (norms are 1, the router and other float tensors
+    random). The mat-vec and mat-mul kernels of these types take the same time whatever the values, so the
+    file times like a real one of its types; its outputs mean nothing. Written atomically."""
+    import gguf
+    from mcmoe_gguf.gguf.export import Planned, write_gguf
+    from mcmoe_gguf.gguf.types import register
+    register()
+    rd = gguf.GGUFReader(src)
+    arch = rd.fields["general.architecture"].contents()
+    n_layers = int(rd.fields[f"{arch}.block_count"].contents())
+    if n_layers != hp.num_hidden_layers or int(rd.fields[f"{arch}.expert_count"].contents()) != hp.num_local_experts:
+        raise ValueError(f"{src}: {n_layers} layers x {rd.fields[f'{arch}.expert_count'].contents()} experts; "
+                         f"the mirror needs {hp.num_hidden_layers} x {hp.num_local_experts}")
+    emb = next(t for t in rd.tensors if t.name == "token_embd.weight")
+    n_vocab = int(emb.shape[-1])            # ggml order: [n_embd, n_vocab]
+    w = gguf.GGUFWriter(path=None, arch=arch)
+    for f in rd.fields.values():            # tokenizer, general.*, mcmoe.*: as in src
+        if f.name.startswith(("GGUF.", f"{arch}.")) or f.name == "general.architecture":
+            continue
+        vt = gguf.GGUFValueType(f.types[0])
+        sub = gguf.GGUFValueType(f.types[-1]) if vt == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), vt, sub)
+    mx.gguf_metadata(w, hp)
+    rng = np.random.default_rng(seed)
+    blocks: dict[tuple[int, int], np.ndarray] = {}
+    planned = []
+    for t in rd.tensors:
+        shape, qt = _role_shape(t.name, hp, n_vocab), int(t.tensor_type)
+        p = Planned(t.name, shape, qt, None)
+        if p.is_float:
+            p.load = (lambda s=shape: torch.ones(s)) if t.name.endswith("norm.weight") else \
+                (lambda s=shape: torch.from_numpy(rng.standard_normal(s, dtype=np.float32) * 0.02))
+        else:
+            n, rows = shape[-1], int(np.prod(shape[:-1]))
+            if n % p.block[0]:
+                raise ValueError(f"{t.name}: {t.tensor_type.name} blocks of {p.block[0]} do not divide rows of {n}")
+            key = (qt, n)
+            if key not in blocks:
+                blocks[key] = _synthetic_rows(qt, n, min(rows_per_type, rows), rng)
+            p.load = lambda b=blocks[key], rows=rows, shape=shape: \
+                np.resize(b, (rows, b.shape[1])).reshape(*shape[:-1], b.shape[1])
+        planned.append(p)
+    return write_gguf(w, planned, Path(out), progress=False)
 
 
 if __name__ == "__main__":
