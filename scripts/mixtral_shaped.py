@@ -225,7 +225,7 @@ def _synthetic_rows(qtype: int, n: int, rows: int, rng) -> np.ndarray:
     return g.quantize(w, name, imatrix=np.ones(n, np.float32) if g.requires_imatrix(name) else None)
 
 
-def mirror(src: Path, out: Path, hp, rows_per_type: int = 256, seed: int = 0) -> Path:
+def mirror(src: Path, out: Path, hp, rows_per_type: int = 256, seed: int = 0, retype=None) -> Path:
     """A model of hyper-parameters hp (e.g. Mixtral's sizes) whose every tensor has the type it has in
     `src`, same names and layout (per-expert tensors stay per-expert, merged ones merged), metadata and
     tokenizer copied from src: what a file's type choices cost in pp/tg at another model size.
@@ -233,10 +233,13 @@ def mirror(src: Path, out: Path, hp, rows_per_type: int = 256, seed: int = 0) ->
     The data is synthetic: per (type, row length), `rows_per_type` random rows quantized by the type's own
     quantizer, repeated down every tensor of that type (norms are 1, the router and other float tensors
     random). The mat-vec and mat-mul kernels of these types take the same time whatever the values, so the
-    file times like a real one of its types; its outputs mean nothing. Written atomically."""
+    file times like a real one of its types; its outputs mean nothing. Written atomically.
+
+    retype(name, type id) -> type id: other types for some tensors (tests: chosen layouts of groups); then
+    the per-expert mcq widths of src's metadata (mcmoe.expert_bits) no longer hold and are left out."""
     import gguf
     from mcmoe_gguf.gguf.export import Planned, write_gguf
-    from mcmoe_gguf.gguf.types import register
+    from mcmoe_gguf.gguf.types import register, type_name
     register()
     rd = gguf.GGUFReader(src)
     arch = rd.fields["general.architecture"].contents()
@@ -246,9 +249,14 @@ def mirror(src: Path, out: Path, hp, rows_per_type: int = 256, seed: int = 0) ->
                          f"the mirror needs {hp.num_hidden_layers} x {hp.num_local_experts}")
     emb = next(t for t in rd.tensors if t.name == "token_embd.weight")
     n_vocab = int(emb.shape[-1])            # ggml order: [n_embd, n_vocab]
+    types = {t.name: int(t.tensor_type) for t in rd.tensors}
+    if retype is not None:
+        types = {n: int(retype(n, q)) for n, q in types.items()}
+    changed = any(types[t.name] != int(t.tensor_type) for t in rd.tensors)
     w = gguf.GGUFWriter(path=None, arch=arch)
     for f in rd.fields.values():            # tokenizer, general.*, mcmoe.*: as in src
-        if f.name.startswith(("GGUF.", f"{arch}.")) or f.name == "general.architecture":
+        if f.name.startswith(("GGUF.", f"{arch}.")) or f.name == "general.architecture" or \
+                (changed and f.name == "mcmoe.expert_bits"):
             continue
         vt = gguf.GGUFValueType(f.types[0])
         sub = gguf.GGUFValueType(f.types[-1]) if vt == gguf.GGUFValueType.ARRAY else None
@@ -258,7 +266,7 @@ def mirror(src: Path, out: Path, hp, rows_per_type: int = 256, seed: int = 0) ->
     blocks: dict[tuple[int, int], np.ndarray] = {}
     planned = []
     for t in rd.tensors:
-        shape, qt = _role_shape(t.name, hp, n_vocab), int(t.tensor_type)
+        shape, qt = _role_shape(t.name, hp, n_vocab), types[t.name]
         p = Planned(t.name, shape, qt, None)
         if p.is_float:
             p.load = (lambda s=shape: torch.ones(s)) if t.name.endswith("norm.weight") else \
@@ -266,7 +274,7 @@ def mirror(src: Path, out: Path, hp, rows_per_type: int = 256, seed: int = 0) ->
         else:
             n, rows = shape[-1], int(np.prod(shape[:-1]))
             if n % p.block[0]:
-                raise ValueError(f"{t.name}: {t.tensor_type.name} blocks of {p.block[0]} do not divide rows of {n}")
+                raise ValueError(f"{t.name}: {type_name(qt)} blocks of {p.block[0]} do not divide rows of {n}")
             key = (qt, n)
             if key not in blocks:
                 blocks[key] = _synthetic_rows(qt, n, min(rows_per_type, rows), rng)

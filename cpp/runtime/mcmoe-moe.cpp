@@ -209,6 +209,21 @@ static void mcmoe_warn_scattered(const std::vector<const mcmoe_weight *> & w, co
     }
 }
 
+// the slots of the group being created (mcmoe_add_groups -> create_tensor -> the loader's buffer type choice
+// -> mcmoe_buft_probe); 0 outside that call. Loading runs on one thread per model, but two models may load
+// at once: hence thread_local.
+static thread_local int64_t mcmoe_pending_slots = 0;
+
+ggml_tensor * mcmoe_buft_probe(ggml_tensor * t_meta, ggml_op op, ggml_tensor * probe) {
+    if (op != GGML_OP_MUL_MAT_ID || mcmoe_pending_slots < 2 || ggml_n_dims(t_meta) != 2) {
+        return t_meta;
+    }
+    *probe = *t_meta;
+    probe->ne[2] = mcmoe_pending_slots;
+    probe->nb[3] = probe->nb[2] * mcmoe_pending_slots;
+    return probe;
+}
+
 // one group tensor per run (the run's first expert tensor widened to the run: the loader maps/reads the
 // run's bytes from that tensor's file offset; ne/nb are metadata until the buffers are allocated), each
 // with its expert -> slot map, equal maps shared (maps: their contents, grown here)
@@ -218,7 +233,15 @@ static void mcmoe_add_groups(llama_model_base & model, mcmoe_moe_layer & mx, std
         mcmoe_moe_group g;
         g.experts = run;
         const int64_t n_slots = (int64_t) run.size();
-        g.w = model.create_tensor(model.tn(mcmoe_expert_tensor[p], "weight", il, run[0]), {ne0, ne1}, 0);
+        // the buffer type is chosen for the group it becomes (mcmoe_buft_probe), e.g. CPU_REPACK
+        mcmoe_pending_slots = n_slots;
+        try {
+            g.w = model.create_tensor(model.tn(mcmoe_expert_tensor[p], "weight", il, run[0]), {ne0, ne1}, 0);
+        } catch (...) {
+            mcmoe_pending_slots = 0;
+            throw;
+        }
+        mcmoe_pending_slots = 0;
         GGML_ASSERT(g.w != nullptr && g.w->data == nullptr && g.w->buffer == nullptr);
         g.w->ne[2] = n_slots;
         g.w->nb[3] = g.w->nb[2] * n_slots;

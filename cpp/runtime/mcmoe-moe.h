@@ -8,7 +8,9 @@
 // the experts are sorted by file offset and cut into maximal runs of equal type whose bytes follow each
 // other in the file; each run becomes ONE 3-D group tensor [ne0, ne1, n_slots] that the loader maps
 // like any weight: it is the run's first expert tensor with ne[2] widened to the run's length, so with
-// mmap its data is the file's bytes (zero copy), without mmap one read fills it. Our writer
+// mmap its data is the file's bytes (zero copy), without mmap one read fills it; a group of >= 2 experts
+// of a type ggml-cpu repacks goes to CPU_REPACK instead (copied and interleaved at load, mcmoe_buft_probe),
+// as llama.cpp's own merged expert tensors do. Our writer
 // (export.py) puts experts of one width next to each other, so there is one group per width present.
 // Each group has an id map: I32 [1, n_expert + 1], expert -> slot in the group or -1, and entry
 // n_expert = -1 (a selected id equal to n_expert is the "skipped" marker and stays skipped).
@@ -72,6 +74,14 @@ mcmoe_moe_ids mcmoe_moe_remap_ids(ggml_context * ctx, const mcmoe_moe_layer & mx
 // sum over the groups of `proj` of mul_mat_id(group, cur, remapped ids): [ne1 of the experts, n_expert_used, n_tokens]
 ggml_tensor * mcmoe_moe_mul_mat_id(ggml_context * ctx, const mcmoe_moe_layer & mx, int proj, ggml_tensor * cur,
                                    const mcmoe_moe_ids & ids);
+
+// Called by llama_model_loader where it picks a weight's buffer type: the tensor to test the buffer types
+// with. A per-expert tensor is 2-D in the file but runs as a 3-D group of mul_mat_id; ggml's CPU_REPACK
+// (Q4_0/Q4_K/IQ4_NL with AVX2, Q2_K with AVX-512: interleaved rows, ~1.3-1.6x faster decode) only takes
+// 3-D mul_mat_id weights, so while mcmoe_add_groups creates a group of n_slots >= 2 this returns `probe`,
+// a copy of t_meta widened to n_slots (what the buffer will hold); for any other tensor t_meta itself.
+// A group of one expert stays 2-D at run time too, so it is tested as it is.
+ggml_tensor * mcmoe_buft_probe(ggml_tensor * t_meta, ggml_op op, ggml_tensor * probe);
 
 // Called by llama_model_loader for every tensor of a file: the CPU vec_dot of the mcq types reads its
 // activations as Q8_K (one scale per 256), so an mcq tensor's rows must be a multiple of 256 weights.
