@@ -71,6 +71,10 @@ def main() -> int:
                     help="pareto: comma-separated bench-model file names without tiny- and .gguf (e.g. "
                          "q2_k,pmq-2.25-program-full-model-kl); default every one in the cache but F16")
     ap.add_argument("--keep-mirrors", action="store_true", help="pareto: keep the mirrored files (GBs each)")
+    ap.add_argument("--experts-as", default="",
+                    help="pareto: also time each source with every expert tensor in these types instead (comma-"
+                         "separated ggml or mcmoe type names, e.g. mcn2,q2_k): uniform expert files with the "
+                         "source's other types")
     a = ap.parse_args()
     rc = 0
     if a.model in ("tiny", "both"):
@@ -247,6 +251,16 @@ def pareto_sources(a) -> list[Path]:
     return sorted(files, key=lambda f: f.stat().st_size)
 
 
+def expert_retype(name: str):
+    """mirror's retype: every expert tensor (per-expert or merged) in type `name`, the rest as they are."""
+    import re
+    import gguf
+    from mcmoe_gguf.gguf.types import register
+    register()
+    tid = int(gguf.gguf_reader.GGMLQuantizationType[name.upper()])
+    return lambda n, t: tid if re.fullmatch(_EXPERT, n) else t
+
+
 def bench_pareto(a) -> int:
     import datetime
     import json
@@ -260,12 +274,13 @@ def bench_pareto(a) -> int:
     bw = {t: memory_bandwidth(t) for t in threads}
     print("memory read bandwidth GB/s:", bw, flush=True)
     rows = []
-    for src in sources:
-        name = src.stem.removeprefix("tiny-")
+    variants = [("", None)] + [(f"+experts-{t.lower()}", expert_retype(t)) for t in a.experts_as.split(",") if t]
+    for src, (suffix, retype) in [(s, v) for s in sources for v in variants]:
+        name = src.stem.removeprefix("tiny-") + suffix
         m = out_dir / f"{name}.gguf"
         if not m.exists():
-            print(f"mirroring {src.name} at Mixtral's sizes", flush=True)
-            mirror(src, m, hp)
+            print(f"mirroring {src.name} at Mixtral's sizes{' ' + suffix if suffix else ''}", flush=True)
+            mirror(src, m, hp, retype=retype)
         try:
             z, rb = gguf_sizes(m), decode_read_bytes(m)
             for t in threads:
