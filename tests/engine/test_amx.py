@@ -14,9 +14,7 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import random_state, save_checkpoint, small_config
 from mcmoe_gguf.engine.cpu_variant import cpu_flags
 
 
@@ -26,13 +24,8 @@ pytestmark = pytest.mark.skipif("amx_int8" not in cpu_flags(),
 
 @pytest.fixture(scope="module")
 def micro_files(tmp_path_factory, small_tokenizer_dir):
-    from mcmoe_gguf.apps.baselines import stock_quantize
-    from mcmoe_gguf.gguf.export import convert
-    root = tmp_path_factory.mktemp("amx")
-    cfg = small_config(n_layers=2, hidden=256, ff=512, vocab=512)
-    ck = save_checkpoint(root / "ckpt", cfg, random_state(cfg, seed=3, dtype=torch.float32), small_tokenizer_dir)
-    f16 = convert(ck, root / "f16.gguf", outtype="f16", progress=False)
-    return {"F16": f16, **{q: stock_quantize(f16, q, root / f"{q}.gguf", None) for q in ("Q8_0", "Q4_K_S")}}
+    from micro_model import stock_files
+    return stock_files(tmp_path_factory.mktemp("amx"), small_tokenizer_dir, ("Q8_0", "Q4_K_S"), seed=3)
 
 
 def logits(path, extra_bufts: bool, tokens) -> tuple[np.ndarray, str]:

@@ -114,3 +114,14 @@ def make_pmq_file(micro: dict) -> Path:
     wd = workdir_with_bits(micro["u2"], micro["root"] / "wd-mixed", MIXED_BITS)
     f = micro["root"] / "fuzz-src.gguf"
     return f if f.exists() else export_pmq(wd, f, progress=False)
+
+
+def stock_files(root: Path, small_tokenizer_dir: Path, qtypes: tuple[str, ...], seed: int) -> dict[str, Path]:
+    """A small random Mixtral (2 layers, d=256, 8 experts of 512, fp32 weights) as F16 and in llama.cpp's
+    types through llama-quantize (no imatrix): {"F16": path, qtype: path, ...}."""
+    from mcmoe_gguf.apps.baselines import stock_quantize
+    from mcmoe_gguf.gguf.export import convert
+    cfg = small_config(n_layers=2, hidden=256, ff=512, vocab=512)
+    ck = save_checkpoint(root / "ckpt", cfg, random_state(cfg, seed=seed, dtype=torch.float32), small_tokenizer_dir)
+    f16 = convert(ck, root / "f16.gguf", outtype="f16", progress=False)
+    return {"F16": f16, **{q: stock_quantize(f16, q, root / f"{q}.gguf", None) for q in qtypes}}

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import random_state, save_checkpoint, small_config
+from helpers import small_config
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -35,13 +34,8 @@ def tensors(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def merged_q4k(tmp_path_factory, small_tokenizer_dir):
     """A stock llama-quantize Q4_K_S file (merged 3-D expert tensors) of a small random Mixtral."""
-    from mcmoe_gguf.apps.baselines import stock_quantize
-    from mcmoe_gguf.gguf.export import convert
-    root = tmp_path_factory.mktemp("mirror-src")
-    cfg = small_config(n_layers=2, hidden=256, ff=512, vocab=512)
-    ck = save_checkpoint(root / "ckpt", cfg, random_state(cfg, seed=5, dtype=torch.float32), small_tokenizer_dir)
-    f16 = convert(ck, root / "f16.gguf", outtype="f16", progress=False)
-    return stock_quantize(f16, "Q4_K_S", root / "q4_k_s.gguf", None)
+    from micro_model import stock_files
+    return stock_files(tmp_path_factory.mktemp("mirror-src"), small_tokenizer_dir, ("Q4_K_S",), seed=5)["Q4_K_S"]
 
 
 RUN = """
