@@ -21,7 +21,8 @@ non-expert tensor (attention, router, norms, output) once, the embedding one row
 the expert bytes (2 of 8 experts per layer; with mixed widths the average over experts, i.e. uniform
 routing, which the random router roughly gives).
 
---model pareto (section "bench_speed_pareto"). pp/tg of every file of the bench model's quality curves
+--model pareto (--write-results: section "bench_speed_pareto_latest", beside the hand-written
+"bench_speed_pareto" whose readings it would otherwise lose). pp/tg of every file of the bench model's quality curves
 (stock types and PMQ files that scripts/bench_quality.py --preset bench left in its cache; --sources picks
 some by name) at Mixtral's sizes: each file is mirrored onto a 4-layer Mixtral-shaped model with every
 tensor in the type the bench file gives it (mixtral_shaped.mirror: synthetic data, real types and layout,
@@ -309,7 +310,7 @@ def bench_pareto(a) -> int:
     if a.write_results:
         from results_md import machine
         src_arg = f"--sources {a.sources} " if a.sources else ""
-        replace_section("bench_speed_pareto", (
+        replace_section("bench_speed_pareto_latest", (
             "## Issue 13: pp/tg of the bench model's Pareto files at Mixtral's sizes\n\n"
             f"`.venv/bin/python scripts/bench_speed.py --model pareto {src_arg}--threads {a.threads} --pp {a.pp} "
             f"--tg {a.tg} --repeat {a.repeat} --write-results` on {machine()}, "
