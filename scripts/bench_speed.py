@@ -180,6 +180,14 @@ def decode_read_bytes(path: Path) -> dict:
             "top_k": top_k, "n_expert": n_exp}
 
 
+def speed_row(label: str, path: Path, threads: int, pp: float, tg: float, bandwidth: float) -> tuple:
+    """One timed file's table row: (label, threads, bytes, expert bpw, pp, tg, bytes read per decoded token,
+    decode GB/s, % of the machine's read bandwidth)."""
+    z, rb = gguf_sizes(path), decode_read_bytes(path)
+    gbs = rb["per_token"] * tg / 1e9
+    return (label, threads, z["bytes"], z["expert_bpw"], pp, tg, rb["per_token"], gbs, 100 * gbs / bandwidth)
+
+
 MIXTRAL_FILES = [("q3_k_s", "llama.cpp Q3_K_S"), ("q2_k", "llama.cpp Q2_K"), ("iq2_xxs", "llama.cpp IQ2_XXS"),
                  ("q2_0", "llama.cpp Q2_0"), ("mcq2", "llama-quantize MCQ2 (uniform)"),
                  ("pmq-2.5", "mcmoe PMQ 2.5"), ("pmq-2.0", "mcmoe PMQ 2.0")]
@@ -206,9 +214,7 @@ def bench_mixtral(a) -> int:
         for label, f, slow in files:
             pp, tg = time_file(f, t, a.pp // slow, a.tg // slow, a.repeat if slow == 1 else 1)
             label += f" (pp {a.pp // slow}, tg {a.tg // slow}, once)" if slow > 1 else ""
-            z, rb = gguf_sizes(f), decode_read_bytes(f)
-            gbs = rb["per_token"] * tg / 1e9
-            rows.append((label, t, z["bytes"], z["expert_bpw"], pp, tg, rb["per_token"], gbs, 100 * gbs / bw[t]))
+            rows.append(speed_row(label, f, t, pp, tg, bw[t]))
             print(rows[-1], flush=True)
     bw_after = {t: memory_bandwidth(t) for t in threads}
     print("memory read bandwidth GB/s after the timings:", bw_after, flush=True)
@@ -283,11 +289,9 @@ def bench_pareto(a) -> int:
             print(f"mirroring {src.name} at Mixtral's sizes{' ' + suffix if suffix else ''}", flush=True)
             mirror(src, m, hp, retype=retype)
         try:
-            z, rb = gguf_sizes(m), decode_read_bytes(m)
             for t in threads:
                 pp, tg = time_file(m, t, a.pp, a.tg, a.repeat)
-                gbs = rb["per_token"] * tg / 1e9
-                rows.append((name, t, z["bytes"], z["expert_bpw"], pp, tg, rb["per_token"], gbs, 100 * gbs / bw[t]))
+                rows.append(speed_row(name, m, t, pp, tg, bw[t]))
                 print(rows[-1], flush=True)
         finally:
             if not a.keep_mirrors:

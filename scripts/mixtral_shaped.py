@@ -195,7 +195,8 @@ def build_all(r: Recipe = Recipe(), threads: int = 2) -> dict[str, Path]:
 def _role_shape(name: str, hp, n_vocab: int) -> tuple[int, ...]:
     """numpy-order shape of tensor `name` in a model of hyper-parameters hp (unknown names raise)."""
     import re
-    d, ff, dh, e = hp.hidden_size, hp.intermediate_size, hp.d_head, hp.num_local_experts
+    from mcmoe_gguf.quant.budget import projection_shapes
+    d, dh, e, ps = hp.hidden_size, hp.d_head, hp.num_local_experts, projection_shapes(hp)
     fixed = {"token_embd.weight": (n_vocab, d), "output.weight": (n_vocab, d), "output_norm.weight": (d,)}
     if name in fixed:
         return fixed[name]
@@ -204,8 +205,8 @@ def _role_shape(name: str, hp, n_vocab: int) -> tuple[int, ...]:
     per_role = {"attn_norm": (d,), "ffn_norm": (d,), "attn_q": (hp.num_attention_heads * dh, d),
                 "attn_k": (hp.num_key_value_heads * dh, d), "attn_v": (hp.num_key_value_heads * dh, d),
                 "attn_output": (d, hp.num_attention_heads * dh), "ffn_gate_inp": (e, d),
-                "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff),
-                "ffn_gate_exps": (e, ff, d), "ffn_up_exps": (e, ff, d), "ffn_down_exps": (e, d, ff)}
+                "ffn_gate": ps["w1"], "ffn_up": ps["w3"], "ffn_down": ps["w2"],
+                "ffn_gate_exps": (e, *ps["w1"]), "ffn_up_exps": (e, *ps["w3"]), "ffn_down_exps": (e, *ps["w2"])}
     if role not in per_role:
         raise ValueError(f"{name}: not a tensor of a Mixtral model; cannot mirror it")
     return per_role[role]
