@@ -53,13 +53,15 @@ def bpw(name: str) -> float:
     return {**study_mcn.BPW, "iq1_s": 1.5625, "iq1_m": 1.75, "iq2_xs": 2.3125}[name]
 
 
-def _nearest(X: torch.Tensor, C: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
+def _nearest(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     half = (C * C).sum(1) / 2
+    chunk = max(1, (1 << 26) // len(C))                          # a [chunk, 2^K] score matrix of <= 256 MB
     return torch.cat([(X[i:i + chunk] @ C.t() - half).argmax(1) for i in range(0, len(X), chunk)])
 
 
-def codebook(k: int, n: int = 1 << 18, iters: int = 25) -> torch.Tensor:
-    """2^k x 8 Lloyd codebook of the unit Gaussian (seeded; cached)."""
+def codebook(k: int, n: int | None = None, iters: int = 25) -> torch.Tensor:
+    """2^k x 8 Lloyd codebook of the unit Gaussian (seeded; cached); at least 64 samples per codeword."""
+    n = n or max(1 << 18, 64 << k)
     path = cache_dir("study") / f"vq{k}-{n}-{iters}.pt"
     if path.exists():
         return torch.load(path)
