@@ -28,6 +28,7 @@ differ from mcn2 in that one respect.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
 from pathlib import Path
@@ -125,6 +126,26 @@ def quantize(W: torch.Tensor, X: torch.Tensor, fmt: str) -> torch.Tensor:
     return study_mcn.quantize(W, X, fmt)
 
 
+def summary(table: str) -> str:
+    """The per-layer table plus one row per format over all its layers: geometric means of the two errors and
+    the product of the layers' PPL ratios (each layer measured alone; their costs roughly multiply)."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].isdigit():
+            rows.setdefault(cells[1], []).append((float(cells[3]), float(cells[4]), float(cells[5])))
+    if not rows:
+        return table
+    geo = lambda v: math.exp(sum(math.log(max(x, 1e-12)) for x in v) / len(v))    # noqa: E731
+    out = [table, "", "Over the layers (geometric means of the errors; product of the layers' PPL ratios):", "",
+           "| format | bpw | gate/up rel. error | MoE output rel. error | PPL / float, layers multiplied | layers |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for fmt, v in rows.items():
+        out.append(f"| {fmt} | {bpw(fmt.split()[0]):.4g} | {geo([r[0] for r in v]):.4f} | {geo([r[1] for r in v]):.4f} "
+                   f"| {math.prod(r[2] for r in v):.4f} | {len(v)} |")
+    return "\n".join(out)
+
+
 class Bpw(dict):
     def __missing__(self, k):
         return bpw(k)
@@ -132,4 +153,4 @@ class Bpw(dict):
 
 if __name__ == "__main__":
     sys.exit(study_mcn.run(__doc__, "study_ablation", "Issue 14: ablation of the types' design, judged end to end "
-                           "(bench model)", "0,2", FORMATS, quantize, Bpw(), study_vq.prepare))
+                           "(bench model)", "0,2", FORMATS, quantize, Bpw(), study_vq.prepare, summary))

@@ -133,9 +133,10 @@ def study(a, quantize=quantize, bpw=BPW) -> str:
 
 
 def run(doc: str, section: str, title: str, layers: str, formats, quantize=quantize, bpw=BPW,
-        prepare=lambda formats: None) -> int:
-    """The command line of a layer-by-layer study (this one, study_vq.py): parse, prepare(formats), print the
-    table and with --write-results put it into docs/RESULTS.md as `section`."""
+        prepare=lambda formats: None, post=lambda text: text) -> int:
+    """The command line of a layer-by-layer study (this one, study_vq.py, study_ablation.py): parse,
+    prepare(formats), print the table (post(table): with what a study adds to it) and with --write-results put
+    it into docs/RESULTS.md as `section`."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default=layers)
     ap.add_argument("--formats", default=",".join(formats))
@@ -144,7 +145,7 @@ def run(doc: str, section: str, title: str, layers: str, formats, quantize=quant
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
     prepare(a.formats.split(","))
-    text = study(a, quantize, bpw)
+    text = post(study(a, quantize, bpw))
     print(text)
     if a.write_results:
         from results_md import machine, replace_section
