@@ -26,8 +26,8 @@ from mcmoe_gguf.engine.kernel_costs import time_type  # noqa: E402
 from mcmoe_gguf.engine.runtime import tools_dir  # noqa: E402
 from results_md import machine  # noqa: E402
 
-TYPES = ["mcq1", "mcq2", "mcq3", "mcq4", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_K", "q3_K", "q4_K",
-         "q4_0"]   # our widths, the ladder's llama.cpp types (quant/ladder.py), q4_0 for reference
+TYPES = ["mcq1", "mcq2", "mcq3", "mcq4", "mcn2", "mcn3", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_K", "q3_K", "q4_K",
+         "q4_0"]   # our types, the ladder's llama.cpp types (quant/ladder.py), q4_0 for reference
 
 
 def variant_dir(tools: Path, variant: str, tmp: Path) -> Path:
@@ -40,19 +40,19 @@ def variant_dir(tools: Path, variant: str, tmp: Path) -> Path:
     return d
 
 
-def time_types(d: Path, n: int) -> dict[str, float]:
+def time_types(d: Path, n: int, types=TYPES) -> dict[str, float]:
     """us per MUL_MAT call for each type (test-backend-ops perf, CPU backend)."""
-    return {t: time_type(d, t, n) for t in TYPES}
+    return {t: time_type(d, t, n) for t in types}
 
 
-def table(results: dict, ns: list[int]) -> str:
+def table(results: dict, ns: list[int], types=TYPES) -> str:
     """results[variant][n] = list of {type: us} rounds -> markdown: median us, median ratio (min-max)."""
     import statistics
     lines = []
     for variant, by_n in results.items():
         head = "| type | " + " | ".join(f"n={n}: us (median) | vs q2_K" for n in ns) + " |"
         lines += [f"**{variant}**", "", head, "|---|" + "---:|---:|" * len(ns)]
-        for t in TYPES:
+        for t in types:
             cells = []
             for n in ns:
                 rounds = by_n[n]
@@ -71,8 +71,11 @@ def main() -> int:
     ap.add_argument("--n", default="1,256", help="activation columns to time: test-backend-ops has 1, 2, 3, 4, 5, 8, 512 "
                     "and (cpp/tests/mcmoe-test-cases.h) 256 (default 1,256)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds per case, interleaved; medians reported (default 1)")
+    ap.add_argument("--types", default=",".join(TYPES), help="comma-separated ggml type names (q2_K is always timed: "
+                    "the ratios are to it); default: all of the ladder's")
     ap.add_argument("--write-results", action="store_true", help="replace the table in docs/RESULTS.md")
     a = ap.parse_args()
+    types = list(dict.fromkeys(a.types.split(",") + ["q2_K"]))
     tools = tools_dir()
     if not list(tools.glob("libggml-cpu-*.so")):
         raise SystemExit(f"{tools}: not a portable (GGML_BACKEND_DL) runtime; rebuild with `make runtime`")
@@ -89,12 +92,15 @@ def main() -> int:
         for _ in range(a.repeat):
             for v in variants:
                 for n in ns:
-                    results[v][n].append(time_types(dirs[v], n))
+                    results[v][n].append(time_types(dirs[v], n, types))
     header = (f"CPU: {machine()}\n"
               f"command: `.venv/bin/python scripts/bench_kernels.py"
-              f"{' --variants ' + a.variants if a.variants else ''} --n {a.n} --repeat {a.repeat}`\n")
-    text = header + "\n" + table(results, ns)
+              f"{' --variants ' + a.variants if a.variants else ''}{' --types ' + a.types if a.types != ','.join(TYPES) else ''}"
+              f" --n {a.n} --repeat {a.repeat}`\n")
+    text = header + "\n" + table(results, ns, types)
     print(text)
+    if a.write_results and types != TYPES:
+        raise SystemExit("--write-results replaces the table of all types: leave --types out")
     if a.write_results:
         from results_md import replace_section
         replace_section("bench_kernels", "## Kernels by CPU variant: 4096 x 14336 MUL_MAT (test-backend-ops)\n\n" + text)
