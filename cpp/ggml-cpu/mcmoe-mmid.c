@@ -1,6 +1,7 @@
 // mcmoe-gguf: the CPU mul_mat_id's additions (see mcmoe-mmid.h).
 #include "mcmoe-mmid.h"
 #include "mcq-cpu.h"
+#include "mcn-cpu.h"
 
 #include <string.h>
 
@@ -17,10 +18,11 @@ bool mcmoe_mmid_tile_chunk(const struct ggml_tensor * src0, const struct ggml_te
                            int64_t ir1_start, int64_t ir1_end, const void * wdata, size_t row_size, bool packed,
                            bool use_ref) {
     const enum ggml_type type = src0->type;
-    if (use_ref || !mcq_cpu_has_tile(type)) {
+    const bool mcq = mcq_cpu_has_tile(type);
+    if (use_ref || (!mcq && !mcn_cpu_has_tile(type))) {
         return false;
     }
-    const int64_t blck = 16; // = mcq_gemm_tile's limit on rows and on columns
+    const int64_t blck = 16; // = mcq_gemm_tile's and mcn_gemm_tile's limit on rows and on columns
     const int64_t ne11 = src1->ne[1];
     const void * cols[16];
     float      * dsts[16];
@@ -36,7 +38,8 @@ bool mcmoe_mmid_tile_chunk(const struct ggml_tensor * src0, const struct ggml_te
                 dsts[nc++] = (float *) ((char *) dst->data + slot*dst->nb[1] + token*dst->nb[2]) + iir0;
             }
             const int nr = (int) ((iir0 + blck < ir0_end ? iir0 + blck : ir0_end) - iir0);
-            GGML_ASSERT(mcq_gemm_tile(type, (int) src0->ne[0], w + iir0*src0->nb[1], src0->nb[1], nr, cols, nc, dsts));
+            GGML_ASSERT((mcq ? mcq_gemm_tile : mcn_gemm_tile)(type, (int) src0->ne[0], w + iir0*src0->nb[1], src0->nb[1],
+                                                             nr, cols, nc, dsts));
         }
     }
     return true;

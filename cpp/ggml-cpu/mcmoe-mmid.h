@@ -3,9 +3,9 @@
 // 1. Skipped ids. Called where the CPU groups the rows of `ids` by expert (thread 0, before the barrier
 //    that precedes the products): a skipped id gets its dst row zeroed and is left out of the grouping,
 //    so no thread computes it. Rows of kept ids are disjoint from it, so no other thread writes there.
-// 2. mcq weights in prompt batches: one chunk of an expert's product computed in tiles of 16 weight rows
-//    x up to 16 routed tokens with mcq_gemm_tile, each weight block decoded once per tile instead of once
-//    per token (mcq-cpu.h).
+// 2. mcq and mcn weights in prompt batches: one chunk of an expert's product computed in tiles of 16 weight
+//    rows x up to 16 routed tokens with mcq_gemm_tile / mcn_gemm_tile, each weight block decoded once per tile
+//    instead of once per token (mcq-cpu.h, mcn-cpu.h).
 #pragma once
 
 #include "ggml.h"

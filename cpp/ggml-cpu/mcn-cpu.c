@@ -8,7 +8,9 @@
 //   AVX2 (+ AVX-VNNI on Alder Lake-class CPUs: vpdpwssd instead of madd + add);
 //   otherwise the generic one under that name (the scheme of ggml-cpu/arch-fallback.h).
 // Every path computes the reference's integer sum of each block exactly (see the AVX2 section for the bounds),
-// so they differ from the scalar reference only in the order of the float additions.
+// so they differ from the scalar reference only in the order of the float additions. Prompt batches through an
+// expert use mcn_gemm_tile (the tiles section: 16 rows x 16 tokens per decode, AVX-512 VNNI builds), whose plain
+// C twin mcn_gemm_tile_ref it equals bit for bit.
 #define GGML_COMMON_DECL_C
 #include "ggml-common.h"
 
@@ -18,6 +20,7 @@
 #include "simd-mappings.h"
 
 #include <assert.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__AVX2__) && !defined(GGML_CPU_GENERIC)
@@ -308,23 +311,21 @@ typedef struct {
     __m512i lut, sh, thi, p01, p23, p45, p67;
 } mcn_avx512_consts;
 
-// One block's isum as 16 int32 lanes: a register per pair of sub-blocks (0,1) (2,3) (4,5) (6,7), the plane half
-// broadcast to both 256-bit halves. mcn2: its low / high nibbles, read by tables 0 | 1 of mcn_lut (lut: table 0
-// in the low 256 bits, table 1 in the high ones). mcn3: (v >> (0 | 2)) & 0x33 holds fields 0, 2 | 1, 3 (a
-// further >> 4 gives the latter ones), with the high bits placed by the nibble tables of the AVX2 kernel (thi:
-// the a | b tables). The scale pair by vpermd of the duplicated scales; U * qy pairs by maddubs, times the scales
-// and accumulated by vpdpwssd.
-static MCN_FORCE_INLINE __m512i mcn_block_avx512(const int bits, const uint8_t * blk, const block_q8_K * yb,
-                                                 const mcn_avx512_consts * c, const __m256i cnt, const __m256i noff) {
+// The offset levels U of a block's 256 weights in weight order: u[k] = weights 64k..64k+63 (sub-blocks 2k, 2k+1),
+// the plane half broadcast to both 256-bit halves. mcn2: its low / high nibbles, read by tables 0 | 1 of mcn_lut
+// (lut: table 0 in the low 256 bits, table 1 in the high ones). mcn3: (v >> (0 | 2)) & 0x33 holds fields 0, 2 |
+// 1, 3 (a further >> 4 gives the latter ones), with the high bits placed by the nibble tables of the AVX2 kernel
+// (thi: the a | b tables).
+static MCN_FORCE_INLINE void mcn_decode_avx512(const int bits, const uint8_t * blk, const mcn_avx512_consts * c,
+                                               __m512i u[4]) {
     const __m512i m0f = _mm512_set1_epi8(0x0f);
     const __m512i v0  = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (blk + MCN_HD_OFF_QS)));
     const __m512i v1  = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (blk + MCN_HD_OFF_QS + 32)));
-    __m512i u01, u23, u45, u67;
     if (bits == 2) {
-        u01 = _mm512_shuffle_epi8(c->lut, _mm512_and_si512(v0, m0f));
-        u23 = _mm512_shuffle_epi8(c->lut, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f));
-        u45 = _mm512_shuffle_epi8(c->lut, _mm512_and_si512(v1, m0f));
-        u67 = _mm512_shuffle_epi8(c->lut, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f));
+        u[0] = _mm512_shuffle_epi8(c->lut, _mm512_and_si512(v0, m0f));
+        u[1] = _mm512_shuffle_epi8(c->lut, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f));
+        u[2] = _mm512_shuffle_epi8(c->lut, _mm512_and_si512(v1, m0f));
+        u[3] = _mm512_shuffle_epi8(c->lut, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f));
     } else {
         const __m512i m33 = _mm512_set1_epi8(0x33);
         const __m512i hv  = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (blk + MCN_HD_OFF_QH)));
@@ -332,11 +333,21 @@ static MCN_FORCE_INLINE __m512i mcn_block_avx512(const int bits, const uint8_t *
         const __m512i h1  = _mm512_shuffle_epi8(c->thi, _mm512_and_si512(_mm512_srli_epi16(hv, 4), m0f));
         const __m512i a0  = _mm512_ternarylogic_epi64(_mm512_srlv_epi64(v0, c->sh), m33, h0, 0xEA);   // (v & 0x33) | h
         const __m512i a1  = _mm512_ternarylogic_epi64(_mm512_srlv_epi64(v1, c->sh), m33, h1, 0xEA);
-        u01 = _mm512_shuffle_epi8(c->lut, a0);
-        u23 = _mm512_shuffle_epi8(c->lut, _mm512_srli_epi16(a0, 4));
-        u45 = _mm512_shuffle_epi8(c->lut, a1);
-        u67 = _mm512_shuffle_epi8(c->lut, _mm512_srli_epi16(a1, 4));
+        u[0] = _mm512_shuffle_epi8(c->lut, a0);
+        u[1] = _mm512_shuffle_epi8(c->lut, _mm512_srli_epi16(a0, 4));
+        u[2] = _mm512_shuffle_epi8(c->lut, a1);
+        u[3] = _mm512_shuffle_epi8(c->lut, _mm512_srli_epi16(a1, 4));
     }
+}
+
+// One block's isum as 16 int32 lanes: a register per pair of sub-blocks (0,1) (2,3) (4,5) (6,7) (mcn_decode_avx512).
+// The scale pair by vpermd of the duplicated scales; U * qy pairs by maddubs, times the scales and accumulated by
+// vpdpwssd.
+static MCN_FORCE_INLINE __m512i mcn_block_avx512(const int bits, const uint8_t * blk, const block_q8_K * yb,
+                                                 const mcn_avx512_consts * c, const __m256i cnt, const __m256i noff) {
+    __m512i u[4];
+    mcn_decode_avx512(bits, blk, c, u);
+    const __m512i u01 = u[0], u23 = u[1], u45 = u[2], u67 = u[3];
     const __m256i dup  = mcn_scales_dup(blk, cnt);
     const __m512i dupz = _mm512_zextsi256_si512(dup);
     const __m512i bs   = _mm512_maskz_loadu_epi16((__mmask32) 0xffff, yb->bsums);   // zeros above bsums
@@ -351,6 +362,22 @@ static MCN_FORCE_INLINE __m512i mcn_block_avx512(const int bits, const uint8_t *
 #undef MCN_S
     const __m512i s2 = _mm512_madd_epi16(bs, _mm512_zextsi256_si512(_mm256_mullo_epi16(dup, noff)));
     return _mm512_add_epi32(_mm512_add_epi32(s0, s1), s2);
+}
+
+// the constants of mcn_block_avx512 / mcn_decode_avx512 for a type (lut0 / lut1: tables 0 / 1 of mcn_lut)
+static MCN_FORCE_INLINE void mcn_avx512_setup(const int bits, const __m128i lut0, const __m128i lut1, mcn_avx512_consts * c) {
+    c->lut = bits == 2 ? _mm512_inserti64x4(_mm512_broadcast_i32x4(lut0), _mm256_broadcastsi128_si256(lut1), 1)
+                      : _mm512_broadcast_i32x4(lut0);
+    c->sh  = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);            // low | high 256 bits: fields 0, 2 | 1, 3
+    // high-bit tables, low | high 256 bits: the a | b table of the AVX2 kernel
+    c->thi = _mm512_inserti64x4(_mm512_broadcast_i32x4(_mm_setr_epi8(0x00, 0x04, 0x00, 0x04, 0x40, 0x44, 0x40, 0x44,
+                                                                    0x00, 0x04, 0x00, 0x04, 0x40, 0x44, 0x40, 0x44)),
+                               _mm256_broadcastsi128_si256(_mm_setr_epi8(0x00, 0x00, 0x04, 0x04, 0x00, 0x00, 0x04, 0x04,
+                                                                         0x40, 0x40, 0x44, 0x44, 0x40, 0x40, 0x44, 0x44)), 1);
+    c->p01 = _mm512_inserti64x4(_mm512_set1_epi32(0), _mm256_set1_epi32(1), 1);   // scale dword j | j + 1
+    c->p23 = _mm512_inserti64x4(_mm512_set1_epi32(2), _mm256_set1_epi32(3), 1);
+    c->p45 = _mm512_inserti64x4(_mm512_set1_epi32(4), _mm256_set1_epi32(5), 1);
+    c->p67 = _mm512_inserti64x4(_mm512_set1_epi32(6), _mm256_set1_epi32(7), 1);
 }
 #endif
 
@@ -371,18 +398,7 @@ static MCN_FORCE_INLINE void mcn_vec_dot_simd_impl(const int bits, const int n, 
     MCN_OPAQUE(noff);
 #if defined(MCN_CPU_AVX512)
     mcn_avx512_consts c;
-    c.lut = bits == 2 ? _mm512_inserti64x4(_mm512_broadcast_i32x4(lut0), _mm256_broadcastsi128_si256(lut1), 1)
-                      : _mm512_broadcast_i32x4(lut0);
-    c.sh  = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);            // low | high 256 bits: fields 0, 2 | 1, 3
-    // high-bit tables, low | high 256 bits: the a | b table of the AVX2 kernel
-    c.thi = _mm512_inserti64x4(_mm512_broadcast_i32x4(_mm_setr_epi8(0x00, 0x04, 0x00, 0x04, 0x40, 0x44, 0x40, 0x44,
-                                                                    0x00, 0x04, 0x00, 0x04, 0x40, 0x44, 0x40, 0x44)),
-                               _mm256_broadcastsi128_si256(_mm_setr_epi8(0x00, 0x00, 0x04, 0x04, 0x00, 0x00, 0x04, 0x04,
-                                                                         0x40, 0x40, 0x44, 0x44, 0x40, 0x40, 0x44, 0x44)), 1);
-    c.p01 = _mm512_inserti64x4(_mm512_set1_epi32(0), _mm256_set1_epi32(1), 1);   // scale dword j | j + 1
-    c.p23 = _mm512_inserti64x4(_mm512_set1_epi32(2), _mm256_set1_epi32(3), 1);
-    c.p45 = _mm512_inserti64x4(_mm512_set1_epi32(4), _mm256_set1_epi32(5), 1);
-    c.p67 = _mm512_inserti64x4(_mm512_set1_epi32(6), _mm256_set1_epi32(7), 1);
+    mcn_avx512_setup(bits, lut0, lut1, &c);
 #    define MCN_BLOCK(b, yb) mcn_fold512(mcn_block_avx512(bits, b, yb, &c, cnt, noff))
 #else
     const __m256i l0 = _mm256_broadcastsi128_si256(lut0);
@@ -419,6 +435,104 @@ static MCN_FORCE_INLINE void mcn_vec_dot_simd_impl(const int bits, const int n, 
 #undef MCN_BLOCK
     *s = sumf;
 }
+
+// ---------------------------------------------------------------- tiles (prompt batches)
+//
+// Up to MCN_TILE rows x MCN_TILE columns (mul_mat_id's batched path: the tokens routed to one expert). Each row's
+// block is decoded once for all columns (mcn_decode_avx512: the offset levels U = T[q] + off, weight order), the
+// rows transposed so that one 512-bit lane holds one row (W[g], lane r: weights 4g..4g+3 of row r), and every
+// column's codes broadcast a dword at a time into vpdpbusd (u8 U x s8 qy, exact int32, 8 independent chains: one
+// per sub-block). Per sub-block j and lane r: t_j = sum U qy - off (bsums[2j] + bsums[2j+1]) = sum T qy, times s_j
+// into the block's isum: the reference's integer, exactly (|isum| < 2^31 as in the mat-vec). Then, per block in
+// order, acc = fma((float) isum, fp32(d) * d_y, acc). mcn_gemm_tile_ref does the same in plain C with fmaf, so the
+// two agree bit for bit; they differ from the mat-vec kernels only in the float rounding of that last step.
+// AVX-512 only: where the mat-vec is AVX2 the batched path keeps calling it per column (mcn_cpu_has_tile false).
+
+#if defined(MCN_CPU_AVX512)
+#    include "mcmoe-simd.h"
+#    define MCN_CPU_TILE 1
+// bytes ahead of each row's block (as MCQ_TILE_PREFETCH: 16 rows are 16 streams the prefetcher follows late)
+#    define MCN_TILE_PREFETCH 512
+
+static MCN_FORCE_INLINE void mcn_gemm_tile_avx512(const int bits, const int n, const uint8_t * w, const size_t w_row, const int nr,
+                                 const void * const * ys, const int nc, float * const * dsts) {
+    const int    nb = n / QK_K;
+    const size_t bb = (size_t) MCN_HD_BLOCK_BYTES(bits);
+    int off;
+    const __m128i lut0 = mcn_lut(bits, 0, &off);
+    const __m128i lut1 = mcn_lut(bits, 1, &off);
+    mcn_avx512_consts c;
+    mcn_avx512_setup(bits, lut0, lut1, &c);
+
+    __m512  acc[MCN_TILE];
+    for (int k = 0; k < nc; ++k) {
+        acc[k] = _mm512_setzero_ps();
+    }
+    for (int kb = 0; kb < nb; ++kb) {
+        int32_t sc[MCN_HD_NSUB][MCN_TILE] = {{0}};       // s_j of row r (0 for rows past nr)
+        float   dv[MCN_TILE] = {0};
+        __m512i U[4][MCN_TILE];                         // U[q][r]: weights 64q..64q+63 of row r; then transposed
+        for (int r = 0; r < MCN_TILE; ++r) {
+            if (r < nr) {
+                const uint8_t * blk = w + r*w_row + kb*bb;
+                _mm_prefetch((const char *) blk + MCN_TILE_PREFETCH, _MM_HINT_T0);
+                __m512i u[4];
+                mcn_decode_avx512(bits, blk, &c, u);
+                for (int q = 0; q < 4; ++q) {
+                    U[q][r] = u[q];
+                }
+                dv[r] = mcn_block_d(blk);
+                for (int j = 0; j < MCN_HD_NSUB; ++j) {
+                    sc[j][r] = mcn_hd_scale(blk, j);
+                }
+            } else {
+                for (int q = 0; q < 4; ++q) {
+                    U[q][r] = _mm512_setzero_si512();
+                }
+            }
+        }
+        for (int q = 0; q < 4; ++q) {
+            mcmoe_tr16x16_epi32(U[q]);                  // U[q][g], lane r: weights 64q + 4g..64q + 4g + 3 of row r
+        }
+        const __m512i * W = &U[0][0];                   // W[g]: dword g (0..63) of every row
+        const __m512 d16 = _mm512_loadu_ps(dv);
+        for (int k = 0; k < nc; ++k) {
+            const block_q8_K * yb = (const block_q8_K *) ys[k] + kb;
+            __m512i a[MCN_HD_NSUB];
+            for (int j = 0; j < MCN_HD_NSUB; ++j) {
+                a[j] = _mm512_setzero_si512();
+            }
+            for (int g = 0; g < 8; ++g) {               // dword g of every sub-block: 8 independent chains
+                for (int j = 0; j < MCN_HD_NSUB; ++j) {
+                    a[j] = _mm512_dpbusd_epi32(a[j], W[8*j + g], _mm512_set1_epi32((int) mcn_ld32((const uint8_t *) yb->qs + 32*j + 4*g)));
+                }
+            }
+            __m512i isum = _mm512_setzero_si512();
+            for (int j = 0; j < MCN_HD_NSUB; ++j) {
+                const __m512i t = _mm512_sub_epi32(a[j], _mm512_set1_epi32(off*(yb->bsums[2*j] + yb->bsums[2*j + 1])));
+                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(_mm512_loadu_si512((const void *) sc[j]), t));
+            }
+            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d16, _mm512_set1_ps(yb->d)), acc[k]);
+        }
+    }
+    for (int k = 0; k < nc; ++k) {
+        float out[MCN_TILE];
+        _mm512_storeu_ps(out, acc[k]);
+        memcpy(dsts[k], out, (size_t) nr*sizeof(float));
+    }
+}
+
+// one specialization per type (bits a literal, as for the mat-vec kernels)
+static void mcn_gemm_tile_mcn2(const int n, const uint8_t * w, const size_t w_row, const int nr, const void * const * ys,
+                               const int nc, float * const * dsts) {
+    mcn_gemm_tile_avx512(2, n, w, w_row, nr, ys, nc, dsts);
+}
+
+static void mcn_gemm_tile_mcn3(const int n, const uint8_t * w, const size_t w_row, const int nr, const void * const * ys,
+                               const int nc, float * const * dsts) {
+    mcn_gemm_tile_avx512(3, n, w, w_row, nr, ys, nc, dsts);
+}
+#endif
 
 #if defined(MCN_CPU_AVX512)
 #    define MCN_SIMD_NAME "avx512-vnni"
@@ -476,4 +590,53 @@ float mcn_vec_dot(enum ggml_type type, int n, const void * x, const void * y) {
 
 const char * mcn_cpu_simd(void) {
     return MCN_SIMD_NAME;
+}
+
+void mcn_gemm_tile_ref(enum ggml_type type, int n, const void * w, size_t w_row, int nr, const void * const * ys, int nc,
+                       float * const * dsts) {
+    const int bits = type == GGML_TYPE_MCN2 ? 2 : type == GGML_TYPE_MCN3 ? 3 : 0;
+    GGML_ASSERT(bits != 0 && n % QK_K == 0 && nr >= 1 && nr <= MCN_TILE && nc >= 1 && nc <= MCN_TILE);
+    const size_t bb = (size_t) MCN_HD_BLOCK_BYTES(bits);
+    for (int k = 0; k < nc; ++k) {
+        for (int r = 0; r < nr; ++r) {
+            float acc = 0.0f;
+            for (int kb = 0; kb < n / QK_K; ++kb) {
+                const uint8_t    * blk = (const uint8_t *) w + r*w_row + kb*bb;
+                const block_q8_K * yb  = (const block_q8_K *) ys[k] + kb;
+                // the tile kernel's order of operations, fmaf for its fused step
+                acc = fmaf((float) mcn_hd_block_isum(bits, blk, yb->qs), mcn_hd_block_d(blk) * yb->d, acc);
+            }
+            dsts[k][r] = acc;
+        }
+    }
+}
+
+bool mcn_cpu_has_tile(enum ggml_type type) {
+#if defined(MCN_CPU_TILE)
+    return type == GGML_TYPE_MCN2 || type == GGML_TYPE_MCN3;
+#else
+    (void) type;
+    return false;
+#endif
+}
+
+bool mcn_gemm_tile(enum ggml_type type, int n, const void * w, size_t w_row, int nr, const void * const * ys, int nc,
+                   float * const * dsts) {
+    if (!mcn_cpu_has_tile(type) || n % QK_K != 0 || nr < 1 || nr > MCN_TILE || nc < 1 || nc > MCN_TILE) {
+        return false;
+    }
+#if defined(MCN_CPU_TILE)
+    if (nc == 1) {   // a mat-vec (one token routed to an expert): the single-column kernel, with its prefetch
+        const ggml_vec_dot_t f = mcn_kernel_of(type);
+        for (int r = 0; r < nr; ++r) {
+            f(n, dsts[0] + r, 0, (const char *) w + r*w_row, 0, ys[0], 0, 1);
+        }
+        return true;
+    }
+    (type == GGML_TYPE_MCN2 ? mcn_gemm_tile_mcn2 : mcn_gemm_tile_mcn3)(n, (const uint8_t *) w, w_row, nr, ys, nc, dsts);
+    return true;
+#else
+    (void) w; (void) w_row; (void) ys; (void) dsts;
+    return false;
+#endif
 }

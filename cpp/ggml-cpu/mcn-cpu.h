@@ -24,6 +24,17 @@ ggml_vec_dot_t mcn_cpu_generic_of(enum ggml_type type);
 // activations, with the scalar reference or with the kernel the CPU backend uses.
 MCN_API float mcn_vec_dot_ref(enum ggml_type type, int n, const void * x, const void * y);
 MCN_API float mcn_vec_dot(enum ggml_type type, int n, const void * x, const void * y);
+// A tile of a prompt batch: nr <= MCN_TILE weight rows of an mcn type (n weights each, n % 256 == 0, w_row
+// bytes apart) times nc <= MCN_TILE Q8_K activation columns ys[c]: dsts[c][r] = the dot product of row r and
+// column c, each weight block decoded once for all columns (mul_mat_id's batched path, mcmoe-mmid.c). False
+// (nothing written) where this build has no tile kernel (AVX-512 VNNI only so far); mcn_gemm_tile_ref is its
+// plain C twin in every build, equal to it bit for bit.
+#define MCN_TILE 16
+MCN_API bool mcn_cpu_has_tile(enum ggml_type type);
+MCN_API bool mcn_gemm_tile(enum ggml_type type, int n, const void * w, size_t w_row, int nr, const void * const * ys,
+                           int nc, float * const * dsts);
+MCN_API void mcn_gemm_tile_ref(enum ggml_type type, int n, const void * w, size_t w_row, int nr,
+                               const void * const * ys, int nc, float * const * dsts);
 // "avx512-vnni", "avx2" or "scalar": what mcn_vec_dot runs
 MCN_API const char * mcn_cpu_simd(void);
 

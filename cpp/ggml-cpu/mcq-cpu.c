@@ -14,6 +14,7 @@
 #include "ggml-common.h"
 
 #include "mcq-cpu.h"
+#include "mcmoe-simd.h"
 
 #include "ggml-cpu-impl.h"
 #include "simd-mappings.h"
@@ -382,31 +383,6 @@ static MCQ_FORCE_INLINE void mcq_tile_cols(const void * const * ys, const int nc
 #endif
 
 #if defined(MCQ_CPU_TILE) && defined(MCQ_CPU_AVX512)
-// 16 x 16 dwords transposed in place: r[i] lane j <-> r[j] lane i
-static MCQ_FORCE_INLINE void mcq_tr16x16_epi32(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 8; ++i) {            // rows 2i, 2i+1 interleaved by dwords (within 128-bit lanes)
-        t[2*i]     = _mm512_unpacklo_epi32(r[2*i], r[2*i + 1]);
-        t[2*i + 1] = _mm512_unpackhi_epi32(r[2*i], r[2*i + 1]);
-    }
-    for (int i = 0; i < 4; ++i) {            // u[4i+k], 128-bit lane L: column 4L+k of rows 4i..4i+3
-        u[4*i + 0] = _mm512_unpacklo_epi64(t[4*i],     t[4*i + 2]);
-        u[4*i + 1] = _mm512_unpackhi_epi64(t[4*i],     t[4*i + 2]);
-        u[4*i + 2] = _mm512_unpacklo_epi64(t[4*i + 1], t[4*i + 3]);
-        u[4*i + 3] = _mm512_unpackhi_epi64(t[4*i + 1], t[4*i + 3]);
-    }
-    for (int k = 0; k < 4; ++k) {            // gather lane L of u[k], u[4+k], u[8+k], u[12+k] into r[4L+k]
-        const __m512i v1 = _mm512_shuffle_i32x4(u[k],     u[4 + k],  0x44);
-        const __m512i v2 = _mm512_shuffle_i32x4(u[k],     u[4 + k],  0xEE);
-        const __m512i w1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
-        const __m512i w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
-        r[k]      = _mm512_shuffle_i32x4(v1, w1, 0x88);
-        r[4 + k]  = _mm512_shuffle_i32x4(v1, w1, 0xDD);
-        r[8 + k]  = _mm512_shuffle_i32x4(v2, w2, 0x88);
-        r[12 + k] = _mm512_shuffle_i32x4(v2, w2, 0xDD);
-    }
-}
-
 // integer sums of 8 (or 4) columns against the 32 W vectors of a block, 16 rows per register: 8 independent
 // vpdpbusd chains hide its latency, and named accumulators keep GCC from shuffling registers between them
 #if defined(__GNUC__)
@@ -466,8 +442,8 @@ static MCQ_FORCE_INLINE void mcq_gemm_tile_simd(const int bits, const int n, con
                 lo[r] = hi[r] = _mm512_setzero_si512();
             }
         }
-        mcq_tr16x16_epi32(lo);
-        mcq_tr16x16_epi32(hi);
+        mcmoe_tr16x16_epi32(lo);
+        mcmoe_tr16x16_epi32(hi);
         for (int g = 0; g < MCQ_TILE; ++g) {
             W[g] = lo[g];
             W[MCQ_TILE + g] = hi[g];

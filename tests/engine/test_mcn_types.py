@@ -5,6 +5,7 @@ formats.py (their bit-exact Python twin) and against each other.
   byte, on Gaussian, heavy-tailed and degenerate rows (all zero, constant, one huge outlier, tiny values);
 - C dequantize (to_float, CPU get_rows) == formats.mcn_dequantize bit for bit;
 - CPU vec_dot: the kernel in use and the scalar reference equal the float64 value of the same integer sums;
+  the prompt tile (mcn_gemm_tile, AVX-512 builds) equals its C twin bit for bit;
   mul_mat / mul_mat_id graphs; test-backend-ops (SIMD vs reference mode) passes for MUL_MAT, MUL_MAT_ID, GET_ROWS;
 - formats: pack/unpack round trips, bad input refused;
 - GPTQ into the table: bytes the runtime reads back exactly, and less output error than nearest rounding.
@@ -36,6 +37,12 @@ def _setup(g: Ggml) -> Ggml:
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         fn.restype = ctypes.c_float
     g.cpu.mcn_cpu_simd.restype = ctypes.c_char_p
+    g.cpu.mcn_cpu_has_tile.restype = ctypes.c_bool
+    g.cpu.mcn_gemm_tile.restype = ctypes.c_bool
+    tile_args = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p,
+                 ctypes.c_int, ctypes.c_void_p]
+    g.cpu.mcn_gemm_tile.argtypes = g.cpu.mcn_gemm_tile_ref.argtypes = tile_args
+    g.cpu.mcn_gemm_tile_ref.restype = None
     return g
 
 
@@ -207,6 +214,50 @@ def test_vec_dot_simd_vs_scalar_vs_float64(ggml_variant, name, n):
             assert abs(ref - want[r, t]) <= tol, (r, t, ref, want[r, t])
             assert abs(simd - want[r, t]) <= tol, (r, t, simd, want[r, t])
             assert abs(simd - plain[r, t]) <= tol, (r, t, simd, plain[r, t])
+
+
+def gemm_tile(fn, name: str, n: int, x: np.ndarray, qy: np.ndarray) -> tuple[np.ndarray, bool]:
+    """out[c, r] = dot(row r of the mcn rows x, Q8_K column c of qy) by mcn_gemm_tile or its twin (and its answer)."""
+    nr, nc = x.shape[0], qy.shape[0]
+    out = np.full((nc, nr), np.nan, np.float32)
+    ys = (ctypes.c_void_p * nc)(*[qy[i].ctypes.data for i in range(nc)])
+    dsts = (ctypes.c_void_p * nc)(*[out[i].ctypes.data for i in range(nc)])
+    ok = fn(TID[name], n, x.ctypes.data, x.shape[1], nr, ys, nc, dsts)
+    return out, ok is None or bool(ok)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tile_kernel_equals_its_scalar_twin(ggml_variant, name):
+    """Prompt batches through an expert go through tiles of up to 16 rows x 16 tokens (mcn_gemm_tile: one SIMD
+    lane per weight row, each block decoded and transposed once for all columns; AVX-512 VNNI builds). Its plain
+    C twin follows the same order of operations, so for every row and column count the two agree bit for bit;
+    both equal the float64 value of the kernel's integer sums within float rounding. Rows include the
+    degenerate blocks of rows_of("edge") (all zero, constant, one huge outlier, subnormal scale); a single
+    column takes the mat-vec kernel instead; builds without the tile decline and write nothing."""
+    g = ggml_variant
+    n = 768
+    rng = np.random.default_rng(50 + BITS[name])
+    rows = np.concatenate([c_quantize(g, name, rows_of("edge", 6, n, seed=7), None), random_blob(name, 10, n, seed=8)])
+    y = (rng.standard_normal((16, n)) * np.exp(rng.standard_normal((16, 1)))).astype(np.float32)
+    y[0, :64] *= 30                                    # codes at the int8 limits
+    qy_all = g.q8_K(y)
+    have = g.cpu.mcn_cpu_has_tile(TID[name])
+    assert have == (g.cpu.mcn_cpu_simd().decode() == "avx512-vnni")
+    for nr, nc in [(16, 16), (16, 13), (9, 8), (8, 5), (5, 3), (1, 2), (16, 1), (3, 1)]:
+        x = np.ascontiguousarray(rows[:nr])
+        qy = np.ascontiguousarray(qy_all[:nc])
+        twin, _ = gemm_tile(g.cpu.mcn_gemm_tile_ref, name, n, x, qy)
+        want, abs_sum = kernel_sum(x, name, n, qy)
+        assert np.all(np.abs(twin - want.T) <= 1e-5 * abs_sum.T + 1e-30), (nr, nc)
+        got, ok = gemm_tile(g.cpu.mcn_gemm_tile, name, n, x, qy)
+        if not have:
+            assert not ok and np.isnan(got).all()
+            continue
+        assert ok
+        if nc == 1:   # the mat-vec kernel: another order of float additions
+            assert np.all(np.abs(got - want.T) <= 1e-5 * abs_sum.T + 1e-30), (nr, nc)
+        else:
+            assert np.array_equal(got.view(np.uint32), twin.view(np.uint32)), (nr, nc, np.abs(got - twin).max())
 
 
 @pytest.mark.parametrize("name", NAMES)
