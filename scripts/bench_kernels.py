@@ -76,6 +76,8 @@ def main() -> int:
     ap.add_argument("--write-results", action="store_true", help="replace the table in docs/RESULTS.md")
     a = ap.parse_args()
     types = list(dict.fromkeys(a.types.split(",") + ["q2_K"]))
+    if a.write_results and types != TYPES:     # before the timing, not after it
+        raise SystemExit("--write-results replaces the table of all types: leave --types out")
     tools = tools_dir()
     if not list(tools.glob("libggml-cpu-*.so")):
         raise SystemExit(f"{tools}: not a portable (GGML_BACKEND_DL) runtime; rebuild with `make runtime`")
@@ -99,8 +101,6 @@ def main() -> int:
               f" --n {a.n} --repeat {a.repeat}`\n")
     text = header + "\n" + table(results, ns, types)
     print(text)
-    if a.write_results and types != TYPES:
-        raise SystemExit("--write-results replaces the table of all types: leave --types out")
     if a.write_results:
         from results_md import replace_section
         replace_section("bench_kernels", "## Kernels by CPU variant: 4096 x 14336 MUL_MAT (test-backend-ops)\n\n" + text)

@@ -48,7 +48,6 @@ FORMATS = ("vq12s32 gptq", "vq12s32 rtn", "vq12s32 gptq+rot", "tern gptq", "tern
            "vq13s32 gptq", "mcn2 gptq", "mcn2 rtn", "mcn2 gptq+rot", "mcn2 rtn+rot", "mcn2/b16 gptq", "mcn2/b64 gptq",
            "mcq2 gptq-unshrink", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xxs+rot", "q2_k")
 TERN_LEVELS = (-1, 0, 1)
-GGML_BPW = {"iq1_s": 1.5625, "iq1_m": 1.75, "iq2_xxs": 2.0625, "iq2_xs": 2.3125, "q2_k": 2.625, "iq3_xxs": 3.0625}
 
 
 def parse(name: str) -> tuple[str, int]:
@@ -68,9 +67,7 @@ def bpw(name: str) -> float:
         return 1.6 + 4 / sub + 16 / F.MCN_BLOCK
     if kind.startswith("mcn"):
         return F.mcn_spec(kind).bits + 4 / sub + 16 / F.MCN_BLOCK
-    if study_vq.parse(kind):
-        return study_vq.bpw(kind)
-    return {**study_mcn.BPW, **GGML_BPW}[kind]
+    return study_vq.bpw(kind)          # vqKsS, mcq, and llama.cpp's types (study_vq / study_mcn tables)
 
 
 @contextlib.contextmanager

@@ -594,7 +594,7 @@ const char * mcn_cpu_simd(void) {
 
 void mcn_gemm_tile_ref(enum ggml_type type, int n, const void * w, size_t w_row, int nr, const void * const * ys, int nc,
                        float * const * dsts) {
-    const int bits = type == GGML_TYPE_MCN2 ? 2 : type == GGML_TYPE_MCN3 ? 3 : 0;
+    const int bits = mcn_type_bits(type);
     GGML_ASSERT(bits != 0 && n % QK_K == 0 && nr >= 1 && nr <= MCN_TILE && nc >= 1 && nc <= MCN_TILE);
     const size_t bb = (size_t) MCN_HD_BLOCK_BYTES(bits);
     for (int k = 0; k < nc; ++k) {
@@ -613,7 +613,7 @@ void mcn_gemm_tile_ref(enum ggml_type type, int n, const void * w, size_t w_row,
 
 bool mcn_cpu_has_tile(enum ggml_type type) {
 #if defined(MCN_CPU_TILE)
-    return type == GGML_TYPE_MCN2 || type == GGML_TYPE_MCN3;
+    return mcn_type_bits(type) != 0;
 #else
     (void) type;
     return false;
@@ -633,7 +633,7 @@ bool mcn_gemm_tile(enum ggml_type type, int n, const void * w, size_t w_row, int
         }
         return true;
     }
-    (type == GGML_TYPE_MCN2 ? mcn_gemm_tile_mcn2 : mcn_gemm_tile_mcn3)(n, (const uint8_t *) w, w_row, nr, ys, nc, dsts);
+    (mcn_type_bits(type) == 2 ? mcn_gemm_tile_mcn2 : mcn_gemm_tile_mcn3)(n, (const uint8_t *) w, w_row, nr, ys, nc, dsts);
     return true;
 #else
     (void) w; (void) w_row; (void) ys; (void) dsts;
