@@ -68,6 +68,9 @@ def main() -> int:
     ap.add_argument("--stock", default=",".join(STOCK), help="llama.cpp types to compare with")
     ap.add_argument("--max-chunks", type=int, default=200, help="held-out chunks of 256 tokens (llama-perplexity "
                     "scores the second half of each)")
+    ap.add_argument("--kd-steps", type=int, default=0, metavar="N",
+                    help="KD tuning of each PMQ file (quant/kd_tune.py), N steps; the untuned run's work directory "
+                    "is reused where it exists (the tuning runs after its layers), the file named -kdN")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
@@ -103,13 +106,18 @@ def main() -> int:
                     tag += f"-{a.rerun}"
                     series += f" ({a.rerun})"
                 work = d / f"pmq-{tag}"
+                if a.kd_steps:
+                    tag += f"-kd{a.kd_steps}"
+                    series += f"+kd {a.kd_steps}"
+                    work = reuse_layers(work, d / f"pmq-{tag}")
                 try:
                     quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix,
                                                     ladder="mcq" if compat else ladder, granularity=a.granularity,
                                                     compat="stock" if compat else "none", eps_rows=a.eps_rows,
                                                     eps_holdout=a.eps_holdout if ladder != "mcq" else PMQConfig.eps_holdout,
                                                     scope=a.scope if ladder != "mcq" else "layer",
-                                                    sensitivity=a.sensitivity if ladder != "mcq" else "none"),
+                                                    sensitivity=a.sensitivity if ladder != "mcq" else "none",
+                                                    kd_steps=a.kd_steps),
                              progress=False)
                 except InfeasibleBudget as e:       # e.g. 1.5 bpw for the paper's program: not a point
                     print(f"skipped PMQ {b} {series}: {e}", flush=True)
@@ -136,6 +144,16 @@ def main() -> int:
     if a.write_results:
         write_results(table, a, png)
     return 0
+
+
+def reuse_layers(untuned: Path, tuned: Path) -> Path:
+    """The KD-tuned run's work directory, started as a copy of the untuned run's where that has finished:
+    KD tuning changes no layer's work (pmq.FINISH_ONLY), so only the tuning is left to do."""
+    import shutil
+    if not tuned.exists() and (untuned / "allocation.json").exists():
+        shutil.copytree(untuned, tuned,
+                        ignore=shutil.ignore_patterns("tune.pt", "*.tmp"))
+    return tuned
 
 
 def plot(rows, sizes, png: Path, preset: str) -> None:

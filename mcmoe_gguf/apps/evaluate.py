@@ -45,34 +45,10 @@ def ppl_torch(model_dir: str | Path, text: str, ctx: int = 256, max_chunks: int 
 
 def fake_quant_model(outdir: str | Path):
     """The compact torch model of a PMQ work directory: original weights, quantized tensors replaced by
-    their dequantized stored bytes (what llama.cpp will compute with, up to float rounding)."""
-
-    from mcmoe_gguf.model.checkpoint import Checkpoint
-    from mcmoe_gguf.quant.pmq import stored_globals
-    from mcmoe_gguf.quant.workdir import WorkDir, dequantize_entry
-    wd = WorkDir(outdir)
-    ck = Checkpoint(wd.model_dir())
-    glob = stored_globals(wd, ck)
-    model = ck.arch.CompactModel(ck.hp)
-    sd = {k: ck.get(v).float() for k, v in ck.arch.GLOBAL_KEYS.items() if ck.has(v)}
-    emb = dequantize_entry(glob["embed"]) if "embed" in glob else sd["embed"].half().float()
-    model.model.embed_tokens.weight.data.copy_(emb)
-    model.model.norm.weight.data.copy_(sd["norm"])
-    out = emb
-    if "lm_head" in sd:
-        out = dequantize_entry(glob["lm_head"]) if "lm_head" in glob else sd["lm_head"].half().float()
-    model.lm_head.weight.data.copy_(out)
-    quantized = wd.dequantized_state()
-    for i in range(ck.hp.num_hidden_layers):
-        layer = ck.arch.decoder_layer_from(ck, i)
-        prefix = f"model.layers.{i}."
-        own = layer.state_dict()
-        for name in own:
-            if prefix + name in quantized:
-                own[name] = quantized[prefix + name]
-        layer.load_state_dict(own)
-        model.model.layers[i] = layer
-    return model.eval(), ck
+    their dequantized stored bytes (what llama.cpp will compute with, up to float rounding), its finished
+    KD tuning applied (quant/fake_quant.py)."""
+    from mcmoe_gguf.quant.fake_quant import quantized_model
+    return quantized_model(outdir)
 
 
 def ppl_fake_quant(outdir: str | Path, text: str | None = None, ctx: int = 256, max_chunks: int | None = None) -> dict:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant.budget import PROJECTIONS, bits_of_types, projection_shapes, recorded_types
 from mcmoe_gguf.quant.mixes import tensor_bytes
+from mcmoe_gguf.quant.rescale import rescaled_entry
 from mcmoe_gguf.gguf import keys as K
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.gguf.vocab import add_tokenizer
@@ -234,10 +235,20 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
     """Tensors of a PMQ file: one tensor per expert in its own width (blk.N.ffn_{gate,up,down}.E.weight),
     experts of one width written next to each other (widest first, then by expert id) so the loader can
     group them into one 3-D tensor without copying; attention, embeddings and output in the run's mix
-    (quant/mixes.py) as stored by PMQ; router, norms F32."""
+    (quant/mixes.py) as stored by PMQ; router, norms F32. A finished KD tuning (quant/kd_tune.py) is applied:
+    its factors multiply the stored blocks' scales, its norms and routers replace the checkpoint's."""
     hp, wd = ck.hp, WorkDir.of(wd)
     f16 = plan(ck, "f16")
     by_name = {t.name: t for t in f16}
+    tuned = wd.tuned() or {"factors": {}, "floats": {}}
+
+    def tuned_entry(entry: dict, key: str) -> dict:
+        g = tuned["factors"].get(key)
+        return entry if g is None else rescaled_entry(entry, g.numpy())
+
+    def tuned_float(t: Planned, key: str) -> Planned:
+        v = tuned["floats"].get(key)
+        return t if v is None else Planned(t.name, t.shape, t.qtype, lambda v=v: v.float())
     layer_cache: dict[int, dict] = {}
 
     def layer(i: int) -> dict:
@@ -253,7 +264,8 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
         out_rows, n_in = entry["shape"]
 
         def load(i=i, key=key, n_head=n_head):
-            data = layer(i)["tensors"][key]["data"].numpy().reshape(out_rows, -1)
+            e = tuned_entry(layer(i)["tensors"][key], f"model.layers.{i}.{key}.weight")
+            data = e["data"].numpy().reshape(out_rows, -1)
             # q/k rows are interleaved for llama.cpp's RoPE; rows are quantized independently, so
             # permuting the packed rows equals quantizing the permuted matrix
             return ck.arch.permute_qk(torch.from_numpy(data), n_head).numpy() if n_head else data
@@ -265,7 +277,7 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
     def global_tensor(t: Planned, key: str) -> Planned:
         if key not in glob:        # kept in float
             return t
-        entry = glob[key]
+        entry = tuned_entry(glob[key], ck.arch.GLOBAL_KEYS[key])
         return Planned(t.name, tuple(entry["shape"]), _entry_type(entry),
                        lambda e=entry: e["data"].numpy().reshape(e["shape"][0], -1))
 
@@ -275,14 +287,15 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
     merged = wd.config().get("compat") == "stock"
     out = [global_tensor(by_name["token_embd.weight"], "embed")]
     for i in range(hp.num_hidden_layers):
-        out.append(by_name[f"blk.{i}.attn_norm.weight"])
+        pre = f"model.layers.{i}."
+        out.append(tuned_float(by_name[f"blk.{i}.attn_norm.weight"], pre + "input_layernorm.weight"))
         for gname, key, nh in (("attn_q", "q_proj", hp.num_attention_heads), ("attn_k", "k_proj", hp.num_key_value_heads),
                                ("attn_v", "v_proj", None), ("attn_output", "o_proj", None)):
             t = packed(i, f"self_attn.{key}", nh)
             t.name = f"blk.{i}.{gname}.weight"
             out.append(t)
-        out.append(by_name[f"blk.{i}.ffn_norm.weight"])
-        out.append(by_name[f"blk.{i}.ffn_gate_inp.weight"])
+        out.append(tuned_float(by_name[f"blk.{i}.ffn_norm.weight"], pre + "post_attention_layernorm.weight"))
+        out.append(tuned_float(by_name[f"blk.{i}.ffn_gate_inp.weight"], pre + "block_sparse_moe.gate.weight"))
         for proj, gname in EXPERT_TENSORS:
             p = PROJECTIONS.index(proj)
             if merged:      # --compat stock: one 3-D tensor per projection, as llama.cpp's own files
@@ -299,7 +312,7 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
                 t = packed(i, f"block_sparse_moe.experts.{e}.{proj}")
                 t.name = f"blk.{i}.{gname}.{e}.weight"
                 out.append(t)
-    out.append(by_name["output_norm.weight"])
+    out.append(tuned_float(by_name["output_norm.weight"], ck.arch.GLOBAL_KEYS["norm"]))
     if "output.weight" in by_name:
         out.append(global_tensor(by_name["output.weight"], "lm_head"))
     return out, types
@@ -344,6 +357,8 @@ def add_pmq_metadata(w: gguf.GGUFWriter, wd: WorkDir | Path, types: np.ndarray, 
         w.add_float32(K.PMQ_PREFIX + k, float(cfg[k]))
     w.add_string(K.CALIBRATION, f"{cfg['n_seq']} x {cfg['seq_len']} tokens of "
                  f"{Path(cfg['calib_text']).name if cfg['calib_text'] else 'calib.txt'}")
+    tuned = wd.tuned()
+    w.add_uint32(K.PMQ_PREFIX + "kd_steps", int(tuned["step"]) if tuned else 0)
     w.add_float32(K.EXPERT_BPW, float(alloc["expert_bpw"]))
     w.add_float32(K.FILE_BPW, float(alloc["total_bpw"]))
 

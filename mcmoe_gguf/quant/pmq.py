@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcmoe_gguf.quant import allocate, odp_fit
+from mcmoe_gguf.quant import allocate, kd_tune, odp_fit
 from mcmoe_gguf.quant import sensitivity as layer_sensitivity
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant import ladder as ladders
@@ -89,9 +89,11 @@ class PMQConfig:
     odp: str = odp_fit.DEFAULT_TARGET   # ODP thresholds' target (odp_fit.py): median | skip:S | error:B. Applied
                                         # when the run finishes, not part of the run's identity: a rerun with
                                         # another target only refits the thresholds
+    kd_steps: int = 0                   # KD tuning after the layers (kd_tune.py): optimizer steps (0: none)
+    kd_lr: float = kd_tune.DEFAULT_LR   # ... and its peak learning rate
 
 
-FINISH_ONLY = ("odp",)                  # PMQConfig fields that do not change the layers' work
+FINISH_ONLY = ("odp", "kd_steps", "kd_lr")      # PMQConfig fields that do not change the layers' work
 
 
 def _as_config(cfg: PMQConfig | dict) -> PMQConfig:
@@ -551,6 +553,7 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     check_row_lengths(hp)
     _eps_quantizer(cfg)                 # a bad eps_method, ODP target, ladder or budget fails before any work
     odp_fit.parse_target(cfg.odp)
+    kd_tune.check(_tune_config(cfg))
     if cfg.eps_rows < 0 or cfg.eps_tokens < 0:
         raise ValueError(f"eps_rows and eps_tokens must be >= 0 (0: all); got {cfg.eps_rows}, {cfg.eps_tokens}")
     if not 0 <= cfg.eps_holdout < 1:
@@ -576,7 +579,8 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
     if cfg.min_speed and not stored:
         wd.save(dict(kernel_costs), wd.kernel_costs_path, as_json=True)
     if all(wd.has_layer(l) for l in range(hp.num_hidden_layers)):
-        return finish(wd, ck, cfg.odp)  # a finished run (e.g. rerun after a failed export): nothing to redo
+        # a finished run (e.g. rerun after a failed export, or with other KD settings): no layer to redo
+        return _tuned(finish(wd, ck, cfg.odp), wd, cfg, progress)
     text_path = Path(cfg.calib_text) if cfg.calib_text else Path(model_dir) / "calib.txt"
     if not text_path.exists():
         raise FileNotFoundError(f"{text_path}: calibration text not found (pass --calib-text)")
@@ -624,7 +628,18 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
                  "tensors": tensors}, wd.layer_path(l))
         wd.drop_state(l)
         del layer, x        # before the next layer is built: peak memory of one layer, not two
-    return finish(wd, ck, cfg.odp)
+    return _tuned(finish(wd, ck, cfg.odp), wd, cfg, progress)
+
+
+def _tune_config(cfg: PMQConfig) -> kd_tune.TuneConfig:
+    return kd_tune.TuneConfig(steps=cfg.kd_steps, lr=cfg.kd_lr)
+
+
+def _tuned(report: dict, wd: WorkDir, cfg: PMQConfig, progress: bool) -> dict:
+    """The finished run's report, after KD tuning of its free parameters where cfg asks for it (an earlier
+    tuning with other settings is redone; kd_steps = 0 removes one)."""
+    kd = kd_tune.tune(wd, _tune_config(cfg), progress=progress)
+    return {**report, "kd": kd} if kd["steps"] else report
 
 
 def quantize_globals(wd: WorkDir, ck: Checkpoint, mix: mixes.Mix) -> None:

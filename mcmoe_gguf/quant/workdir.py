@@ -17,6 +17,8 @@ fake-quant evaluation read them through here).
     output_importance.pt   mean x^2 of the output projection's input (written with the last layer)
     layers/globals.pt      embeddings and output in the mix's ggml types (written at the end)
     allocation.json        bits [layer][expert], the mix and the real-byte accounting (written at the end)
+    tune.pt                KD tuning (kd_tune.py), after allocation.json: per-block scale factors of the stored
+                           tensors, tuned norms and routers, the optimizer's state; applied at export
 
 A stored tensor is {bits, shape, data} for our mcq types or {type, shape, data} for a ggml type (data:
 the bytes as they go into the GGUF file, one row of blocks per output row).
@@ -72,6 +74,19 @@ class WorkDir:
     @property
     def mix_path(self) -> Path:
         return self.path / "mix.json"
+
+    @property
+    def tune_path(self) -> Path:
+        return self.path / "tune.pt"
+
+    def tuned(self) -> dict | None:
+        """The finished KD tuning (kd_tune.py): {"factors": {key: [rows, groups]}, "floats": {key: tensor}},
+        keys of the compact model; None where there is none or it has not finished."""
+        if not self.tune_path.exists():
+            return None
+        import torch
+        state = torch.load(self.tune_path)
+        return state if state["step"] == state["config"]["steps"] else None
 
     @property
     def output_importance_path(self) -> Path:
