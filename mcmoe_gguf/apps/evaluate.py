@@ -59,3 +59,28 @@ def ppl_fake_quant(outdir: str | Path, text: str | None = None, ctx: int = 256, 
     text = text if text is not None else (ck.dir / "eval.txt").read_text(encoding="utf-8")
     ids = Tokenizer.from_file(str(ck.dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     return perplexity(chunked(ids, ctx, max_chunks), compact_nll(model), batch=8)
+
+
+def kld_torch(model, teacher, ids: list[int], ctx: int = 256, max_chunks: int | None = None) -> dict:
+    """Held-out agreement of a torch model with its float teacher on the chunks of base/perplexity.py: mean
+    KL(teacher || model) per scored token, top-1 agreement, and the PPL ratio, each with one standard error
+    over chunks (llama-perplexity --kl-divergence's quantities, in torch)."""
+    import torch
+    import torch.nn.functional as F
+    chunks = chunked(ids, ctx, max_chunks)
+    kl, same, dnll = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(chunks), 8):
+            x = torch.tensor(chunks[i:i + 8])
+            lt = F.log_softmax(teacher(x)[0][:, :-1].double(), -1)
+            ls = F.log_softmax(model(x)[0][:, :-1].double(), -1)
+            tgt = x[:, 1:, None]
+            kl += (lt.exp() * (lt - ls)).sum(-1).mean(-1).tolist()
+            same += (lt.argmax(-1) == ls.argmax(-1)).double().mean(-1).tolist()
+            dnll += (lt.gather(-1, tgt) - ls.gather(-1, tgt)).squeeze(-1).mean(-1).tolist()
+    a = {k: np.asarray(v) for k, v in (("kld", kl), ("top1", same), ("dnll", dnll))}
+    se = {k: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan") for k, v in a.items()}
+    ratio = float(np.exp(a["dnll"].mean()))
+    return {"kld": float(a["kld"].mean()), "kld_se": float(se["kld"]), "top1": 100 * float(a["top1"].mean()),
+            "top1_se": 100 * float(se["top1"]), "ppl_ratio": ratio, "ppl_ratio_se": ratio * float(se["dnll"]),
+            "chunks": len(chunks)}

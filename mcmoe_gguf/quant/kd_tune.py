@@ -33,6 +33,7 @@ from mcmoe_gguf.quant.calibration import calibration_tokens
 from mcmoe_gguf.quant.workdir import WorkDir
 
 DEFAULT_LR = 1e-3
+PARTS = ("scales", "norms", "routers")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class TuneConfig:
     seqs: int = 1024            # calibration windows drawn from (all of a smaller text)
     seed: int = 0
     save_every: int = 25        # steps between checkpoints of the tuning state
+    parts: tuple[str, ...] = PARTS      # what is tuned (a subset of PARTS; the study of each one's share)
 
 
 def check(cfg: TuneConfig) -> None:
@@ -50,6 +52,9 @@ def check(cfg: TuneConfig) -> None:
         raise ValueError(f"KD tuning needs steps >= 0, batch, seqs and save_every >= 1; got {cfg}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"KD tuning's learning rate must be a positive number, got {cfg.lr}")
+    unknown = [p for p in cfg.parts if p not in PARTS]
+    if unknown or not cfg.parts:
+        raise ValueError(f"KD tuning parts must be some of {', '.join(PARTS)}; got {', '.join(cfg.parts) or 'none'}")
 
 
 class ScaledLinear(torch.nn.Module):
@@ -81,7 +86,7 @@ def _memory_check(ck) -> None:
                           f"for {n:,} parameters, {avail / 2**30:.1f} GiB free; run without --kd-steps")
 
 
-def _student(wd: WorkDir, start: dict | None):
+def _student(wd: WorkDir, start: dict | None, parts=PARTS):
     """The quantized model with ScaledLinear in place of every quantized linear it can rescale, and the
     parameters to tune by key (factors under the tensor's key, floats under theirs)."""
     from mcmoe_gguf.quant.fake_quant import quantized_model, stored_entries
@@ -92,7 +97,7 @@ def _student(wd: WorkDir, start: dict | None):
     start_f = start["factors"] if start else {}
     factors, floats = {}, {}
     for key, entry in entries.items():
-        if key == "model.embed_tokens.weight":
+        if key == "model.embed_tokens.weight" or "scales" not in parts:
             continue
         gs = rescale.group_size(rescale.entry_type(entry), entry["shape"][1])
         if gs is None:
@@ -104,7 +109,8 @@ def _student(wd: WorkDir, start: dict | None):
         setattr(parent, path[-1], sl)
         factors[key] = sl.g
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or name.endswith("block_sparse_moe.gate.weight"):
+        if (("norms" in parts and name.endswith("norm.weight"))
+                or ("routers" in parts and name.endswith("block_sparse_moe.gate.weight"))):
             if start and name in start["floats"]:
                 p.data.copy_(start["floats"][name])
             p.requires_grad_(True)
@@ -140,13 +146,13 @@ def tune(wd: WorkDir | str, cfg: TuneConfig, text: str | None = None, progress: 
         wd.tune_path.unlink(missing_ok=True)
         return {"steps": 0}
     state = torch.load(wd.tune_path) if wd.tune_path.exists() else None
-    if state is not None and state["config"] != asdict(cfg):
+    if state is not None and {**asdict(TuneConfig()), **state["config"]} != asdict(cfg):
         state = None                    # other settings: start over (the stored bytes are untouched)
     if state is not None and state["step"] == cfg.steps:
         return summary(state)
     from mcmoe_gguf.model.checkpoint import Checkpoint
     _memory_check(Checkpoint(wd.model_dir()))
-    model, ck, factors, floats = _student(wd, state)
+    model, ck, factors, floats = _student(wd, state, cfg.parts)
     run = wd.config()
     if text is None:
         from pathlib import Path

@@ -16,13 +16,13 @@ from mcmoe_gguf.quant.calibration import calibration_tokens
 from mcmoe_gguf.quant.fake_quant import float_model, quantized_model
 from mcmoe_gguf.quant.workdir import WorkDir
 
-CFG = dict(budget="2.0", n_seq=8, seq_len=64, ladder="mcq1,mcq2,iq2_xxs,q2_k", scope="model")
+CFG = dict(budget="2.25", n_seq=8, seq_len=64)       # mcq experts, attention in llama.cpp's types (auto mix)
 TUNE = dict(batch=4, seqs=32, save_every=4)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, small_tokenizer_dir):
-    """A finished PMQ run of the micro model (a ladder mixing our types and llama.cpp's), untuned."""
+    """A finished PMQ run of the micro model (our mcq experts, llama.cpp's types in attention), untuned."""
     root = tmp_path_factory.mktemp("kd")
     ck = calibrated_checkpoint(root, small_tokenizer_dir, seed=5)
     wd = root / "wd"
@@ -106,12 +106,17 @@ def test_other_settings_redo_and_zero_steps_remove_the_tuning(run):
     kd_tune.tune(wd, kd_tune.TuneConfig(steps=4, lr=1e-2, **TUNE), progress=False)
     second = WorkDir(wd).tuned()
     assert second["config"]["lr"] == 1e-2 and second["loss"][0] == first["loss"][0] and second["loss"] != first["loss"]
+    # a part left out keeps the stored values: only norms tuned here, no factor at all
+    kd_tune.tune(wd, kd_tune.TuneConfig(steps=2, parts=("norms",), **TUNE), progress=False)
+    only = WorkDir(wd).tuned()
+    assert not only["factors"] and only["floats"] and all(k.endswith("norm.weight") for k in only["floats"])
     assert kd_tune.tune(wd, kd_tune.TuneConfig(steps=0), progress=False) == {"steps": 0}
     assert WorkDir(wd).tuned() is None and not WorkDir(wd).tune_path.exists()
 
 
 def test_bad_settings_and_unfinished_runs_are_refused(run, tmp_path, monkeypatch):
-    for bad in (dict(steps=-1), dict(steps=3, lr=0.0), dict(steps=3, lr=float("nan")), dict(steps=3, batch=0)):
+    for bad in (dict(steps=-1), dict(steps=3, lr=0.0), dict(steps=3, lr=float("nan")), dict(steps=3, batch=0),
+                dict(steps=3, parts=()), dict(steps=3, parts=("scales", "embeddings"))):
         with pytest.raises(ValueError, match="KD tuning"):
             kd_tune.tune(run["wd"], kd_tune.TuneConfig(**bad), progress=False)
     (tmp_path / "unfinished").mkdir()
