@@ -141,7 +141,9 @@ def cmd_convert(a) -> int:
                         eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout,
                         sens_seqs=a.sens_seqs, odp=a.odp_target, kd_steps=a.kd_steps,
                         kd_lr=a.kd_lr)
-        quantize(a.model_dir, workdir, cfg, kernel_costs=kernel_costs(cfg))
+        r = quantize(a.model_dir, workdir, cfg, kernel_costs=kernel_costs(cfg))
+        if "kd" in r:
+            print(kd_line(r["kd"]))
         out = export_pmq(workdir, a.output, force=a.force, name=a.name)
     else:
         mu = None
@@ -260,7 +262,15 @@ def cmd_quantize(a) -> int:
     r = quantize(a.model_dir, a.output, cfg, kernel_costs=kernel_costs(cfg))
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")
+    if "kd" in r:
+        print(kd_line(r["kd"]))
     return 0
+
+
+def kd_line(kd: dict) -> str:
+    return (f"KD tuning: {kd['steps']} steps, KL to the float model on calibration batches {kd['kl_first']:.4f} -> "
+            f"{kd['kl_last']:.4f} (first / last 10 steps); {kd['tuned_tensors']} tensors' scales, "
+            f"{kd['tuned_floats']} norms and routers")
 
 
 def cmd_ppl_torch(a) -> int:

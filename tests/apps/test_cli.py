@@ -95,3 +95,24 @@ def test_defaults_reach_the_quantizer(command, args, chosen, tmp_path, monkeypat
     out = ["-o", str(tmp_path / ("x.gguf" if command == "convert" else "w"))]
     assert cli_mod.main([command, str(tmp_path), "--bits", "2", *out, *args]) == 0
     assert [(c.scope, c.mix, c.sensitivity) for c in seen] == [chosen]
+
+
+@pytest.mark.parametrize("command", ["quantize", "convert"])
+def test_kd_options_reach_the_quantizer_and_its_summary_is_printed(command, tmp_path, monkeypatch, capsys):
+    import mcmoe_gguf.apps.cli as cli_mod
+    import mcmoe_gguf.gguf.export as export
+    import mcmoe_gguf.quant.pmq as pmq
+    seen = []
+
+    def fake_quantize(model_dir, outdir, cfg, **kw):
+        seen.append(cfg)
+        return {"expert_bpw": 2.0, "expert_bytes": 1, "total_bpw": 2.0, "total_bytes": 1,
+                "kd": {"steps": cfg.kd_steps, "kl_first": 0.25, "kl_last": 0.125, "tuned_tensors": 7, "tuned_floats": 3}}
+    monkeypatch.setattr(pmq, "quantize", fake_quantize)
+    monkeypatch.setattr(export, "export_pmq", lambda workdir, out, **kw: Path(out).write_bytes(b"GGUF") and Path(out))
+    out = ["-o", str(tmp_path / ("x.gguf" if command == "convert" else "w"))]
+    assert cli_mod.main([command, str(tmp_path), "--bits", "2", *out, "--kd-steps", "40", "--kd-lr", "0.002"]) == 0
+    assert [(c.kd_steps, c.kd_lr) for c in seen] == [(40, 0.002)]
+    assert "KD tuning: 40 steps, KL to the float model on calibration batches 0.2500 -> 0.1250" in capsys.readouterr().out
+    a = build_parser().parse_args([command, str(tmp_path), "-o", str(tmp_path / "y")])
+    assert a.kd_steps == 0          # off unless asked for: it needs the float model in RAM
