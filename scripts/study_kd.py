@@ -3,11 +3,14 @@
 
     .venv/bin/python scripts/study_kd.py [--workdir pmq-1.5625-program-mcn-model-kl] [--steps 150]
         [--parts "norms;routers;scales;norms,scales;scales,norms,routers"] [--chunks 100]
+    .venv/bin/python scripts/study_kd.py --workdir W --tuned W-kd600 --steps "" --text OTHER.txt
 
 Each row tunes a copy of the work directory (under the study cache; the original is not touched) with the
 given parts for the given steps, then scores its torch fake-quant model against the float model on held-out
-chunks of 256 (eval.txt; every token of a chunk but the first): mean KL, top-1 agreement, PPL ratio, each
-with one standard error over chunks. The first row is the untuned run. A run's work directory is found under
+chunks of 256 (eval.txt, or --text; every token of a chunk but the first): mean KL, top-1 agreement, PPL
+ratio, each with one standard error over chunks. The first row is the untuned run; --tuned adds rows for
+work directories already tuned (e.g. bench_quality.py --kd-steps), scored as they are: with --text on
+another domain's text, whether tuning on the calibration text's domain generalises. A run's work directory is found under
 bench_quality.py's cache (it makes them: e.g. `--budgets 1.5625 --mixes program --ladders mcn --scope model
 --sensitivity kl`).
 """
@@ -43,22 +46,32 @@ def main() -> int:
                     help="semicolon-separated sets of parts to tune (of scales, norms, routers)")
     ap.add_argument("--lr", type=float, default=kd_tune.DEFAULT_LR)
     ap.add_argument("--chunks", type=int, default=100, help="held-out chunks of 256 tokens")
+    ap.add_argument("--tuned", default="", help="comma-separated tuned work directories to score as they are")
+    ap.add_argument("--text", help="held-out text to score on (default: the bench model's eval.txt)")
     a = ap.parse_args()
     model_dir = tiny_model("bench")
-    src = Path(a.workdir)
-    if not src.exists():
-        src = cache_dir("bench", model_dir.name, "quality") / a.workdir
-    if not (src / "allocation.json").exists():
-        raise SystemExit(f"{src}: not a finished PMQ work directory (make it with scripts/bench_quality.py)")
+
+    def finished(name: str) -> Path:
+        p = Path(name)
+        if not p.exists():
+            p = cache_dir("bench", model_dir.name, "quality") / name
+        if not (p / "allocation.json").exists():
+            raise SystemExit(f"{p}: not a finished PMQ work directory (make it with scripts/bench_quality.py)")
+        return p
+    src = finished(a.workdir)
     from tokenizers import Tokenizer
+    text = Path(a.text) if a.text else model_dir / "eval.txt"
     ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(
-        (model_dir / "eval.txt").read_text(encoding="utf-8"), add_special_tokens=False).ids
+        text.read_text(encoding="utf-8"), add_special_tokens=False).ids
     untuned, ck = quantized_model(src, tuned=False)
     teacher = float_model(ck)
     print("| tuned | mean KLD | same top-1 % | PPL / float | seconds |\n|---|---:|---:|---:|---:|", flush=True)
     print(row("nothing (the PMQ file)", kld_torch(untuned, teacher, ids, 256, a.chunks), 0), flush=True)
+    for name in filter(None, a.tuned.split(",")):
+        model, _ = quantized_model(finished(name))
+        print(row(f"{name} (as tuned)", kld_torch(model, teacher, ids, 256, a.chunks), 0), flush=True)
     work = cache_dir("study", "kd") / src.name
-    for steps in (int(s) for s in a.steps.split(",")):
+    for steps in (int(s) for s in a.steps.split(",") if s):
         for parts in a.parts.split(";"):
             shutil.rmtree(work, ignore_errors=True)
             shutil.copytree(src, work, ignore=shutil.ignore_patterns("tune.pt", "*.tmp", "state"))
