@@ -47,8 +47,13 @@ def fake_quant_model(outdir: str | Path):
     """The compact torch model of a PMQ work directory: original weights, quantized tensors replaced by
     their dequantized stored bytes (what llama.cpp will compute with, up to float rounding), its finished
     KD tuning applied (quant/fake_quant.py)."""
+    from mcmoe_gguf.model.checkpoint import Checkpoint
     from mcmoe_gguf.quant.fake_quant import quantized_model
-    return quantized_model(outdir)
+    from mcmoe_gguf.quant.pmq import stored_globals
+    from mcmoe_gguf.quant.workdir import WorkDir
+    wd = WorkDir(outdir)
+    stored_globals(wd, Checkpoint(wd.model_dir()))      # a run from before globals.pt: finished here
+    return quantized_model(wd)
 
 
 def ppl_fake_quant(outdir: str | Path, text: str | None = None, ctx: int = 256, max_chunks: int | None = None) -> dict:

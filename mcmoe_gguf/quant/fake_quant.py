@@ -28,13 +28,15 @@ def float_model(ck: Checkpoint):
 def stored_entries(wd: WorkDir, ck: Checkpoint) -> dict[str, dict]:
     """Every stored (quantized) tensor of the run by its compact-model key: layers' attention and experts,
     and the embeddings / output where the mix quantized them."""
-    from mcmoe_gguf.quant.pmq import stored_globals
     out = {}
     for f in wd.layer_files():
         d = torch.load(f)
         for name, entry in d["tensors"].items():
             out[f"model.layers.{d['layer']}.{name}.weight"] = entry
-    glob = stored_globals(wd, ck)
+    if not wd.globals_path.exists():    # pmq.stored_globals() finishes a run from before they were stored
+        raise FileNotFoundError(f"{wd.path}: no {wd.globals_path.name} (embeddings/output); finish the run "
+                                "with `mcmoe-gguf quantize` first")
+    glob = wd.load_globals()
     if "embed" in glob:
         out["model.embed_tokens.weight"] = glob["embed"]
     if "lm_head" in glob:
