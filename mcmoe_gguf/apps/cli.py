@@ -258,8 +258,7 @@ def cmd_quantize(a) -> int:
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
                     eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity, compat=a.compat,
                     min_speed=a.min_speed, eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout,
-                    sens_seqs=a.sens_seqs, odp=a.odp_target, kd_steps=a.kd_steps,
-                        kd_lr=a.kd_lr)
+                    sens_seqs=a.sens_seqs, odp=a.odp_target, kd_steps=a.kd_steps, kd_lr=a.kd_lr)
     r = quantize(a.model_dir, a.output, cfg, kernel_costs=kernel_costs(cfg))
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")

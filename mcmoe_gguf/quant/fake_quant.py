@@ -6,8 +6,6 @@ Whole models in memory: for the models whose float weights fit in RAM (the tiny 
 """
 from __future__ import annotations
 
-import torch
-
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.quant.rescale import rescaled_entry
 from mcmoe_gguf.quant.workdir import WorkDir, dequantize_entry
@@ -28,11 +26,7 @@ def float_model(ck: Checkpoint):
 def stored_entries(wd: WorkDir, ck: Checkpoint) -> dict[str, dict]:
     """Every stored (quantized) tensor of the run by its compact-model key: layers' attention and experts,
     and the embeddings / output where the mix quantized them."""
-    out = {}
-    for f in wd.layer_files():
-        d = torch.load(f)
-        for name, entry in d["tensors"].items():
-            out[f"model.layers.{d['layer']}.{name}.weight"] = entry
+    out = wd.layer_entries()
     if not wd.globals_path.exists():    # pmq.stored_globals() finishes a run from before they were stored
         raise FileNotFoundError(f"{wd.path}: no {wd.globals_path.name} (embeddings/output); finish the run "
                                 "with `mcmoe-gguf quantize` first")
@@ -44,15 +38,16 @@ def stored_entries(wd: WorkDir, ck: Checkpoint) -> dict[str, dict]:
     return out
 
 
-def quantized_model(wd: WorkDir | str, tuned: bool = True):
+def quantized_model(wd: WorkDir | str, tuned: bool = True, entries: dict | None = None):
     """(compact model of the run's stored bytes, its Checkpoint); tuned: with the work directory's finished
-    KD tuning applied (rescaled bytes dequantized, tuned norms and routers), as the exported file has it."""
+    KD tuning applied (rescaled bytes dequantized, tuned norms and routers), as the exported file has it.
+    entries: the run's stored_entries() where the caller has them already (they are read otherwise)."""
     wd = WorkDir.of(wd)
     ck = Checkpoint(wd.model_dir())
     model = float_model(ck)
     overlay = wd.tuned() if tuned else None
     factors = overlay["factors"] if overlay else {}
-    entries = stored_entries(wd, ck)
+    entries = stored_entries(wd, ck) if entries is None else entries
     sd = model.state_dict()
     for key, entry in entries.items():
         if key in factors:

@@ -89,11 +89,12 @@ def _memory_check(ck) -> None:
 def _student(wd: WorkDir, start: dict | None, parts=PARTS):
     """The quantized model with ScaledLinear in place of every quantized linear it can rescale, and the
     parameters to tune by key (factors under the tensor's key, floats under theirs)."""
+    from mcmoe_gguf.model.checkpoint import Checkpoint
     from mcmoe_gguf.quant.fake_quant import quantized_model, stored_entries
-    model, ck = quantized_model(wd, tuned=False)
+    entries = stored_entries(wd, Checkpoint(wd.model_dir()))
+    model, ck = quantized_model(wd, tuned=False, entries=entries)
     for p in model.parameters():
         p.requires_grad_(False)
-    entries = stored_entries(wd, ck)
     start_f = start["factors"] if start else {}
     factors, floats = {}, {}
     for key, entry in entries.items():

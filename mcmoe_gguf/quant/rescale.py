@@ -93,12 +93,9 @@ def rescale(data, type_name: str, shape, g) -> np.ndarray:
     g = np.asarray(g, dtype=np.float32)
     if t in FLOAT_TYPES:
         dt = FLOAT_TYPES[t]
-        raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        raw = _check(np.ascontiguousarray(data).view(np.uint8), rows, n, g, 1, np.dtype(dt).itemsize, t)
         w = raw.view(dt).reshape(rows, n).astype(np.float32)
-        gs = group_size(t, n)
-        if g.shape != (rows, n // gs):
-            raise ValueError(f"{t}: factors of shape {g.shape}, expected {(rows, n // gs)}")
-        return (w * np.repeat(g, gs, axis=1)).astype(dt).view(np.uint8).reshape(-1)
+        return (w * np.repeat(g, group_size(t, n), axis=1)).astype(dt).view(np.uint8).reshape(-1)
     if t == "iq1_m":
         blk, blk_bytes, off = IQ1_M
         raw = _check(data, rows, n, g, blk, blk_bytes, t).copy()

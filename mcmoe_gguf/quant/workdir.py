@@ -179,16 +179,16 @@ class WorkDir:
         return [json.loads(p.read_text()) for p in sorted((self.path / "stats").glob("layer_*.json"))]
 
     # ---------------------------------------------------------------- the quantized state
-    def dequantized_state(self) -> dict:
-        """HF-key state dict of every quantized tensor of the run, dequantized from its stored bytes (what
-        llama.cpp computes with, up to float rounding): the torch fake-quant model's weights."""
+    def layer_entries(self) -> dict:
+        """Every stored tensor of the layers (attention, experts) as stored, by its HF key
+        (model.layers.N.<name>.weight); dequantize_entry() gives its weights."""
         import torch
-        sd = {}
+        out = {}
         for f in self.layer_files():
             d = torch.load(f)
             for name, entry in d["tensors"].items():
-                sd[f"model.layers.{d['layer']}.{name}.weight"] = dequantize_entry(entry)
-        return sd
+                out[f"model.layers.{d['layer']}.{name}.weight"] = entry
+        return out
 
 
 def dequantize_entry(entry: dict):
