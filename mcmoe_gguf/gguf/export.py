@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant.budget import PROJECTIONS, bits_of_types, projection_shapes, recorded_types
 from mcmoe_gguf.quant.mixes import tensor_bytes
-from mcmoe_gguf.quant.rescale import rescaled_entry
+from mcmoe_gguf.quant import fake_quant
 from mcmoe_gguf.gguf import keys as K
 from mcmoe_gguf.model.checkpoint import Checkpoint
 from mcmoe_gguf.gguf.vocab import add_tokenizer
@@ -243,8 +243,7 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
     tuned = wd.tuned() or {"factors": {}, "floats": {}}
 
     def tuned_entry(entry: dict, key: str) -> dict:
-        g = tuned["factors"].get(key)
-        return entry if g is None else rescaled_entry(entry, g.numpy())
+        return fake_quant.tuned_entry(entry, key, tuned)
 
     def tuned_float(t: Planned, key: str) -> Planned:
         v = tuned["floats"].get(key)

@@ -7,6 +7,7 @@ Whole models in memory: for the models whose float weights fit in RAM (the tiny 
 from __future__ import annotations
 
 from mcmoe_gguf.model.checkpoint import Checkpoint
+from mcmoe_gguf.quant.recode import recoded_entry
 from mcmoe_gguf.quant.rescale import rescaled_entry
 from mcmoe_gguf.quant.workdir import WorkDir, dequantize_entry
 
@@ -38,6 +39,18 @@ def stored_entries(wd: WorkDir, ck: Checkpoint) -> dict[str, dict]:
     return out
 
 
+def tuned_entry(entry: dict, key: str, overlay: dict | None) -> dict:
+    """A stored entry as a finished KD tuning (WorkDir.tuned()) leaves it: its re-chosen codes, then its
+    blocks' scales times the tuned factors; the entry itself where the tuning did not touch it."""
+    if not overlay:
+        return entry
+    codes = overlay.get("codes", {}).get(key)
+    if codes is not None:
+        entry = recoded_entry(entry, codes)
+    g = overlay["factors"].get(key)
+    return entry if g is None else rescaled_entry(entry, g.numpy())
+
+
 def quantized_model(wd: WorkDir | str, tuned: bool = True, entries: dict | None = None):
     """(compact model of the run's stored bytes, its Checkpoint); tuned: with the work directory's finished
     KD tuning applied (rescaled bytes dequantized, tuned norms and routers), as the exported file has it.
@@ -46,13 +59,10 @@ def quantized_model(wd: WorkDir | str, tuned: bool = True, entries: dict | None 
     ck = Checkpoint(wd.model_dir())
     model = float_model(ck)
     overlay = wd.tuned() if tuned else None
-    factors = overlay["factors"] if overlay else {}
     entries = stored_entries(wd, ck) if entries is None else entries
     sd = model.state_dict()
     for key, entry in entries.items():
-        if key in factors:
-            entry = rescaled_entry(entry, factors[key].numpy())
-        sd[key] = dequantize_entry(entry)
+        sd[key] = dequantize_entry(tuned_entry(entry, key, overlay))
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         if key not in entries:              # a float global is what the file stores: fp16
             sd[key] = sd[key].half().float()

@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mcmoe_gguf.quant import rescale
+from mcmoe_gguf.quant import recode, rescale
 from mcmoe_gguf.quant.calibration import calibration_tokens
 from mcmoe_gguf.quant.workdir import WorkDir
 
 DEFAULT_LR = 1e-3
-PARTS = ("scales", "norms", "routers")
+DEFAULT_CODE_LR = 3e-3
+PARTS = ("scales", "norms", "routers", "codes")
+DEFAULT_PARTS = ("scales", "norms", "routers")
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,16 @@ class TuneConfig:
     seqs: int = 1024            # calibration windows drawn from (all of a smaller text)
     seed: int = 0
     save_every: int = 25        # steps between checkpoints of the tuning state
-    parts: tuple[str, ...] = PARTS      # what is tuned (a subset of PARTS; the study of each one's share)
+    parts: tuple[str, ...] = DEFAULT_PARTS  # what is tuned (a subset of PARTS; the study of each one's share)
+    code_lr: float = DEFAULT_CODE_LR    # Adam's peak rate for the codes' latents, in level units (part "codes")
 
 
 def check(cfg: TuneConfig) -> None:
     if cfg.steps < 0 or cfg.batch < 1 or cfg.seqs < 1 or cfg.save_every < 1:
         raise ValueError(f"KD tuning needs steps >= 0, batch, seqs and save_every >= 1; got {cfg}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise ValueError(f"KD tuning's learning rate must be a positive number, got {cfg.lr}")
+    for name, v in (("learning rate", cfg.lr), ("code learning rate", cfg.code_lr)):
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"KD tuning's {name} must be a positive number, got {v}")
     unknown = [p for p in cfg.parts if p not in PARTS]
     if unknown or not cfg.parts:
         raise ValueError(f"KD tuning parts must be some of {', '.join(PARTS)}; got {', '.join(cfg.parts) or 'none'}")
@@ -70,6 +74,71 @@ class ScaledLinear(torch.nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.weight * self.g.repeat_interleave(self.group, dim=1))
+
+
+class RecodedLinear(ScaledLinear):
+    """A tensor of our own types whose codes are tuned too (recode.py): a latent per weight in level units,
+    started at the stored code's level; the forward pass uses the nearest level (the code the file will
+    store) and passes the gradient straight through to the latent (STE), so a code flips when its latent
+    crosses a midpoint between levels. Scales stay as stored; g multiplies them as in ScaledLinear."""
+
+    def __init__(self, grd, group: int, g: torch.Tensor | None = None, delta: torch.Tensor | None = None):
+        super().__init__(torch.zeros(0, 0), group, g if g is not None else torch.ones(
+            grd.codes.shape[0], grd.codes.shape[1] // group))
+        self.grid = grd
+        self.register_buffer("x0", grd.latent())
+        lo, hi = float(grd.levels[0]) - grd.unit / 2, float(grd.levels[-1]) + grd.unit / 2
+        self.bounds = ((lo - self.x0) / grd.unit, (hi - self.x0) / grd.unit)
+        self.delta = torch.nn.Parameter(torch.zeros_like(self.x0) if delta is None else delta.detach().clone())
+
+    def codes(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.grid.nearest(self.x0 + self.delta * self.grid.unit)
+
+    def clamp_(self) -> None:
+        """Keep every latent within half a level of the grid's ends: beyond, it would drift unseen."""
+        with torch.no_grad():
+            self.delta.copy_(torch.maximum(torch.minimum(self.delta, self.bounds[1]), self.bounds[0]))
+
+    def forward(self, x):
+        grd = self.grid
+        lat = self.x0 + self.delta * grd.unit
+        snapped = grd.levels[self.codes().long()]
+        w = grd.offset + grd.step * (lat + (snapped - lat).detach())
+        return F.linear(x, w * self.g.repeat_interleave(self.group, dim=1))
+
+
+class LatentSGD:
+    """SGD with momentum for the codes' latents, each tensor's step normalised by its momentum's RMS: a
+    latent moves `lr` level units per step where its gradient is the tensor's typical one and in
+    proportion elsewhere. Adam would move every latent ~lr per step whatever its gradient (per-element
+    normalisation), flipping weak codes as fast as strong ones: on the micro model a few Adam steps that
+    flipped codes doubled the KL; here only consistently pushed latents reach a midpoint."""
+
+    def __init__(self, params: list[torch.Tensor], beta: float = 0.9):
+        self.params, self.beta = params, beta
+        self.bufs = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        for p, b in zip(self.params, self.bufs):
+            if p.grad is None:
+                continue
+            b.mul_(self.beta).add_(p.grad, alpha=1 - self.beta)
+            rms = b.pow(2).mean().sqrt()
+            if rms > 0:
+                p.sub_(b, alpha=lr / float(rms))
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [b.clone() for b in self.bufs]
+
+    def load_state_dict(self, bufs: list[torch.Tensor]) -> None:
+        for b, v in zip(self.bufs, bufs):
+            b.copy_(v)
 
 
 def _memory_check(ck) -> None:
@@ -96,9 +165,10 @@ def _student(wd: WorkDir, start: dict | None, parts=PARTS):
     for p in model.parameters():
         p.requires_grad_(False)
     start_f = start["factors"] if start else {}
-    factors, floats = {}, {}
+    start_l = start.get("latents", {}) if start else {}
+    factors, floats, recoded = {}, {}, {}
     for key, entry in entries.items():
-        if key == "model.embed_tokens.weight" or "scales" not in parts:
+        if key == "model.embed_tokens.weight" or not {"scales", "codes"} & set(parts):
             continue
         gs = rescale.group_size(rescale.entry_type(entry), entry["shape"][1])
         if gs is None:
@@ -106,9 +176,17 @@ def _student(wd: WorkDir, start: dict | None, parts=PARTS):
         path = key[: -len(".weight")].split(".")
         parent = model.get_submodule(".".join(path[:-1])) if len(path) > 1 else model
         lin = getattr(parent, path[-1])
-        sl = ScaledLinear(lin.weight, gs, start_f.get(key))
+        if "codes" in parts and recode.recodable(entry):
+            sl = RecodedLinear(recode.grid(entry), gs, start_f.get(key), start_l.get(key))
+            recoded[key] = sl
+        elif "scales" in parts:
+            sl = ScaledLinear(lin.weight, gs, start_f.get(key))
+        else:
+            continue
+        sl.g.requires_grad_("scales" in parts)
         setattr(parent, path[-1], sl)
-        factors[key] = sl.g
+        if "scales" in parts:
+            factors[key] = sl.g
     for name, p in model.named_parameters():
         if (("norms" in parts and name.endswith("norm.weight"))
                 or ("routers" in parts and name.endswith("block_sparse_moe.gate.weight"))):
@@ -116,7 +194,7 @@ def _student(wd: WorkDir, start: dict | None, parts=PARTS):
                 p.data.copy_(start["floats"][name])
             p.requires_grad_(True)
             floats[name] = p
-    return model, ck, factors, floats
+    return model, ck, factors, floats, recoded
 
 
 def _batch(tokens: torch.Tensor, cfg: TuneConfig, step: int) -> torch.Tensor:
@@ -131,8 +209,8 @@ def kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tens
     return (lt.exp() * (lt - ls)).sum(-1).mean()
 
 
-def _lr(cfg: TuneConfig, step: int) -> float:
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+def _lr(peak: float, steps: int, step: int) -> float:
+    return peak * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 def tune(wd: WorkDir | str, cfg: TuneConfig, text: str | None = None, progress: bool = True) -> dict:
@@ -153,7 +231,7 @@ def tune(wd: WorkDir | str, cfg: TuneConfig, text: str | None = None, progress: 
         return summary(state)
     from mcmoe_gguf.model.checkpoint import Checkpoint
     _memory_check(Checkpoint(wd.model_dir()))
-    model, ck, factors, floats = _student(wd, state, cfg.parts)
+    model, ck, factors, floats, recoded = _student(wd, state, cfg.parts)
     run = wd.config()
     if text is None:
         from pathlib import Path
@@ -163,35 +241,49 @@ def tune(wd: WorkDir | str, cfg: TuneConfig, text: str | None = None, progress: 
                                 min(run["seq_len"], ck.hp.max_position_embeddings))
     teacher = float_model(ck)
     params = list(factors.values()) + list(floats.values())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=cfg.lr) if params else None
+    code_opt = LatentSGD([m.delta for m in recoded.values()])
     step, losses = 0, []
     if state is not None:
-        opt.load_state_dict(state["opt"])
+        if opt is not None:
+            opt.load_state_dict(state["opt"])
+        code_opt.load_state_dict(state.get("code_opt", []))
         step, losses = state["step"], list(state["loss"])
 
     def save(done_step: int) -> None:
         wd.save({"config": asdict(cfg), "step": done_step, "loss": losses,
                  "factors": {k: g.detach().clone() for k, g in factors.items()},
                  "floats": {k: p.detach().clone() for k, p in floats.items()},
-                 "opt": opt.state_dict()}, wd.tune_path)
+                 "latents": {k: m.delta.detach().clone() for k, m in recoded.items()},
+                 "codes": {k: m.codes() for k, m in recoded.items()},
+                 "changed_codes": sum(int((m.codes() != m.grid.codes).sum()) for m in recoded.values()),
+                 "opt": opt.state_dict() if opt is not None else None,
+                 "code_opt": code_opt.state_dict()}, wd.tune_path)
 
     bar = tqdm(range(step, cfg.steps), desc="KD tuning", unit="step", initial=step, total=cfg.steps,
                disable=not progress)
     for s in bar:
-        for grp in opt.param_groups:
-            grp["lr"] = _lr(cfg, s)
+        if opt is not None:
+            for grp in opt.param_groups:
+                grp["lr"] = _lr(cfg.lr, cfg.steps, s)
         b = _batch(tokens, cfg, s)
         with torch.no_grad():
             t_logits = teacher(b)[0]
         loss = kl(t_logits, model(b)[0])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"KD tuning: the loss is {loss.item()} at step {s} (lower --kd-lr)")
-        opt.zero_grad()
+        if opt is not None:
+            opt.zero_grad()
+        code_opt.zero_grad()
         loss.backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
+        code_opt.step(_lr(cfg.code_lr, cfg.steps, s))
         with torch.no_grad():           # factors stay positive: they multiply fp16 scales
             for g in factors.values():
                 g.clamp_(min=1e-3)
+            for m in recoded.values():
+                m.clamp_()
         losses.append(loss.item())
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
         if (s + 1) % cfg.save_every == 0 or s + 1 == cfg.steps:
@@ -203,4 +295,5 @@ def summary(state: dict) -> dict:
     loss = state["loss"]
     k = max(1, min(10, len(loss)))
     return {"steps": state["step"], "kl_first": sum(loss[:k]) / k, "kl_last": sum(loss[-k:]) / k,
-            "tuned_tensors": len(state["factors"]), "tuned_floats": len(state["floats"])}
+            "tuned_tensors": len(state["factors"]), "tuned_floats": len(state["floats"]),
+            "recoded_tensors": len(state.get("codes", {})), "changed_codes": state.get("changed_codes", 0)}

@@ -11,7 +11,7 @@ import torch
 from helpers import calibrated_checkpoint, crash_on_call
 from mcmoe_gguf.gguf.export import export_pmq
 from mcmoe_gguf.model.checkpoint import Checkpoint
-from mcmoe_gguf.quant import formats, kd_tune, pmq
+from mcmoe_gguf.quant import formats, kd_tune, pmq, recode
 from mcmoe_gguf.quant.calibration import calibration_tokens
 from mcmoe_gguf.quant.fake_quant import float_model, quantized_model
 from mcmoe_gguf.quant.workdir import WorkDir
@@ -82,8 +82,35 @@ def test_tuning_lowers_the_kl_and_the_file_carries_it(run):
         np.testing.assert_array_equal(np.asarray(got).reshape(want.shape), want.numpy())
 
 
+def test_tuned_codes_lower_the_kl_and_the_file_carries_them(run):
+    """Part "codes": the mcq experts' codes re-chosen on their stored scales (recode.py); the file stores those
+    codes with the stored scales times the tuned factors, and its bytes are the torch model's weights."""
+    wd = _copy(run, "codes")
+    s = kd_tune.tune(wd, kd_tune.TuneConfig(steps=12, lr=3e-3, code_lr=0.1, parts=kd_tune.PARTS, **TUNE),
+                     progress=False)
+    state = WorkDir(wd).tuned()
+    entries = WorkDir(wd).layer_entries()
+    assert s["recoded_tensors"] == len(state["codes"]) == sum(1 for e in entries.values() if "bits" in e) > 0
+    assert 0 < s["changed_codes"] == sum(int((state["codes"][k] != recode.grid(entries[k]).codes).sum())
+                                         for k in state["codes"])
+    assert _kl_on_calibration(wd, tuned=True) < _kl_on_calibration(wd, tuned=False)
+    out = export_pmq(wd, run["root"] / "codes.gguf")
+    t = {x.name: x for x in gguf.GGUFReader(out).tensors}
+    model, _ = quantized_model(wd)
+    sd = model.state_dict()
+    key = max(state["codes"], key=lambda k: int((state["codes"][k] != recode.grid(entries[k]).codes).sum()))
+    layer, e = int(key.split(".")[2]), int(key.split(".")[5])
+    proj = {"w1": "gate", "w2": "down", "w3": "up"}[key.split(".")[6]]
+    raw = np.asarray(t[f"blk.{layer}.ffn_{proj}.{e}.weight"].data)
+    bits = entries[key]["bits"]
+    codes, _, _ = formats.unpack(raw, bits, sd[key].shape[1])
+    np.testing.assert_array_equal(codes, state["codes"][key].numpy())
+    np.testing.assert_array_equal(formats.dequantize(raw, bits, sd[key].shape[1]).reshape(sd[key].shape),
+                                  sd[key].numpy())
+
+
 def test_a_killed_tuning_resumes_to_the_same_numbers(run, monkeypatch):
-    cfg = kd_tune.TuneConfig(steps=10, lr=3e-3, **TUNE)
+    cfg = kd_tune.TuneConfig(steps=10, lr=3e-3, code_lr=0.1, parts=kd_tune.PARTS, **TUNE)
     straight, crashed = _copy(run, "straight"), _copy(run, "crashed")
     kd_tune.tune(straight, cfg, progress=False)
     monkeypatch.setattr(kd_tune, "kl", crash_on_call(kd_tune.kl, 7))      # dies in step 7, after the step-4 save
@@ -94,7 +121,8 @@ def test_a_killed_tuning_resumes_to_the_same_numbers(run, monkeypatch):
     kd_tune.tune(crashed, cfg, progress=False)
     a, b = WorkDir(straight).tuned(), WorkDir(crashed).tuned()
     assert a["loss"] == b["loss"]
-    for part in ("factors", "floats"):
+    assert a["codes"] and a["changed_codes"] == b["changed_codes"]
+    for part in ("factors", "floats", "latents", "codes"):
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0)
 
@@ -116,7 +144,7 @@ def test_other_settings_redo_and_zero_steps_remove_the_tuning(run):
 
 def test_bad_settings_and_unfinished_runs_are_refused(run, tmp_path, monkeypatch):
     for bad in (dict(steps=-1), dict(steps=3, lr=0.0), dict(steps=3, lr=float("nan")), dict(steps=3, batch=0),
-                dict(steps=3, parts=()), dict(steps=3, parts=("scales", "embeddings"))):
+                dict(steps=3, parts=()), dict(steps=3, parts=("scales", "embeddings")), dict(steps=3, code_lr=-1.0)):
         with pytest.raises(ValueError, match="KD tuning"):
             kd_tune.tune(run["wd"], kd_tune.TuneConfig(**bad), progress=False)
     (tmp_path / "unfinished").mkdir()
