@@ -71,6 +71,9 @@ def main() -> int:
     ap.add_argument("--kd-steps", type=int, default=0, metavar="N",
                     help="KD tuning of each PMQ file (quant/kd_tune.py), N steps; the untuned run's work directory "
                     "is reused where it exists (the tuning runs after its layers), the file named -kdN")
+    ap.add_argument("--kd-codes", type=float, default=0.0, metavar="T",
+                    help="with --kd-steps: the codes of our types re-chosen too (kd_tune.py, travel T; 0: not; the "
+                         "file named -kdN-cT)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
@@ -107,8 +110,8 @@ def main() -> int:
                     series += f" ({a.rerun})"
                 work = d / f"pmq-{tag}"
                 if a.kd_steps:
-                    tag += f"-kd{a.kd_steps}"
-                    series += f"+kd {a.kd_steps}"
+                    tag += f"-kd{a.kd_steps}" + (f"-c{a.kd_codes:g}" if a.kd_codes else "")
+                    series += f"+kd {a.kd_steps}" + (f"/codes {a.kd_codes:g}" if a.kd_codes else "")
                     work = reuse_layers(work, d / f"pmq-{tag}")
                 try:
                     quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix,
@@ -117,7 +120,7 @@ def main() -> int:
                                                     eps_holdout=a.eps_holdout if ladder != "mcq" else PMQConfig.eps_holdout,
                                                     scope=a.scope if ladder != "mcq" else "layer",
                                                     sensitivity=a.sensitivity if ladder != "mcq" else "none",
-                                                    kd_steps=a.kd_steps),
+                                                    kd_steps=a.kd_steps, kd_codes=a.kd_codes),
                              progress=False)
                 except InfeasibleBudget as e:       # e.g. 1.5 bpw for the paper's program: not a point
                     print(f"skipped PMQ {b} {series}: {e}", flush=True)

@@ -45,8 +45,8 @@ def main() -> int:
     ap.add_argument("--parts", default="norms;routers;scales;norms,scales;scales,norms,routers",
                     help="semicolon-separated sets of parts to tune (of scales, norms, routers, codes)")
     ap.add_argument("--lr", type=float, default=kd_tune.DEFAULT_LR)
-    ap.add_argument("--code-lr", default=str(kd_tune.DEFAULT_CODE_LR),
-                    help="comma-separated peak rates of the codes' latents (part codes), level units")
+    ap.add_argument("--code-travel", default=str(kd_tune.DEFAULT_CODE_TRAVEL),
+                    help="comma-separated moves of a typical code latent over the run (part codes), level units")
     ap.add_argument("--chunks", type=int, default=100, help="held-out chunks of 256 tokens")
     ap.add_argument("--tuned", default="", help="comma-separated tuned work directories to score as they are")
     ap.add_argument("--text", help="held-out text to score on (default: the bench model's eval.txt)")
@@ -75,18 +75,19 @@ def main() -> int:
     work = cache_dir("study", "kd") / src.name
     for steps in (int(s) for s in a.steps.split(",") if s):
         for parts in a.parts.split(";"):
-            rates = [float(r) for r in a.code_lr.split(",")] if "codes" in parts else [kd_tune.DEFAULT_CODE_LR]
-            for code_lr in rates:
+            travels = ([float(r) for r in a.code_travel.split(",")] if "codes" in parts
+                       else [kd_tune.DEFAULT_CODE_TRAVEL])
+            for travel in travels:
                 shutil.rmtree(work, ignore_errors=True)
                 shutil.copytree(src, work, ignore=shutil.ignore_patterns("tune.pt", "*.tmp", "state"))
-                cfg = kd_tune.TuneConfig(steps=steps, lr=a.lr, parts=tuple(parts.split(",")), code_lr=code_lr)
+                cfg = kd_tune.TuneConfig(steps=steps, lr=a.lr, parts=tuple(parts.split(",")), code_travel=travel)
                 t0 = time.time()
                 s = kd_tune.tune(work, cfg, progress=False)
                 secs = time.time() - t0
                 model, _ = quantized_model(work)
                 name = f"{parts.replace(',', ' + ')}, {steps} steps"
                 if "codes" in parts:
-                    name += f" (code lr {code_lr:g}: {s['changed_codes']:,} codes changed)"
+                    name += f" (code travel {travel:g}: {s['changed_codes']:,} codes changed)"
                 print(row(name, kld_torch(model, teacher, ids, 256, a.chunks), secs), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from mcmoe_gguf.gguf.keys import IMPORTANCE_MODES, ODP_DEFAULT_PROTECT
 from mcmoe_gguf.model.tiny import PRESETS
 from mcmoe_gguf.quant.mixes import names as mix_names
-from mcmoe_gguf.quant.kd_tune import DEFAULT_LR as DEFAULT_KD_LR
+from mcmoe_gguf.quant.kd_tune import DEFAULT_CODE_TRAVEL, DEFAULT_LR as DEFAULT_KD_LR
 from mcmoe_gguf.quant.odp_fit import DEFAULT_TARGET as DEFAULT_ODP_TARGET, parse_target
 
 MIX_HELP = ("types of the tensors outside the experts: auto (llama.cpp's own choice for the stock "
@@ -53,6 +53,11 @@ KD_STEPS_HELP = ("after PMQ, N steps of knowledge distillation against the float
                  "bench model: 600 steps (~7 min on 2 cores) took KLD from 0.137 to 0.103 at IQ1_S's bytes, 24-36%% "
                  "less at every size (docs/RESULTS.md, \"KD tuning\"). "
                  "Default 0: off")
+KD_CODES_HELP = ("with --kd-steps: also re-choose the codes of our mcq/mcn tensors on their stored scales under "
+                 "the same loss (straight-through latents; llama.cpp's types keep theirs). T: how far, in grid "
+                 "steps, a latent with its tensor's typical gradient moves over the run (a code flips at 0.5), so "
+                 "only codes pushed the same way for most of the run change. "
+                 f"0 keeps GPTQ's codes. Default {DEFAULT_CODE_TRAVEL}")
 ODP_TARGET_HELP = ("how the per-layer ODP thresholds are set from calibration tokens: skip:S (default "
                    f"{DEFAULT_ODP_TARGET}: skip a share S of the expert evaluations, spread over the layers at the "
                    "least measured output error), error:B (per layer the largest threshold whose pruning changes "
@@ -89,6 +94,7 @@ def add_ladder_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kd-steps", type=int, default=0, metavar="N", help=KD_STEPS_HELP)
     s.add_argument("--kd-lr", type=float, default=DEFAULT_KD_LR, metavar="LR",
                    help=f"with --kd-steps: Adam's peak learning rate, cosine decay (default {DEFAULT_KD_LR})")
+    s.add_argument("--kd-codes", type=float, default=DEFAULT_CODE_TRAVEL, metavar="T", help=KD_CODES_HELP)
 
 
 def program_of(a) -> dict:
@@ -141,7 +147,7 @@ def cmd_convert(a) -> int:
                         ladder=a.ladder, granularity=a.granularity, compat=a.compat, min_speed=a.min_speed,
                         eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout,
                         sens_seqs=a.sens_seqs, odp=a.odp_target, kd_steps=a.kd_steps,
-                        kd_lr=a.kd_lr)
+                        kd_lr=a.kd_lr, kd_codes=a.kd_codes)
         r = quantize(a.model_dir, workdir, cfg, kernel_costs=kernel_costs(cfg))
         if "kd" in r:
             print(kd_line(r["kd"]))
@@ -258,7 +264,8 @@ def cmd_quantize(a) -> int:
                     act_order=a.act_order, device=a.device, embed_type=a.embed_type, output_type=a.output_type,
                     eps_method=a.eps_method, ladder=a.ladder, granularity=a.granularity, compat=a.compat,
                     min_speed=a.min_speed, eps_rows=a.eps_rows, eps_tokens=a.eps_tokens, eps_holdout=a.eps_holdout,
-                    sens_seqs=a.sens_seqs, odp=a.odp_target, kd_steps=a.kd_steps, kd_lr=a.kd_lr)
+                    sens_seqs=a.sens_seqs, odp=a.odp_target, kd_steps=a.kd_steps, kd_lr=a.kd_lr,
+                    kd_codes=a.kd_codes)
     r = quantize(a.model_dir, a.output, cfg, kernel_costs=kernel_costs(cfg))
     print(f"quantized state in {a.output}: experts {r['expert_bpw']:.4f} real bpw "
           f"({r['expert_bytes']:,} bytes), whole model {r['total_bpw']:.4f} real bpw ({r['total_bytes']:,} bytes)")
@@ -270,7 +277,9 @@ def cmd_quantize(a) -> int:
 def kd_line(kd: dict) -> str:
     return (f"KD tuning: {kd['steps']} steps, KL to the float model on calibration batches {kd['kl_first']:.4f} -> "
             f"{kd['kl_last']:.4f} (first / last 10 steps); {kd['tuned_tensors']} tensors' scales, "
-            f"{kd['tuned_floats']} norms and routers")
+            f"{kd['tuned_floats']} norms and routers"
+            + (f", {kd['changed_codes']:,} codes changed in {kd['recoded_tensors']} tensors" if kd.get("recoded_tensors")
+               else ""))
 
 
 def cmd_ppl_torch(a) -> int:

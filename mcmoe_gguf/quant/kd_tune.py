@@ -33,9 +33,9 @@ from mcmoe_gguf.quant.calibration import calibration_tokens
 from mcmoe_gguf.quant.workdir import WorkDir
 
 DEFAULT_LR = 1e-3
-DEFAULT_CODE_LR = 3e-3
-PARTS = ("scales", "norms", "routers", "codes")
-DEFAULT_PARTS = ("scales", "norms", "routers")
+DEFAULT_CODE_TRAVEL = 0.375
+CONTINUOUS = ("scales", "norms", "routers")
+PARTS = (*CONTINUOUS, "codes")
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,15 @@ class TuneConfig:
     seqs: int = 1024            # calibration windows drawn from (all of a smaller text)
     seed: int = 0
     save_every: int = 25        # steps between checkpoints of the tuning state
-    parts: tuple[str, ...] = DEFAULT_PARTS  # what is tuned (a subset of PARTS; the study of each one's share)
-    code_lr: float = DEFAULT_CODE_LR    # Adam's peak rate for the codes' latents, in level units (part "codes")
+    parts: tuple[str, ...] = PARTS      # what is tuned (a subset of PARTS; the study of each one's share)
+    code_travel: float = DEFAULT_CODE_TRAVEL    # part "codes": level units a latent with its tensor's typical
+    #                                             gradient moves over the run (0.5 flips its code)
 
 
 def check(cfg: TuneConfig) -> None:
     if cfg.steps < 0 or cfg.batch < 1 or cfg.seqs < 1 or cfg.save_every < 1:
         raise ValueError(f"KD tuning needs steps >= 0, batch, seqs and save_every >= 1; got {cfg}")
-    for name, v in (("learning rate", cfg.lr), ("code learning rate", cfg.code_lr)):
+    for name, v in (("learning rate", cfg.lr), ("code travel", cfg.code_travel)):
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"KD tuning's {name} must be a positive number, got {v}")
     unknown = [p for p in cfg.parts if p not in PARTS]
@@ -111,7 +112,7 @@ class RecodedLinear(ScaledLinear):
 class LatentSGD:
     """SGD with momentum for the codes' latents, each tensor's step normalised by its momentum's RMS: a
     latent moves `lr` level units per step where its gradient is the tensor's typical one and in
-    proportion elsewhere. Adam would move every latent ~lr per step whatever its gradient (per-element
+    proportion elsewhere (so TuneConfig.code_travel is the whole run's move of a typical latent). Adam would move every latent ~lr per step whatever its gradient (per-element
     normalisation), flipping weak codes as fast as strong ones: on the micro model a few Adam steps that
     flipped codes doubled the KL; here only consistently pushed latents reach a midpoint."""
 
@@ -278,7 +279,7 @@ def tune(wd: WorkDir | str, cfg: TuneConfig, text: str | None = None, progress: 
         loss.backward()
         if opt is not None:
             opt.step()
-        code_opt.step(_lr(cfg.code_lr, cfg.steps, s))
+        code_opt.step(_lr(2 * cfg.code_travel / cfg.steps, cfg.steps, s))   # the cosine's mean is half its peak
         with torch.no_grad():           # factors stay positive: they multiply fp16 scales
             for g in factors.values():
                 g.clamp_(min=1e-3)

@@ -91,9 +91,10 @@ class PMQConfig:
                                         # another target only refits the thresholds
     kd_steps: int = 0                   # KD tuning after the layers (kd_tune.py): optimizer steps (0: none)
     kd_lr: float = kd_tune.DEFAULT_LR   # ... and its peak learning rate
+    kd_codes: float = kd_tune.DEFAULT_CODE_TRAVEL   # ... and the codes of our types re-chosen (0: GPTQ's kept)
 
 
-FINISH_ONLY = ("odp", "kd_steps", "kd_lr")      # PMQConfig fields that do not change the layers' work
+FINISH_ONLY = ("odp", "kd_steps", "kd_lr", "kd_codes")      # PMQConfig fields that do not change the layers' work
 
 
 def _as_config(cfg: PMQConfig | dict) -> PMQConfig:
@@ -632,7 +633,9 @@ def quantize(model_dir: str | Path, outdir: str | Path, cfg: PMQConfig, progress
 
 
 def _tune_config(cfg: PMQConfig) -> kd_tune.TuneConfig:
-    return kd_tune.TuneConfig(steps=cfg.kd_steps, lr=cfg.kd_lr)
+    if cfg.kd_codes == 0:
+        return kd_tune.TuneConfig(steps=cfg.kd_steps, lr=cfg.kd_lr, parts=kd_tune.CONTINUOUS)
+    return kd_tune.TuneConfig(steps=cfg.kd_steps, lr=cfg.kd_lr, code_travel=cfg.kd_codes)
 
 
 def _tuned(report: dict, wd: WorkDir, cfg: PMQConfig, progress: bool) -> dict:

@@ -107,12 +107,16 @@ def test_kd_options_reach_the_quantizer_and_its_summary_is_printed(command, tmp_
     def fake_quantize(model_dir, outdir, cfg, **kw):
         seen.append(cfg)
         return {"expert_bpw": 2.0, "expert_bytes": 1, "total_bpw": 2.0, "total_bytes": 1,
-                "kd": {"steps": cfg.kd_steps, "kl_first": 0.25, "kl_last": 0.125, "tuned_tensors": 7, "tuned_floats": 3}}
+                "kd": {"steps": cfg.kd_steps, "kl_first": 0.25, "kl_last": 0.125, "tuned_tensors": 7, "tuned_floats": 3,
+                       "recoded_tensors": 5, "changed_codes": 12345}}
     monkeypatch.setattr(pmq, "quantize", fake_quantize)
     monkeypatch.setattr(export, "export_pmq", lambda workdir, out, **kw: Path(out).write_bytes(b"GGUF") and Path(out))
     out = ["-o", str(tmp_path / ("x.gguf" if command == "convert" else "w"))]
-    assert cli_mod.main([command, str(tmp_path), "--bits", "2", *out, "--kd-steps", "40", "--kd-lr", "0.002"]) == 0
-    assert [(c.kd_steps, c.kd_lr) for c in seen] == [(40, 0.002)]
-    assert "KD tuning: 40 steps, KL to the float model on calibration batches 0.2500 -> 0.1250" in capsys.readouterr().out
+    assert cli_mod.main([command, str(tmp_path), "--bits", "2", *out, "--kd-steps", "40", "--kd-lr", "0.002",
+                         "--kd-codes", "0.25"]) == 0
+    assert [(c.kd_steps, c.kd_lr, c.kd_codes) for c in seen] == [(40, 0.002, 0.25)]
+    printed = capsys.readouterr().out
+    assert "KD tuning: 40 steps, KL to the float model on calibration batches 0.2500 -> 0.1250" in printed
+    assert "12,345 codes changed in 5 tensors" in printed
     a = build_parser().parse_args([command, str(tmp_path), "-o", str(tmp_path / "y")])
     assert a.kd_steps == 0          # off unless asked for: it needs the float model in RAM

@@ -86,7 +86,7 @@ def test_tuned_codes_lower_the_kl_and_the_file_carries_them(run):
     """Part "codes": the mcq experts' codes re-chosen on their stored scales (recode.py); the file stores those
     codes with the stored scales times the tuned factors, and its bytes are the torch model's weights."""
     wd = _copy(run, "codes")
-    s = kd_tune.tune(wd, kd_tune.TuneConfig(steps=12, lr=3e-3, code_lr=0.1, parts=kd_tune.PARTS, **TUNE),
+    s = kd_tune.tune(wd, kd_tune.TuneConfig(steps=12, lr=3e-3, code_travel=0.6, parts=kd_tune.PARTS, **TUNE),
                      progress=False)
     state = WorkDir(wd).tuned()
     entries = WorkDir(wd).layer_entries()
@@ -110,7 +110,7 @@ def test_tuned_codes_lower_the_kl_and_the_file_carries_them(run):
 
 
 def test_a_killed_tuning_resumes_to_the_same_numbers(run, monkeypatch):
-    cfg = kd_tune.TuneConfig(steps=10, lr=3e-3, code_lr=0.1, parts=kd_tune.PARTS, **TUNE)
+    cfg = kd_tune.TuneConfig(steps=10, lr=3e-3, code_travel=0.6, parts=kd_tune.PARTS, **TUNE)
     straight, crashed = _copy(run, "straight"), _copy(run, "crashed")
     kd_tune.tune(straight, cfg, progress=False)
     monkeypatch.setattr(kd_tune, "kl", crash_on_call(kd_tune.kl, 7))      # dies in step 7, after the step-4 save
@@ -138,13 +138,18 @@ def test_other_settings_redo_and_zero_steps_remove_the_tuning(run):
     kd_tune.tune(wd, kd_tune.TuneConfig(steps=2, parts=("norms",), **TUNE), progress=False)
     only = WorkDir(wd).tuned()
     assert not only["factors"] and only["floats"] and all(k.endswith("norm.weight") for k in only["floats"])
+    # through PMQ: codes re-chosen by default, kept with kd_codes=0 (only the layers' finish is rerun)
+    pmq.quantize(run["ck"], wd, pmq.PMQConfig(**CFG, kd_steps=2), progress=False)
+    assert WorkDir(wd).tuned()["codes"]
+    pmq.quantize(run["ck"], wd, pmq.PMQConfig(**CFG, kd_steps=2, kd_codes=0), progress=False)
+    assert not WorkDir(wd).tuned()["codes"] and WorkDir(wd).tuned()["factors"]
     assert kd_tune.tune(wd, kd_tune.TuneConfig(steps=0), progress=False) == {"steps": 0}
     assert WorkDir(wd).tuned() is None and not WorkDir(wd).tune_path.exists()
 
 
 def test_bad_settings_and_unfinished_runs_are_refused(run, tmp_path, monkeypatch):
     for bad in (dict(steps=-1), dict(steps=3, lr=0.0), dict(steps=3, lr=float("nan")), dict(steps=3, batch=0),
-                dict(steps=3, parts=()), dict(steps=3, parts=("scales", "embeddings")), dict(steps=3, code_lr=-1.0)):
+                dict(steps=3, parts=()), dict(steps=3, parts=("scales", "embeddings")), dict(steps=3, code_travel=-1.0)):
         with pytest.raises(ValueError, match="KD tuning"):
             kd_tune.tune(run["wd"], kd_tune.TuneConfig(**bad), progress=False)
     (tmp_path / "unfinished").mkdir()
