@@ -48,7 +48,8 @@ MIN_SPEED_HELP = ("with a ladder: decode no slower than a file with every expert
                   "how often the calibration tokens route to each expert")
 KD_STEPS_HELP = ("after PMQ, N steps of knowledge distillation against the float model on the calibration text, "
                  "tuning what costs no byte: one factor per 256 weights of every quantized row (folded into the "
-                 "blocks' fp16 scales), the norms and the routers; codes unchanged, file size unchanged, resumable "
+                 "blocks' fp16 scales), the norms and the routers, and (--kd-codes) the codes of our mcq/mcn "
+                 "tensors on their stored scales; types and file size unchanged, resumable "
                  "(tune.pt in the work directory). Needs the float model in RAM (tiny / benchmark models); "
                  "bench model: 600 steps (~7 min on 2 cores) took KLD from 0.137 to 0.103 at IQ1_S's bytes, 24-36%% "
                  "less at every size (docs/RESULTS.md, \"KD tuning\"). "
