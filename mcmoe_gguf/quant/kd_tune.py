@@ -1,18 +1,21 @@
 """KD tuning: after PMQ, tune what the file keeps free against the float model's output distribution.
 
 GPTQ rounds each expert for its own output error on its own routed tokens; nothing in PMQ looks at what
-the errors of all layers together do to the model's next-token distribution. This stage does, with the
-codes fixed: knowledge distillation (KL(float || quantized) over the calibration text's tokens, Adam, a
-cosine schedule) of the parameters a GGUF file stores in float and that cost no byte to change:
+the errors of all layers together do to the model's next-token distribution. This stage does: knowledge
+distillation (KL(float || quantized) over the calibration text's tokens, a cosine schedule) of what a GGUF
+file can change without a byte more:
 
 - one factor per (row, 256 columns) of every quantized tensor (experts, attention, output): written back
   by multiplying the block's fp16 super-scale(s) (rescale.py), so the file keeps its size and types;
-- the RMSNorm weights and the routers (F32 in the file).
+- the RMSNorm weights and the routers (F32 in the file);
+- part "codes": the codes of our own mcq/mcn tensors, re-chosen on their stored scales (recode.py) through
+  straight-through latents (RecodedLinear, LatentSGD), the discrete half of PV-tuning; llama.cpp's types
+  keep GPTQ's / ggml's codes.
 
-Embeddings are not tuned (a lookup: a factor there only duplicates the norm's). The codes and sub-block
-scales stay as GPTQ chose them, so this is the continuous half of PV-tuning / QuIP#'s fine-tuning, not a
-retraining. It needs the float teacher and the dequantized student in memory: for models that fit in RAM
-(the tiny and benchmark models; a Mixtral-size run refuses with the memory it would need).
+The first two (Adam) are the continuous half of PV-tuning / QuIP#'s fine-tuning. Embeddings are not tuned
+(a lookup: a factor there only duplicates the norm's); sub-block scales stay as the quantizer chose them.
+It needs the float teacher and the dequantized student in memory: for models that fit in RAM (the tiny and
+benchmark models; a Mixtral-size run refuses with the memory it would need).
 
 State lives in the work directory (tune.pt, written atomically every `save_every` steps with the
 optimizer's state), so a killed tuning resumes where it stopped and, batches being a function of the step,
@@ -81,9 +84,12 @@ class RecodedLinear(ScaledLinear):
     """A tensor of our own types whose codes are tuned too (recode.py): a latent per weight in level units,
     started at the stored code's level; the forward pass uses the nearest level (the code the file will
     store) and passes the gradient straight through to the latent (STE), so a code flips when its latent
-    crosses a midpoint between levels. Scales stay as stored; g multiplies them as in ScaledLinear."""
+    crosses a midpoint between levels. Scales stay as stored; g multiplies them as in ScaledLinear. (Freeing
+    mcq's d and m per block of 128 as well, not just one factor per 256, measured level: KLD 0.1194 against
+    0.1204 +- 0.0017, docs/RESULTS.md "KD tuning re-chooses our types' codes".)"""
 
     def __init__(self, grd, group: int, g: torch.Tensor | None = None, delta: torch.Tensor | None = None):
+        # no dense weight: the grid (codes, steps, offsets) is the weight
         super().__init__(torch.zeros(0, 0), group, g if g is not None else torch.ones(
             grd.codes.shape[0], grd.codes.shape[1] // group))
         self.grid = grd
@@ -112,9 +118,10 @@ class RecodedLinear(ScaledLinear):
 class LatentSGD:
     """SGD with momentum for the codes' latents, each tensor's step normalised by its momentum's RMS: a
     latent moves `lr` level units per step where its gradient is the tensor's typical one and in
-    proportion elsewhere (so TuneConfig.code_travel is the whole run's move of a typical latent). Adam would move every latent ~lr per step whatever its gradient (per-element
-    normalisation), flipping weak codes as fast as strong ones: on the micro model a few Adam steps that
-    flipped codes doubled the KL; here only consistently pushed latents reach a midpoint."""
+    proportion elsewhere (so TuneConfig.code_travel is the whole run's move of a typical latent). Adam
+    would move every latent ~lr per step whatever its gradient (per-element normalisation), flipping weak
+    codes as fast as strong ones: on the micro model a few Adam steps that flipped codes doubled the KL;
+    here only consistently pushed latents reach a midpoint."""
 
     def __init__(self, params: list[torch.Tensor], beta: float = 0.9):
         self.params, self.beta = params, beta
@@ -142,11 +149,12 @@ class LatentSGD:
             b.copy_(v)
 
 
-def _memory_check(ck) -> None:
-    """Teacher + student in float32, the student's activations and gradients: refuse a model that cannot fit."""
+def _memory_check(ck, parts) -> None:
+    """Teacher + student in float32, the student's activations and gradients (with codes: each weight's
+    step, offset, start, latent and momentum too): refuse a model that cannot fit."""
     import numpy as np
     n = sum(int(np.prod(r.shape)) for r in ck.tensors.values())
-    need = 3 * 4 * n
+    need = (3 + (5 if "codes" in parts else 0)) * 4 * n
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
@@ -157,8 +165,9 @@ def _memory_check(ck) -> None:
 
 
 def _student(wd: WorkDir, start: dict | None, parts=PARTS):
-    """The quantized model with ScaledLinear in place of every quantized linear it can rescale, and the
-    parameters to tune by key (factors under the tensor's key, floats under theirs)."""
+    """The quantized model with ScaledLinear (RecodedLinear for our types with part "codes") in place of
+    every quantized linear it can rescale, and what is tuned by key: factors and recoded modules under the
+    tensor's key, floats (norms, routers) under theirs."""
     from mcmoe_gguf.model.checkpoint import Checkpoint
     from mcmoe_gguf.quant.fake_quant import quantized_model, stored_entries
     entries = stored_entries(wd, Checkpoint(wd.model_dir()))
@@ -231,7 +240,7 @@ def tune(wd: WorkDir | str, cfg: TuneConfig, text: str | None = None, progress: 
     if state is not None and state["step"] == cfg.steps:
         return summary(state)
     from mcmoe_gguf.model.checkpoint import Checkpoint
-    _memory_check(Checkpoint(wd.model_dir()))
+    _memory_check(Checkpoint(wd.model_dir()), cfg.parts)
     model, ck, factors, floats, recoded = _student(wd, state, cfg.parts)
     run = wd.config()
     if text is None:
