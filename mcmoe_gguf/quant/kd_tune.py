@@ -111,7 +111,7 @@ class RecodedLinear(ScaledLinear):
         grd = self.grid
         lat = self.x0 + self.delta * grd.unit
         snapped = grd.levels[self.codes().long()]
-        w = grd.offset + grd.step * (lat + (snapped - lat).detach())
+        w = grd.weights(lat + (snapped - lat).detach())
         return F.linear(x, w * self.g.repeat_interleave(self.group, dim=1))
 
 
@@ -261,12 +261,13 @@ def tune(wd: WorkDir | str, cfg: TuneConfig, text: str | None = None, progress: 
         step, losses = state["step"], list(state["loss"])
 
     def save(done_step: int) -> None:
+        codes = {k: m.codes() for k, m in recoded.items()}
         wd.save({"config": asdict(cfg), "step": done_step, "loss": losses,
                  "factors": {k: g.detach().clone() for k, g in factors.items()},
                  "floats": {k: p.detach().clone() for k, p in floats.items()},
                  "latents": {k: m.delta.detach().clone() for k, m in recoded.items()},
-                 "codes": {k: m.codes() for k, m in recoded.items()},
-                 "changed_codes": sum(int((m.codes() != m.grid.codes).sum()) for m in recoded.values()),
+                 "codes": codes,
+                 "changed_codes": sum(int((codes[k] != m.grid.codes).sum()) for k, m in recoded.items()),
                  "opt": opt.state_dict() if opt is not None else None,
                  "code_opt": code_opt.state_dict()}, wd.tune_path)
 

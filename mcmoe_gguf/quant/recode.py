@@ -37,9 +37,13 @@ class Grid:
     levels: torch.Tensor      # float32 [2^bits]: 0..2^bits-1 (mcq) or the table T (mcn)
     unit: float               # mean spacing of the levels
 
+    def weights(self, level: torch.Tensor) -> torch.Tensor:
+        """The weights at level values [rows, n] (a code's level, or a latent for the straight-through pass)."""
+        return self.offset + self.step * level
+
     def values(self, codes: torch.Tensor | None = None) -> torch.Tensor:
         q = self.codes if codes is None else codes
-        return self.offset + self.step * self.levels[q.long()]
+        return self.weights(self.levels[q.long()])
 
     def latent(self) -> torch.Tensor:
         """The stored codes as level units (what nearest() maps back to them)."""
@@ -56,48 +60,58 @@ class Grid:
         return torch.where(self.step > 0, q, torch.zeros_like(q)).to(torch.uint8)
 
 
-def recodable(entry: dict) -> bool:
+def _family(entry: dict) -> str | None:
+    """"mcn" or "mcq" for an entry of our own types, None for any other."""
     t = entry_type(entry)
-    return t in formats.MCN_TYPES or (t.startswith("mcq") and "bits" in entry)
+    if t in formats.MCN_TYPES:
+        return "mcn"
+    return "mcq" if t.startswith("mcq") and "bits" in entry else None
+
+
+def recodable(entry: dict) -> bool:
+    return _family(entry) is not None
+
+
+def _family_or_raise(entry: dict) -> str:
+    fam = _family(entry)
+    if fam is None:
+        raise ValueError(f"{entry_type(entry)}: only our mcq and mcn types can be recoded")
+    return fam
 
 
 def grid(entry: dict) -> Grid:
     """The Grid of a stored mcq / mcn entry (workdir layer files)."""
-    t = entry_type(entry)
+    fam, t = _family_or_raise(entry), entry_type(entry)
     rows, n = (int(v) for v in entry["shape"])
-    if t in formats.MCN_TYPES:
+    if fam == "mcn":
         bits = formats.mcn_spec(t).bits
         q, d, s = formats.mcn_unpack(entry["data"].numpy(), bits, n)
         step = np.repeat(formats.mcn_step(d, s), formats.MCN_SUB, axis=1).astype(np.float32)
         levels = formats.mcn_levels(bits).astype(np.float32)
         return Grid(t, torch.from_numpy(q), torch.from_numpy(step), torch.zeros(rows, n), torch.from_numpy(levels),
                     float(np.diff(levels).mean()))
-    if t.startswith("mcq") and "bits" in entry:
-        bits = entry["bits"]
-        q, d, m = formats.unpack(entry["data"].numpy(), bits, n)
-        rep = formats.GROUP_SIZE
-        return Grid(t, torch.from_numpy(q), torch.from_numpy(np.repeat(d, rep, axis=1)),
-                    torch.from_numpy(np.repeat(m, rep, axis=1)), torch.arange(2 ** bits, dtype=torch.float32), 1.0)
-    raise ValueError(f"{t}: only our mcq and mcn types can be recoded")
+    bits = entry["bits"]
+    q, d, m = formats.unpack(entry["data"].numpy(), bits, n)
+    rep = formats.GROUP_SIZE
+    return Grid(t, torch.from_numpy(q), torch.from_numpy(np.repeat(d, rep, axis=1)),
+                torch.from_numpy(np.repeat(m, rep, axis=1)), torch.arange(2 ** bits, dtype=torch.float32), 1.0)
 
 
 def recoded_entry(entry: dict, codes) -> dict:
     """A stored entry with new codes on its stored scales: the same keys, type and size, new data."""
-    t = entry_type(entry)
+    fam, t = _family_or_raise(entry), entry_type(entry)
     rows, n = (int(v) for v in entry["shape"])
     q = np.ascontiguousarray(torch.as_tensor(codes).numpy(), dtype=np.uint8)
     if q.shape != (rows, n):
         raise ValueError(f"{t}: codes of shape {q.shape}, the tensor is {(rows, n)}")
-    if t in formats.MCN_TYPES:
+    if fam == "mcn":
         bits = formats.mcn_spec(t).bits
         _, d, s = formats.mcn_unpack(entry["data"].numpy(), bits, n)
         data = formats.mcn_pack(q, d, s, bits)
-    elif t.startswith("mcq") and "bits" in entry:
+    else:
         bits = entry["bits"]
         if q.max(initial=0) >= 2 ** bits:
             raise ValueError(f"{t}: codes must lie in [0, {2 ** bits - 1}]")
         _, d, m = formats.unpack(entry["data"].numpy(), bits, n)
         data = formats.pack(q, d, m, bits)
-    else:
-        raise ValueError(f"{t}: only our mcq and mcn types can be recoded")
     return {**entry, "data": torch.from_numpy(data.reshape(entry["data"].shape))}
