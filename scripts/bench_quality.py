@@ -71,6 +71,9 @@ def main() -> int:
     ap.add_argument("--kd-steps", type=int, default=0, metavar="N",
                     help="KD tuning of each PMQ file (quant/kd_tune.py), N steps; the untuned run's work directory "
                     "is reused where it exists (the tuning runs after its layers), the file named -kdN")
+    ap.add_argument("--kd-lr", type=float, default=PMQConfig.kd_lr, metavar="LR",
+                    help=f"with --kd-steps: the tuning's peak learning rate (default {PMQConfig.kd_lr:g}; another one "
+                         "is named -lrLR in the file)")
     ap.add_argument("--kd-codes", type=float, default=0.0, metavar="T",
                     help="with --kd-steps: the codes of our types re-chosen too (kd_tune.py, travel T; 0: not; the "
                          "file named -kdN-cT)")
@@ -112,6 +115,9 @@ def main() -> int:
                 if a.kd_steps:
                     tag += f"-kd{a.kd_steps}" + (f"-c{a.kd_codes:g}" if a.kd_codes else "")
                     series += f"+kd {a.kd_steps}" + (f"/codes {a.kd_codes:g}" if a.kd_codes else "")
+                    if a.kd_lr != PMQConfig.kd_lr:
+                        tag += f"-lr{a.kd_lr:g}"
+                        series += f"/lr {a.kd_lr:g}"
                     work = reuse_layers(work, d / f"pmq-{tag}")
                 try:
                     quantize(model, work, PMQConfig(budget=b, n_seq=64, seq_len=256, mix=mix,
@@ -120,7 +126,7 @@ def main() -> int:
                                                     eps_holdout=a.eps_holdout if ladder != "mcq" else PMQConfig.eps_holdout,
                                                     scope=a.scope if ladder != "mcq" else "layer",
                                                     sensitivity=a.sensitivity if ladder != "mcq" else "none",
-                                                    kd_steps=a.kd_steps, kd_codes=a.kd_codes),
+                                                    kd_steps=a.kd_steps, kd_lr=a.kd_lr, kd_codes=a.kd_codes),
                              progress=False)
                 except InfeasibleBudget as e:       # e.g. 1.5 bpw for the paper's program: not a point
                     print(f"skipped PMQ {b} {series}: {e}", flush=True)

@@ -365,3 +365,10 @@ void mcmoe_check_tensor_shape(const ggml_tensor * t) {
                                  " weights; the mcq types need a multiple of 256 (the CPU kernels read activations as Q8_K)");
     }
 }
+
+void mcmoe_check_norm_eps(const char * key, float eps) {
+    if (!(std::isfinite(eps) && eps >= 0.0f)) {
+        throw std::runtime_error(format("mcmoe: %s must be a finite number >= 0 (got %g); ggml's norms assert it "
+                                        "when the model runs", key, (double) eps));
+    }
+}

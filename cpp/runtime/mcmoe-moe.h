@@ -88,5 +88,11 @@ ggml_tensor * mcmoe_buft_probe(ggml_tensor * t_meta, ggml_op op, ggml_tensor * p
 // Throws std::runtime_error naming the tensor (llama-cpp-python turns that into a ValueError).
 void mcmoe_check_tensor_shape(const ggml_tensor * t);
 
+// Called by the architecture's load_arch_hparams: ggml's rms_norm asserts eps >= 0 when the graph first
+// runs, on a compute thread where no guard can catch it (mcmoe-load-guard.h covers loading only), so a
+// negative or NaN epsilon (one flipped sign bit in the file, or a kv-override) would abort the process at
+// the first evaluation. Refused here instead, at load, naming the key. Throws std::runtime_error.
+void mcmoe_check_norm_eps(const char * key, float eps);
+
 // ODP's graph part (config, importance, the op in build_moe_ffn) is in mcmoe-odp-graph.h
 #include "mcmoe-odp-graph.h"

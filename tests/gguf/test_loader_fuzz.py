@@ -396,6 +396,23 @@ def test_bad_odp_values_in_the_file_are_named(pmq_file, tmp_path, key, fmt, valu
     assert ans.get("type") == "ValueError" and message in ans["error"], ans
 
 
+@pytest.mark.parametrize("value,shown", [(-1e-5, "-1e-05"), (math.nan, "nan"), (-math.inf, "-inf")])
+def test_bad_norm_epsilon_is_refused_at_load(pmq_file, tmp_path, value, shown):
+    """ggml's rms_norm asserts eps >= 0 when the graph first runs, on a compute thread that no guard covers:
+    a flipped sign bit in this key aborted the fuzz worker (seed 23132, case 180). The loader refuses it."""
+    key = "llama.attention.layer_norm_rms_epsilon"
+    f = tmp_path / "bad.gguf"
+    f.write_bytes(_set(pmq_file.read_bytes(), key, "f", value))
+    failures, _, outcomes = run_cases(pmq_file, tmp_path, [("control", pmq_file.read_bytes())])
+    assert not failures and outcomes["ok"] == 1
+    w = Worker()
+    try:
+        ans, _ = w.load(f)
+    finally:
+        w.close()
+    assert ans.get("type") == "ValueError" and f"{key} must be a finite number >= 0 (got {shown})" in ans["error"], ans
+
+
 def test_fuzzed_files_load_or_fail_cleanly(pmq_file, tmp_path):
     seed = int(os.environ.get("MCMOE_FUZZ_SEED", str(int(time.time()) % 100_000)))
     print(f"\nloader fuzz: seed {seed}, {FUZZ_N} files (replay: MCMOE_FUZZ_SEED={seed} MCMOE_FUZZ_N={FUZZ_N})")
