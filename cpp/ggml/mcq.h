@@ -59,7 +59,7 @@ static inline int mcq_type_bits(enum ggml_type type) {
 }
 
 // An mcq tensor's rows must be whole Q8_K blocks: the CPU kernels quantize the activations per 256
-// (QK_K). The loader (mcmoe_check_tensor_shape), llama-quantize's fallback and supports_op use this.
+// (QK_K). The loader (mcmoe_check_tensor), llama-quantize's fallback and supports_op use this.
 #define MCQ_ROW_MULTIPLE 256
 
 // ---- fp16 <-> fp32, IEEE, round to nearest even; plain C so that every backend and the tests agree.

@@ -358,7 +358,18 @@ ggml_tensor * mcmoe_moe_mul_mat_id(ggml_context * ctx, const mcmoe_moe_layer & m
     return out;
 }
 
-void mcmoe_check_tensor_shape(const ggml_tensor * t) {
+void mcmoe_check_tensor(const ggml_tensor * t) {
+    switch (t->type) {
+        case GGML_TYPE_I8:
+        case GGML_TYPE_I16:
+        case GGML_TYPE_I32:
+        case GGML_TYPE_I64:
+        case GGML_TYPE_F64:
+            throw std::runtime_error(format("mcmoe: tensor '%s' has type %s; a model weight is a float (F32, F16, BF16) "
+                                            "or a quantized type", t->name, ggml_type_name(t->type)));
+        default:
+            break;
+    }
     if (mcq_type_bits(t->type) && t->ne[0] % MCQ_ROW_MULTIPLE != 0) {
         throw std::runtime_error(std::string("mcmoe: tensor '") + t->name + "' of type " + ggml_type_name(t->type) +
                                  " has rows of " + std::to_string(t->ne[0]) +

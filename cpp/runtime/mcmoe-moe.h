@@ -83,10 +83,13 @@ ggml_tensor * mcmoe_moe_mul_mat_id(ggml_context * ctx, const mcmoe_moe_layer & m
 // A group of one expert stays 2-D at run time too, so it is tested as it is.
 ggml_tensor * mcmoe_buft_probe(ggml_tensor * t_meta, ggml_op op, ggml_tensor * probe);
 
-// Called by llama_model_loader for every tensor of a file: the CPU vec_dot of the mcq types reads its
-// activations as Q8_K (one scale per 256), so an mcq tensor's rows must be a multiple of 256 weights.
-// Throws std::runtime_error naming the tensor (llama-cpp-python turns that into a ValueError).
-void mcmoe_check_tensor_shape(const ggml_tensor * t);
+// Called by llama_model_loader for every tensor of a file. Throws std::runtime_error naming the tensor
+// (llama-cpp-python turns that into a ValueError) for
+// - an integer or F64 type: no llama weight is one, and ggml's CPU ops abort on them when the graph first
+//   runs (a norm weight's F32 type id flipped to I32 keeps its byte size, so the loader's size checks pass);
+// - an mcq tensor whose rows are not a multiple of 256 weights: the CPU vec_dot of the mcq types reads its
+//   activations as Q8_K (one scale per 256).
+void mcmoe_check_tensor(const ggml_tensor * t);
 
 // Called by the architecture's load_arch_hparams: ggml's rms_norm asserts eps >= 0 when the graph first
 // runs, on a compute thread where no guard can catch it (mcmoe-load-guard.h covers loading only), so a

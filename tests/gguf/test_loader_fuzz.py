@@ -413,6 +413,30 @@ def test_bad_norm_epsilon_is_refused_at_load(pmq_file, tmp_path, value, shown):
     assert ans.get("type") == "ValueError" and f"{key} must be a finite number >= 0 (got {shown})" in ans["error"], ans
 
 
+@pytest.mark.parametrize("name,int_type,shown", [("blk.1.attn_norm.weight", 26, "i32"), ("output_norm.weight", 26, "i32"),
+                                                   ("token_embd.weight", 25, "i16")])
+def test_integer_weight_types_are_refused_at_load(pmq_file, tmp_path, name, int_type, shown):
+    """An F32 norm's type id turned into I32 (or an F16 matrix's into I16) keeps the tensor's byte size, so
+    llama.cpp's size checks pass and ggml's CPU ops aborted at the first evaluation (seed 104, case 254).
+    The loader refuses integer weights by name. The same files with the tensor's own type id load."""
+    data = pmq_file.read_bytes()
+    t = next(t for t in layout(data)[1] if t.name == name)
+    own = struct.unpack_from("<I", data, t.type_pos)[0]
+    assert (own, int_type) in ((0, 26), (1, 25)), "the case needs an integer type of the tensor's own element size"
+    buf = bytearray(data)
+    struct.pack_into("<I", buf, t.type_pos, int_type)
+    failures, _, outcomes = run_cases(pmq_file, tmp_path, [("control", data)])
+    assert not failures and outcomes["ok"] == 1
+    f = tmp_path / "bad.gguf"
+    f.write_bytes(bytes(buf))
+    w = Worker()
+    try:
+        ans, _ = w.load(f)
+    finally:
+        w.close()
+    assert ans.get("type") == "ValueError" and f"tensor '{name}' has type {shown}" in ans["error"], ans
+
+
 def test_fuzzed_files_load_or_fail_cleanly(pmq_file, tmp_path):
     seed = int(os.environ.get("MCMOE_FUZZ_SEED", str(int(time.time()) % 100_000)))
     print(f"\nloader fuzz: seed {seed}, {FUZZ_N} files (replay: MCMOE_FUZZ_SEED={seed} MCMOE_FUZZ_N={FUZZ_N})")
