@@ -75,7 +75,7 @@ def main() -> int:
                     help=f"with --kd-steps: the tuning's peak learning rate (default {PMQConfig.kd_lr:g}; another one "
                          "is named -lrLR in the file)")
     ap.add_argument("--kd-codes", type=float, default=0.0, metavar="T",
-                    help="with --kd-steps: the codes of our types re-chosen too (kd_tune.py, travel T; 0: not; the "
+                    help="with --kd-steps: the codes of our types (and iq1_s) re-chosen too (kd_tune.py, travel T; 0: not; the "
                          "file named -kdN-cT)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-results", action="store_true")

@@ -49,13 +49,14 @@ MIN_SPEED_HELP = ("with a ladder: decode no slower than a file with every expert
 KD_STEPS_HELP = ("after PMQ, N steps of knowledge distillation against the float model on the calibration text, "
                  "tuning what costs no byte: one factor per 256 weights of every quantized row (folded into the "
                  "blocks' fp16 scales), the norms and the routers, and (--kd-codes) the codes of our mcq/mcn "
-                 "tensors on their stored scales; types and file size unchanged, resumable "
+                 "tensors and of llama.cpp's iq1_s on their stored scales; types and file size unchanged, resumable "
                  "(tune.pt in the work directory). Needs the float model in RAM (tiny / benchmark models); "
                  "bench model: 600 steps (~7 min on 2 cores) took KLD from 0.137 to 0.103 at IQ1_S's bytes, 24-36%% "
                  "less at every size (docs/RESULTS.md, \"KD tuning\"). "
                  "Default 0: off")
-KD_CODES_HELP = ("with --kd-steps: also re-choose the codes of our mcq/mcn tensors on their stored scales under "
-                 "the same loss (straight-through latents; llama.cpp's types keep theirs). T: how far, in grid "
+KD_CODES_HELP = ("with --kd-steps: also re-choose the codes of our mcq/mcn tensors and of iq1_s (each 8 weights' "
+                 "codeword) on their stored scales under the same loss (straight-through latents; llama.cpp's other "
+                 "types keep theirs). T: how far, in grid "
                  "steps, a latent with its tensor's typical gradient moves over the run (a code flips at 0.5), so "
                  "only codes pushed the same way for most of the run change. "
                  f"0 keeps GPTQ's codes. Default {DEFAULT_CODE_TRAVEL}")

@@ -8,9 +8,9 @@ file can change without a byte more:
 - one factor per (row, 256 columns) of every quantized tensor (experts, attention, output): written back
   by multiplying the block's fp16 super-scale(s) (rescale.py), so the file keeps its size and types;
 - the RMSNorm weights and the routers (F32 in the file);
-- part "codes": the codes of our own mcq/mcn tensors, re-chosen on their stored scales (recode.py) through
-  straight-through latents (RecodedLinear, LatentSGD), the discrete half of PV-tuning; llama.cpp's types
-  keep GPTQ's / ggml's codes.
+- part "codes": the codes of our own mcq/mcn tensors and of llama.cpp's iq1_s (a codeword per 8 weights),
+  re-chosen on their stored scales (recode.py) through straight-through latents (RecodedLinear, LatentSGD),
+  the discrete half of PV-tuning; llama.cpp's other types keep ggml's codes.
 
 The first two (Adam) are the continuous half of PV-tuning / QuIP#'s fine-tuning. Embeddings are not tuned
 (a lookup: a factor there only duplicates the norm's); sub-block scales stay as the quantizer chose them.
@@ -91,10 +91,10 @@ class RecodedLinear(ScaledLinear):
     def __init__(self, grd, group: int, g: torch.Tensor | None = None, delta: torch.Tensor | None = None):
         # no dense weight: the grid (codes, steps, offsets) is the weight
         super().__init__(torch.zeros(0, 0), group, g if g is not None else torch.ones(
-            grd.codes.shape[0], grd.codes.shape[1] // group))
+            grd.step.shape[0], grd.step.shape[1] // group))
         self.grid = grd
         self.register_buffer("x0", grd.latent())
-        lo, hi = float(grd.levels[0]) - grd.unit / 2, float(grd.levels[-1]) + grd.unit / 2
+        lo, hi = (v + sign * grd.unit / 2 for v, sign in zip(grd.span(), (-1, 1)))
         self.bounds = ((lo - self.x0) / grd.unit, (hi - self.x0) / grd.unit)
         self.delta = torch.nn.Parameter(torch.zeros_like(self.x0) if delta is None else delta.detach().clone())
 
@@ -110,7 +110,8 @@ class RecodedLinear(ScaledLinear):
     def forward(self, x):
         grd = self.grid
         lat = self.x0 + self.delta * grd.unit
-        snapped = grd.levels[self.codes().long()]
+        with torch.no_grad():
+            snapped = grd.snap(lat)
         w = grd.weights(lat + (snapped - lat).detach())
         return F.linear(x, w * self.g.repeat_interleave(self.group, dim=1))
 
@@ -164,6 +165,17 @@ def _memory_check(ck, parts) -> None:
                           f"for {n:,} parameters, {avail / 2**30:.1f} GiB free; run without --kd-steps")
 
 
+def _tuned_here(key: str, entry: dict) -> bool:
+    """Whether the tuning puts a factor (and for recodable types a latent) on this stored tensor."""
+    return key != "model.embed_tokens.weight" and rescale.group_size(rescale.entry_type(entry), entry["shape"][1]) is not None
+
+
+def _recoded_keys(wd: WorkDir, ck) -> set[str]:
+    """The tensors part "codes" re-chooses (what _student makes RecodedLinear of)."""
+    from mcmoe_gguf.quant.fake_quant import stored_entries
+    return {k for k, e in stored_entries(wd, ck).items() if _tuned_here(k, e) and recode.recodable(e)}
+
+
 def _student(wd: WorkDir, start: dict | None, parts=PARTS):
     """The quantized model with ScaledLinear (RecodedLinear for our types with part "codes") in place of
     every quantized linear it can rescale, and what is tuned by key: factors and recoded modules under the
@@ -178,11 +190,9 @@ def _student(wd: WorkDir, start: dict | None, parts=PARTS):
     start_l = start.get("latents", {}) if start else {}
     factors, floats, recoded = {}, {}, {}
     for key, entry in entries.items():
-        if key == "model.embed_tokens.weight" or not {"scales", "codes"} & set(parts):
+        if not {"scales", "codes"} & set(parts) or not _tuned_here(key, entry):
             continue
         gs = rescale.group_size(rescale.entry_type(entry), entry["shape"][1])
-        if gs is None:
-            continue
         path = key[: -len(".weight")].split(".")
         parent = model.get_submodule(".".join(path[:-1])) if len(path) > 1 else model
         lin = getattr(parent, path[-1])
@@ -237,9 +247,11 @@ def tune(wd: WorkDir | str, cfg: TuneConfig, text: str | None = None, progress: 
     state = torch.load(wd.tune_path) if wd.tune_path.exists() else None
     if state is not None and {**asdict(TuneConfig()), **state["config"]} != asdict(cfg):
         state = None                    # other settings: start over (the stored bytes are untouched)
+    from mcmoe_gguf.model.checkpoint import Checkpoint
+    if state is not None and "codes" in cfg.parts and set(state.get("codes", {})) != _recoded_keys(wd, Checkpoint(wd.model_dir())):
+        state = None                    # tuned before more types became recodable (iq1_s): start over
     if state is not None and state["step"] == cfg.steps:
         return summary(state)
-    from mcmoe_gguf.model.checkpoint import Checkpoint
     _memory_check(Checkpoint(wd.model_dir()), cfg.parts)
     model, ck, factors, floats, recoded = _student(wd, state, cfg.parts)
     run = wd.config()

@@ -164,3 +164,34 @@ def test_bad_settings_and_unfinished_runs_are_refused(run, tmp_path, monkeypatch
         pmq.quantize(Checkpoint(WorkDir(run["wd"]).model_dir()).dir, tmp_path / "q",
                      pmq.PMQConfig(**CFG, kd_steps=-2), progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_iq1s_codes_are_tuned_and_the_file_carries_them(run):
+    """Part "codes" on llama.cpp's iq1_s experts (recode.CodebookGrid): each 8-weight group's codeword is
+    re-chosen on the stored scales and delta signs; the exported file's iq1_s bytes hold those codes and
+    dequantize (gguf-py) to the torch model's weights."""
+    from micro_model import workdir_with_types
+    e = Checkpoint(WorkDir(run["wd"]).model_dir()).hp.num_local_experts
+    types = [[["iq1_s", "iq1_s", "mcq2"]] * e, [["mcq2", "iq1_s", "iq1_s"]] * e]
+    wd = workdir_with_types(run["wd"], run["root"] / "iq1s", types)
+    kl_before = _kl_on_calibration(wd, tuned=False)
+    kd_tune.tune(wd, kd_tune.TuneConfig(steps=12, lr=3e-3, code_travel=0.3, parts=kd_tune.PARTS, **TUNE),
+                 progress=False)
+    state = WorkDir(wd).tuned()
+    entries = WorkDir(wd).layer_entries()
+    iq = [k for k in state["codes"] if entries[k].get("type") == "iq1_s"]
+    assert len(iq) == 4 * e
+    changed = {k: int((state["codes"][k] != recode.grid(entries[k]).codes).sum()) for k in iq}
+    assert sum(changed.values()) > 0
+    assert _kl_on_calibration(wd, tuned=True) < kl_before
+    out = export_pmq(wd, run["root"] / "iq1s.gguf")
+    t = {x.name: x for x in gguf.GGUFReader(out).tensors}
+    sd = quantized_model(wd)[0].state_dict()
+    key = max(changed, key=changed.get)
+    layer, ex = int(key.split(".")[2]), int(key.split(".")[5])
+    proj = {"w1": "gate", "w2": "down", "w3": "up"}[key.split(".")[6]]
+    raw = np.asarray(t[f"blk.{layer}.ffn_{proj}.{ex}.weight"].data)
+    rows, n = sd[key].shape
+    np.testing.assert_array_equal(recode.iq1s_fields(raw, rows, n)[2], state["codes"][key].numpy())
+    got = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType.IQ1_S)
+    np.testing.assert_array_equal(np.asarray(got).reshape(rows, n), sd[key].numpy())

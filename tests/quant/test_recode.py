@@ -1,5 +1,6 @@
-"""quant/recode.py: the grid of a stored mcq / mcn tensor reproduces its weights, nearest() rounds as the
-reference quantizers do, and new codes on the stored scales give a valid block of the same type."""
+"""quant/recode.py: the grid of a stored mcq / mcn / iq1_s tensor reproduces its weights, nearest() rounds as
+the reference quantizers do (for iq1_s: to the least-squares codeword, checked by brute force), and new
+codes on the stored scales give a valid block of the same type."""
 from __future__ import annotations
 
 import numpy as np
@@ -84,5 +85,70 @@ def test_bad_codes_and_other_types_are_refused():
     q4k = {"type": "q4_k", "shape": [2, 256], "data": torch.zeros(2 * 144, dtype=torch.uint8)}
     assert not recode.recodable(q4k) and recode.recodable(entry) and recode.recodable(mcn)
     for f in (recode.grid, lambda e: recode.recoded_entry(e, torch.zeros(2, 256, dtype=torch.uint8))):
-        with pytest.raises(ValueError, match="q4_k: only our mcq and mcn types can be recoded"):
+        with pytest.raises(ValueError, match="q4_k: only our mcq and mcn types and iq1_s can be recoded"):
             f(q4k)
+
+
+def _iq1s_entry(rows: int = 6, n: int = 512, seed: int = 0) -> dict:
+    """An iq1_s tensor by ggml's own quantizer (with importance weights, which iq1_s requires), a zero row
+    and an outlier included."""
+    from mcmoe_gguf.quant.quantizers import ggml_packed
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, n)).astype(np.float32)
+    w[1] = 0.0
+    w[2, 7] = 40.0
+    entry, _ = ggml_packed(torch.from_numpy(w), "iq1_s", torch.from_numpy(rng.uniform(0.5, 2.0, n).astype(np.float32)))
+    return entry
+
+
+def test_iq1s_grid_is_ggmls_dequantizer_and_codes_round_back():
+    entry = _iq1s_entry()
+    g = recode.grid(entry)
+    assert g.codes.shape == (6, 512 // 8) and g.levels.shape == (2048, 8)
+    # dequantize_entry of a ggml type: the patched ggml's C dequantizer
+    np.testing.assert_allclose(g.values().numpy(), dequantize_entry(entry).numpy(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(g.nearest(g.latent()), g.codes)
+    assert torch.equal(recode.recoded_entry(entry, g.codes)["data"], entry["data"])
+    assert torch.equal(g.snap(g.latent()), g.latent())
+
+
+def test_iq1s_nearest_is_the_least_squares_codeword():
+    """Brute force in float64 over all 2048 codewords, ties to the lower index (groups of zero step keep
+    their code: the zero row's)."""
+    entry = _iq1s_entry(seed=5)
+    g = recode.grid(entry)
+    x = torch.from_numpy(np.random.default_rng(6).uniform(-1.6, 1.6, g.step.shape).astype(np.float32))
+    x[3, :8] = (g.levels[17] + g.levels[1030]) / 2      # equidistant from two codewords (and maybe others)
+    got = g.nearest(x, chunk=100).numpy()               # a chunk that does not divide the groups
+    cb = g.levels.double().numpy()
+    d2 = ((x.double().numpy().reshape(-1, 1, 8) - cb[None]) ** 2).sum(-1)
+    want = d2.argmin(1).reshape(g.codes.shape)
+    live = g.step[:, ::8].numpy() > 0
+    np.testing.assert_array_equal(got[live], want[live])
+    np.testing.assert_array_equal(got[~live], g.codes.numpy()[~live])
+    assert (~live).any() and live.any()
+    # searched again after small moves (most groups keep their remembered codeword) and after large ones:
+    # the answer is always the brute force's
+    rng = np.random.default_rng(9)
+    for scale in (1e-3, 0.05, 0.3, 1.0):
+        x = x + torch.from_numpy(rng.normal(0, scale, x.shape).astype(np.float32))
+        got = g.nearest(x, chunk=100).numpy()
+        d2 = ((x.double().numpy().reshape(-1, 1, 8) - cb[None]) ** 2).sum(-1)
+        np.testing.assert_array_equal(got[live], d2.argmin(1).reshape(g.codes.shape)[live])
+
+
+def test_iq1s_new_codes_keep_d_scales_and_signs():
+    entry = _iq1s_entry(seed=7)
+    g = recode.grid(entry)
+    new = torch.from_numpy(np.random.default_rng(8).integers(0, 2048, g.codes.shape).astype(np.int16))
+    out = recode.recoded_entry(entry, new)
+    assert out["data"].shape == entry["data"].shape and out["data"].dtype == entry["data"].dtype
+    back = recode.grid(out)
+    assert torch.equal(back.codes, new)
+    torch.testing.assert_close(back.step, g.step, rtol=0, atol=0)
+    torch.testing.assert_close(back.offset, g.offset, rtol=0, atol=0)
+    np.testing.assert_allclose(dequantize_entry(out).numpy(), g.values(new).numpy(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"iq1_s: codes must lie in \[0, 2047\]"):
+        recode.recoded_entry(entry, torch.full(g.codes.shape, 2048, dtype=torch.int16))
+    with pytest.raises(ValueError, match="iq1_s: codes of shape"):
+        recode.recoded_entry(entry, torch.zeros(2, 64, dtype=torch.int16))
