@@ -167,22 +167,20 @@ def _memory_check(ck, parts) -> None:
 
 def _tuned_here(key: str, entry: dict) -> bool:
     """Whether the tuning puts a factor (and for recodable types a latent) on this stored tensor."""
-    return key != "model.embed_tokens.weight" and rescale.group_size(rescale.entry_type(entry), entry["shape"][1]) is not None
+    return (key != "model.embed_tokens.weight"
+            and rescale.group_size(rescale.entry_type(entry), entry["shape"][1]) is not None)
 
 
-def _recoded_keys(wd: WorkDir, ck) -> set[str]:
+def _recoded_keys(entries: dict) -> set[str]:
     """The tensors part "codes" re-chooses (what _student makes RecodedLinear of)."""
-    from mcmoe_gguf.quant.fake_quant import stored_entries
-    return {k for k, e in stored_entries(wd, ck).items() if _tuned_here(k, e) and recode.recodable(e)}
+    return {k for k, e in entries.items() if _tuned_here(k, e) and recode.recodable(e)}
 
 
-def _student(wd: WorkDir, start: dict | None, parts=PARTS):
+def _student(wd: WorkDir, entries: dict, start: dict | None, parts=PARTS):
     """The quantized model with ScaledLinear (RecodedLinear for our types with part "codes") in place of
     every quantized linear it can rescale, and what is tuned by key: factors and recoded modules under the
-    tensor's key, floats (norms, routers) under theirs."""
-    from mcmoe_gguf.model.checkpoint import Checkpoint
-    from mcmoe_gguf.quant.fake_quant import quantized_model, stored_entries
-    entries = stored_entries(wd, Checkpoint(wd.model_dir()))
+    tensor's key, floats (norms, routers) under theirs. entries: the run's stored_entries()."""
+    from mcmoe_gguf.quant.fake_quant import quantized_model
     model, ck = quantized_model(wd, tuned=False, entries=entries)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -248,12 +246,15 @@ def tune(wd: WorkDir | str, cfg: TuneConfig, text: str | None = None, progress: 
     if state is not None and {**asdict(TuneConfig()), **state["config"]} != asdict(cfg):
         state = None                    # other settings: start over (the stored bytes are untouched)
     from mcmoe_gguf.model.checkpoint import Checkpoint
-    if state is not None and "codes" in cfg.parts and set(state.get("codes", {})) != _recoded_keys(wd, Checkpoint(wd.model_dir())):
+    from mcmoe_gguf.quant.fake_quant import stored_entries
+    ck = Checkpoint(wd.model_dir())
+    entries = stored_entries(wd, ck)
+    if state is not None and "codes" in cfg.parts and set(state.get("codes", {})) != _recoded_keys(entries):
         state = None                    # tuned before more types became recodable (iq1_s): start over
     if state is not None and state["step"] == cfg.steps:
         return summary(state)
-    _memory_check(Checkpoint(wd.model_dir()), cfg.parts)
-    model, ck, factors, floats, recoded = _student(wd, state, cfg.parts)
+    _memory_check(ck, cfg.parts)
+    model, ck, factors, floats, recoded = _student(wd, entries, state, cfg.parts)
     run = wd.config()
     if text is None:
         from pathlib import Path

@@ -396,20 +396,26 @@ def test_bad_odp_values_in_the_file_are_named(pmq_file, tmp_path, key, fmt, valu
     assert ans.get("type") == "ValueError" and message in ans["error"], ans
 
 
+def _answer_beside_control(pmq_file, tmp_path, bad: bytes) -> dict:
+    """The worker's answer for a damaged copy of pmq_file, after checking that the intact file loads and runs
+    (so the refusal is the damage's doing)."""
+    failures, _, outcomes = run_cases(pmq_file, tmp_path, [("control", pmq_file.read_bytes())])
+    assert not failures and outcomes["ok"] == 1
+    f = tmp_path / "bad.gguf"
+    f.write_bytes(bad)
+    w = Worker()
+    try:
+        return w.load(f)[0]
+    finally:
+        w.close()
+
+
 @pytest.mark.parametrize("value,shown", [(-1e-5, "-1e-05"), (math.nan, "nan"), (-math.inf, "-inf")])
 def test_bad_norm_epsilon_is_refused_at_load(pmq_file, tmp_path, value, shown):
     """ggml's rms_norm asserts eps >= 0 when the graph first runs, on a compute thread that no guard covers:
     a flipped sign bit in this key aborted the fuzz worker (seed 23132, case 180). The loader refuses it."""
     key = "llama.attention.layer_norm_rms_epsilon"
-    f = tmp_path / "bad.gguf"
-    f.write_bytes(_set(pmq_file.read_bytes(), key, "f", value))
-    failures, _, outcomes = run_cases(pmq_file, tmp_path, [("control", pmq_file.read_bytes())])
-    assert not failures and outcomes["ok"] == 1
-    w = Worker()
-    try:
-        ans, _ = w.load(f)
-    finally:
-        w.close()
+    ans = _answer_beside_control(pmq_file, tmp_path, _set(pmq_file.read_bytes(), key, "f", value))
     assert ans.get("type") == "ValueError" and f"{key} must be a finite number >= 0 (got {shown})" in ans["error"], ans
 
 
@@ -425,15 +431,7 @@ def test_integer_weight_types_are_refused_at_load(pmq_file, tmp_path, name, int_
     assert (own, int_type) in ((0, 26), (1, 25)), "the case needs an integer type of the tensor's own element size"
     buf = bytearray(data)
     struct.pack_into("<I", buf, t.type_pos, int_type)
-    failures, _, outcomes = run_cases(pmq_file, tmp_path, [("control", data)])
-    assert not failures and outcomes["ok"] == 1
-    f = tmp_path / "bad.gguf"
-    f.write_bytes(bytes(buf))
-    w = Worker()
-    try:
-        ans, _ = w.load(f)
-    finally:
-        w.close()
+    ans = _answer_beside_control(pmq_file, tmp_path, bytes(buf))
     assert ans.get("type") == "ValueError" and f"tensor '{name}' has type {shown}" in ans["error"], ans
 
 

@@ -38,6 +38,13 @@ def _copy(run, name):
     return dst
 
 
+def _expert_tensor(key: str) -> str:
+    """The GGUF name of an expert's checkpoint key (model.layers.L.block_sparse_moe.experts.E.wN.weight)."""
+    parts = key.split(".")
+    proj = {"w1": "gate", "w2": "down", "w3": "up"}[parts[6]]
+    return f"blk.{parts[2]}.ffn_{proj}.{parts[5]}.weight"
+
+
 def _kl_on_calibration(wd, tuned: bool) -> float:
     model, ck = quantized_model(wd, tuned=tuned)
     teacher = float_model(ck)
@@ -99,9 +106,7 @@ def test_tuned_codes_lower_the_kl_and_the_file_carries_them(run):
     model, _ = quantized_model(wd)
     sd = model.state_dict()
     key = max(state["codes"], key=lambda k: int((state["codes"][k] != recode.grid(entries[k]).codes).sum()))
-    layer, e = int(key.split(".")[2]), int(key.split(".")[5])
-    proj = {"w1": "gate", "w2": "down", "w3": "up"}[key.split(".")[6]]
-    raw = np.asarray(t[f"blk.{layer}.ffn_{proj}.{e}.weight"].data)
+    raw = np.asarray(t[_expert_tensor(key)].data)
     bits = entries[key]["bits"]
     codes, _, _ = formats.unpack(raw, bits, sd[key].shape[1])
     np.testing.assert_array_equal(codes, state["codes"][key].numpy())
@@ -188,9 +193,7 @@ def test_iq1s_codes_are_tuned_and_the_file_carries_them(run):
     t = {x.name: x for x in gguf.GGUFReader(out).tensors}
     sd = quantized_model(wd)[0].state_dict()
     key = max(changed, key=changed.get)
-    layer, ex = int(key.split(".")[2]), int(key.split(".")[5])
-    proj = {"w1": "gate", "w2": "down", "w3": "up"}[key.split(".")[6]]
-    raw = np.asarray(t[f"blk.{layer}.ffn_{proj}.{ex}.weight"].data)
+    raw = np.asarray(t[_expert_tensor(key)].data)
     rows, n = sd[key].shape
     np.testing.assert_array_equal(recode.iq1s_fields(raw, rows, n)[2], state["codes"][key].numpy())
     got = gguf.quants.dequantize(raw.reshape(rows, -1), gguf.GGMLQuantizationType.IQ1_S)

@@ -11,12 +11,17 @@ from mcmoe_gguf.quant import formats, recode
 from mcmoe_gguf.quant.workdir import dequantize_entry
 
 TYPES = ["mcq1", "mcq2", "mcq3", "mcn2", "mcn3"]
+ALL = [*TYPES, "iq1_s"]         # iq1_s: llama.cpp's codebook type (recode.CodebookGrid)
 
 
 def _entry(t: str, rows: int = 6, n: int = 512, seed: int = 0) -> tuple[dict, np.ndarray]:
     w = np.random.default_rng(seed).standard_normal((rows, n)).astype(np.float32)
     w[1] = 0.0                                  # a zero row: zero scales, code 0 everywhere
     w[2, 7] = 40.0                              # one huge outlier
+    if t == "iq1_s":            # ggml's own quantizer, with importance weights (which iq1_s requires)
+        from mcmoe_gguf.quant.quantizers import ggml_packed
+        imp = np.random.default_rng(seed + 100).uniform(0.5, 2.0, n).astype(np.float32)
+        return ggml_packed(torch.from_numpy(w), "iq1_s", torch.from_numpy(imp))[0], w
     if t.startswith("mcq"):
         bits = int(t[-1])
         return {"bits": bits, "shape": [rows, n], "data": torch.from_numpy(formats.quantize(w, bits))}, w
@@ -24,13 +29,14 @@ def _entry(t: str, rows: int = 6, n: int = 512, seed: int = 0) -> tuple[dict, np
     return {"type": t, "shape": [rows, n], "data": torch.from_numpy(blob)}, w
 
 
-@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("t", ALL)
 def test_grid_values_are_the_stored_weights_and_latents_round_back(t):
     entry, _ = _entry(t)
     g = recode.grid(entry)
-    # dequantize_entry: formats.py for mcq, the patched ggml's C dequantizer for mcn
+    # dequantize_entry: formats.py for mcq, the patched ggml's C dequantizer for mcn and iq1_s
     np.testing.assert_allclose(g.values().numpy(), dequantize_entry(entry).numpy(), rtol=1e-6, atol=0)
     assert torch.equal(g.nearest(g.latent()), g.codes)
+    assert torch.equal(g.snap(g.latent()), g.latent())
     assert torch.equal(recode.recoded_entry(entry, g.codes)["data"], entry["data"])
 
 
@@ -58,12 +64,13 @@ def test_nearest_rounds_like_the_reference_quantizer(t):
     np.testing.assert_array_equal(g.nearest(x).numpy(), want)
 
 
-@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("t", ALL)
 def test_new_codes_keep_the_scales_and_the_size(t):
+    """Random codes (iq1_s: codeword indices) on the stored scales (iq1_s: d, 3-bit scales, delta signs)."""
     entry, _ = _entry(t, seed=3)
     g = recode.grid(entry)
     rng = np.random.default_rng(4)
-    new = torch.from_numpy(rng.integers(0, len(g.levels), g.codes.shape).astype(np.uint8))
+    new = torch.from_numpy(rng.integers(0, len(g.levels), g.codes.shape).astype(g.codes.numpy().dtype))
     out = recode.recoded_entry(entry, new)
     assert out["data"].shape == entry["data"].shape and out["data"].dtype == entry["data"].dtype
     back = recode.grid(out)
@@ -89,34 +96,12 @@ def test_bad_codes_and_other_types_are_refused():
             f(q4k)
 
 
-def _iq1s_entry(rows: int = 6, n: int = 512, seed: int = 0) -> dict:
-    """An iq1_s tensor by ggml's own quantizer (with importance weights, which iq1_s requires), a zero row
-    and an outlier included."""
-    from mcmoe_gguf.quant.quantizers import ggml_packed
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((rows, n)).astype(np.float32)
-    w[1] = 0.0
-    w[2, 7] = 40.0
-    entry, _ = ggml_packed(torch.from_numpy(w), "iq1_s", torch.from_numpy(rng.uniform(0.5, 2.0, n).astype(np.float32)))
-    return entry
-
-
-def test_iq1s_grid_is_ggmls_dequantizer_and_codes_round_back():
-    entry = _iq1s_entry()
-    g = recode.grid(entry)
-    assert g.codes.shape == (6, 512 // 8) and g.levels.shape == (2048, 8)
-    # dequantize_entry of a ggml type: the patched ggml's C dequantizer
-    np.testing.assert_allclose(g.values().numpy(), dequantize_entry(entry).numpy(), rtol=1e-6, atol=1e-7)
-    assert torch.equal(g.nearest(g.latent()), g.codes)
-    assert torch.equal(recode.recoded_entry(entry, g.codes)["data"], entry["data"])
-    assert torch.equal(g.snap(g.latent()), g.latent())
-
-
 def test_iq1s_nearest_is_the_least_squares_codeword():
     """Brute force in float64 over all 2048 codewords, ties to the lower index (groups of zero step keep
     their code: the zero row's)."""
-    entry = _iq1s_entry(seed=5)
+    entry, _ = _entry("iq1_s", seed=5)
     g = recode.grid(entry)
+    assert g.codes.shape == (6, 512 // 8) and g.levels.shape == (2048, 8)
     x = torch.from_numpy(np.random.default_rng(6).uniform(-1.6, 1.6, g.step.shape).astype(np.float32))
     x[3, :8] = (g.levels[17] + g.levels[1030]) / 2      # equidistant from two codewords (and maybe others)
     got = g.nearest(x, chunk=100).numpy()               # a chunk that does not divide the groups
@@ -137,18 +122,10 @@ def test_iq1s_nearest_is_the_least_squares_codeword():
         np.testing.assert_array_equal(got[live], d2.argmin(1).reshape(g.codes.shape)[live])
 
 
-def test_iq1s_new_codes_keep_d_scales_and_signs():
-    entry = _iq1s_entry(seed=7)
-    g = recode.grid(entry)
-    new = torch.from_numpy(np.random.default_rng(8).integers(0, 2048, g.codes.shape).astype(np.int16))
-    out = recode.recoded_entry(entry, new)
-    assert out["data"].shape == entry["data"].shape and out["data"].dtype == entry["data"].dtype
-    back = recode.grid(out)
-    assert torch.equal(back.codes, new)
-    torch.testing.assert_close(back.step, g.step, rtol=0, atol=0)
-    torch.testing.assert_close(back.offset, g.offset, rtol=0, atol=0)
-    np.testing.assert_allclose(dequantize_entry(out).numpy(), g.values(new).numpy(), rtol=1e-6, atol=1e-7)
+def test_bad_iq1s_codes_are_refused():
+    entry, _ = _entry("iq1_s", seed=7)
+    shape = recode.grid(entry).codes.shape
     with pytest.raises(ValueError, match=r"iq1_s: codes must lie in \[0, 2047\]"):
-        recode.recoded_entry(entry, torch.full(g.codes.shape, 2048, dtype=torch.int16))
+        recode.recoded_entry(entry, torch.full(shape, 2048, dtype=torch.int16))
     with pytest.raises(ValueError, match="iq1_s: codes of shape"):
         recode.recoded_entry(entry, torch.zeros(2, 64, dtype=torch.int16))
