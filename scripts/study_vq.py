@@ -108,8 +108,9 @@ def fit_steps(W: torch.Tensor, imp: torch.Tensor, C: torch.Tensor, S: int) -> to
     return (s * d[..., None]).reshape(out, n // S)
 
 
-def quantize_vq(W: torch.Tensor, X: torch.Tensor, k: int, S: int, how: str) -> torch.Tensor:
-    C = codebook(k)
+def quantize_vq(W: torch.Tensor, X: torch.Tensor, k: int, S: int, how: str, C: torch.Tensor | None = None) -> torch.Tensor:
+    """C: the codebook (default: the Lloyd codebook of 2^k words)."""
+    C = codebook(k) if C is None else C
     out, n = W.shape
     g = GPTQ(n)
     g.add_batch(X)

@@ -574,13 +574,19 @@ def mcn_unshrink(w, importance, codes, d, s, bits: int) -> np.ndarray:
     d * sum w x^2 / sum w x q, rounded to fp16 (mcn.c's last step; blocks where either sum is not positive
     keep d). Nearest rounding to a coarse table shrinks (cell means: sum w x q < sum w x^2)."""
     x, imp = _mcn_weights(w, importance)
+    st = (np.repeat(_as_numpy(s, np.uint8).astype(np.int64), MCN_SUB, axis=1)
+          * np.array(MCN_LEVELS[mcn_spec(bits).bits], dtype=np.int64)[_as_numpy(codes, np.uint8)])
+    return unshrink_d(x, imp, d, st)
+
+
+def unshrink_d(x: np.ndarray, imp, d, st: np.ndarray) -> np.ndarray:
+    """The unshrink of a type whose value is d * st per 256-block (st: int64 [rows, n], the integer part of every
+    weight's value; mcn and mct): d * sum w x^2 / sum w x (d st), rounded to fp16, summed one weight at a time."""
     rows, n = x.shape
     nb = n // MCN_BLOCK
     xb = x.astype(np.float64).reshape(rows, nb, MCN_BLOCK)
     wt = (np.ones_like(xb) if imp is None else np.broadcast_to(imp.astype(np.float64), x.shape).reshape(xb.shape))
     dd = _as_numpy(d, np.float32).astype(np.float64)
-    st = (np.repeat(_as_numpy(s, np.uint8).astype(np.int64), MCN_SUB, axis=1)
-          * np.array(MCN_LEVELS[mcn_spec(bits).bits], dtype=np.int64)[_as_numpy(codes, np.uint8)])
     qv = dd[..., None] * st.reshape(rows, nb, MCN_BLOCK).astype(np.float64)
     num = np.zeros((rows, nb))
     den = np.zeros((rows, nb))

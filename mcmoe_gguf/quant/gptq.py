@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mcmoe_gguf.quant import formats
+from mcmoe_gguf.quant import formats, trellis
 
 GROUP = formats.GROUP_SIZE  # 128 input columns per (scale, min) pair: the stored layout's group
 MAX_PERCDAMP = 10.0         # Cholesky retries stop once the damping exceeds 10x the mean diagonal of H
@@ -50,10 +50,10 @@ class GPTQResult:
 
 @dataclass
 class McnResult:
-    codes: torch.Tensor        # uint8 [out, in], indices into the type's level table
+    codes: torch.Tensor        # uint8 [out, in]: indices into mcn's level table, or mct's trellis bits
     d: object                  # float32 numpy [out, in/256], exact fp16 values
     s: object                  # uint8 numpy [out, in/32], 0..15
-    dequantized: torch.Tensor  # float32 [out, in] == formats.mcn_values(codes, d, s)
+    dequantized: torch.Tensor  # float32 [out, in] == formats.mcn_values / trellis.mct_values(codes, d, s)
     stats: dict = field(default_factory=dict)
 
 
@@ -248,6 +248,62 @@ class GPTQ:
             d, c = self._unshrink(W0, codes, d, s, spec.bits)
             stats["unshrink"] = [float(c.min()), float(c.mean()), float(c.max())]
         deq = torch.from_numpy(formats.mcn_values(codes, d, s, spec.bits)).to(self.device)
+        stats["seconds"] = time.perf_counter() - t0
+        return McnResult(codes, d, s, deq, stats)
+
+    def quantize_mct(self, W: torch.Tensor, bits: int, percdamp: float = 0.01, unshrink: bool = True,
+                     shrink: float = 0.3) -> McnResult:
+        """BlockLDLQ of W [out, n_in] into the trellis type mct<bits> (trellis.py, issue 14).
+
+        The scales are fixed first (trellis.mct_fit with diag(H) as the importance). Then, one block of 64 columns
+        at a time (a trellis sequence: its codes are chosen together, so the block is the unit of GPTQ's
+        feedback, as BlockLDLQ does for codebooks), every row's sequence is the Viterbi path that minimises the
+        block's error under the diagonal of the block's own error metric (U_BB^-1 U_BB^-T, U the upper Cholesky
+        factor of H^-1), and the block's error is fed to the columns not yet rounded through U. The stored column
+        order is kept (no act-order: a sequence is 64 stored neighbours). shrink: H pulled toward its diagonal
+        as for mcn2 (its study: 0.3 pays in layer 0 of the bench model). Without calibration tokens (H == 0) it is
+        the reference quantizer. unshrink: each row's d rescaled as quantize_mcn does."""
+        t0 = time.perf_counter()
+        spec = trellis.mct_spec(bits)
+        W = W.detach().to(self.device, torch.float32).clone()
+        if W.dim() != 2 or W.shape[1] != self.n_in:
+            raise ValueError(f"expected a weight [out, {self.n_in}], got shape {tuple(W.shape)}")
+        if not torch.isfinite(W).all():
+            raise ValueError("weight contains NaN or Inf")
+        out, n = W.shape
+        if not torch.any(self.H):
+            codes, d, s = trellis.mct_unpack(trellis.mct_quantize(W.cpu(), spec.bits), spec.bits, n)
+            deq = torch.from_numpy(trellis.mct_values(codes, d, s, spec.bits)).to(self.device)
+            return McnResult(torch.from_numpy(codes), d, s, deq,
+                             {"method": "rtn", "type": spec.name, "nsamples": self.nsamples,
+                              "fallback": "no calibration tokens (H == 0): the reference quantizer",
+                              "seconds": time.perf_counter() - t0})
+        diag = torch.diag(self.H).clone()
+        dead = diag == 0
+        W[:, dead] = 0
+        W0 = W.clone()
+        d, s = trellis.mct_fit(W.cpu(), spec.bits, diag.clamp_min(0).float().cpu().numpy())
+        step = torch.from_numpy(trellis.mct_step(d, s)).to(self.device, torch.float32)
+        table = torch.from_numpy(trellis.mct_table()).to(self.device, torch.float32)
+        U, damp_used = self._hinv(dead, None, percdamp, False, shrink)
+        codes = torch.zeros(out, n, dtype=torch.uint8)
+        for i1 in range(0, n, trellis.MCT_SEQ):
+            i2 = i1 + trellis.MCT_SEQ
+            Ubi = torch.linalg.inv(U[i1:i2, i1:i2])
+            metric = (Ubi * Ubi).sum(1)                              # diag(Ubi Ubi^T)
+            st = step[:, i1:i2]
+            c = trellis.tail_biting(W[:, i1:i2], st, metric.expand(out, -1).contiguous(), table, spec.bits)
+            codes[:, i1:i2] = c.to(torch.uint8)
+            states = torch.from_numpy(trellis.mct_states(c.numpy().astype(np.uint8), spec.bits).astype(np.int64))
+            q = st * table[states]
+            W[:, i2:] -= ((W[:, i1:i2] - q) @ Ubi) @ U[i1:i2, i2:]
+        stats = {"method": "gptq", "type": spec.name, "blocksize": trellis.MCT_SEQ, "shrink": shrink,
+                 "percdamp": damp_used, "n_dead": int(dead.sum()), "nsamples": self.nsamples}
+        if unshrink:
+            c = self._row_gain(W0, torch.from_numpy(trellis.mct_values(codes, d, s, spec.bits)))
+            d = formats._to_fp16(torch.from_numpy(d * c[:, None])).numpy()
+            stats["unshrink"] = [float(c.min()), float(c.mean()), float(c.max())]
+        deq = torch.from_numpy(trellis.mct_values(codes, d, s, spec.bits)).to(self.device)
         stats["seconds"] = time.perf_counter() - t0
         return McnResult(codes, d, s, deq, stats)
 
