@@ -3,26 +3,22 @@
 computed codebook (ik's KT idea) and our scalar mcn2, judged end to end, layer by layer, on the bench model
 (scripts/study_mcn.py's protocol and table).
 
-    .venv/bin/python scripts/study_trellis.py [--layers 0,2] [--formats "tr2s32 gptq,cb16s32 gptq30,..."] [--chunks 30]
+    .venv/bin/python scripts/study_trellis.py [--layers 0,2] [--formats "mct2 gptq,cb16s32 gptq30,..."] [--gauss] [--chunks 30]
+    .venv/bin/python scripts/study_trellis.py --swap pmq-2.0625-program-mcn-model-kl [CHUNKS]   (see swap())
 
 Why: the ladder of llama.cpp's types plus mcn2/mcn3 is level with the ladder without them (0.05 bpw apart); a type
 that moves it 0.2 bpw must round much better per bit than a 4-level table. On unit-Gaussian data (--gauss):
-a 4-level Lloyd table has MSE 0.1175 per weight at 2 bits, a random 8-D codebook of 2^16 words 0.094, a bitshift
-trellis of 2^12 states 0.071 (the bound is 0.0625).
+a 4-level Lloyd table has MSE 0.1175 per weight at 2 bits, a computed 8-D codebook of 2^16 words 0.094,
+the mct trellis (4096 states) 0.075 (the bound is 0.0625).
 
 Formats ("<name> <how>"):
-  tr<k>s<S>   every row is cut into sequences of T = 64 weights (--seq); weight t of a sequence is v[s_t], v a
-              table of 2^12 values (a fixed integer hash of the state: data-free, computable or a 4 KB table),
-              s_t = the 12-bit window of the sequence's bitstream ending at weight t's k new bits; tail-biting
-              (the stream is read circularly), so a sequence costs exactly k*T bits. Times a 4-bit scale per S
-              weights and an fp16 scale per 256: k + 4/S + 1/16 bpw. Rounding = Viterbi over the 4096 states
-              (the sequence's best path under a per-weight metric), tail-biting by a doubled pass then one
-              constrained pass.
-  cb<K>s<S>   every 8 weights one K-bit index into a computed codebook of 2^K 8-vectors (the same hash, 8
-              lanes): K/8 + 4/S + 1/16 bpw.
-  <how>: rtn = each sequence / 8-vector rounded under the importance (diag H); gptq = BlockLDLQ over blocks of T
-  (trellis) or 8 (codebook) columns: the block rounded under the diagonal of its own error metric, its error
-  fed to later columns through GPTQ's Cholesky factor, then mcn's unshrink; gptqL on (1 - L/100) H + L/100 diag(H).
+  mct<k> gptq   the mct types (quant/trellis.py: k bits per weight in tail-biting 64-weight sequences through 4096
+                states, 4-bit scales per 32, fp16 per 256: k + 0.1875 bpw) by GPTQ.quantize_mct (BlockLDLQ over the
+                64-column sequences, H shrunk 0.3 toward its diagonal, unshrink): what PMQ writes
+  mct<k> rtn    the reference quantizer (Viterbi under the routed tokens' importance, unshrink per block)
+  cb<K>s<S> <how>  every 8 weights one K-bit index into a computed codebook of 2^K 8-vectors (a hash, 8 lanes:
+                ik_llama.cpp's KT idea), 4-bit scales per S, fp16 per 256 (K/8 + 4/S + 1/16 bpw); rounded by
+                study_vq.py's BlockLDLQ (gptqL: H shrunk L/100)
 Other names as in study_vq.py / study_mcn.py (mcn2 gptq30, iq2_xxs, iq2_xs, iq1_m, ...).
 """
 from __future__ import annotations
@@ -39,154 +35,140 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import study_mcn  # noqa: E402
 import study_vq  # noqa: E402
+from mcmoe_gguf.quant import trellis as T  # noqa: E402
 from mcmoe_gguf.quant.gptq import GPTQ  # noqa: E402
 
-L_BITS = 12
-SEQ = 64
-FORMATS = ("tr2s32 rtn", "tr2s32 gptq30", "cb16s32 gptq30", "mcn2 gptq30", "iq2_xxs", "iq2_xs",
-           "tr1s32 gptq30", "iq1_s")
+FORMATS = ("mct2 gptq", "mcn2 gptq30", "iq2_xxs", "iq2_xs", "mct1 gptq", "iq1_s", "iq1_m", "mct3 gptq", "mcn3 gptq",
+           "iq3_xxs")
 
 
 def _bsum(x: torch.Tensor) -> torch.Tensor:
     return (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + ((x >> 24) & 0xFF)
 
 
-def hash_values(n: int, lanes: int = 1) -> torch.Tensor:
-    """[n, lanes] near-Gaussian values, unit variance: per lane an odd 32-bit multiplier, an xorshift-multiply
-    mix, then the sum of four 6-bit fields (an Irwin-Hall sum of 4, close to Gaussian) as an integer in
-    [-126, 126]: what a kernel computes with a multiply, two shifts, a mask and a byte sum."""
-    i = torch.arange(n, dtype=torch.int64)[:, None] + 1
-    mul = torch.tensor([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C | 1,
-                        0xFD7046C5, 0xB55A4F09][:lanes], dtype=torch.int64)[None, :]
-    x = (i * mul) & 0xFFFFFFFF
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
-    x = x ^ (x >> 12)
-    v = (_bsum(x & 0x3F3F3F3F) - 126).float()
-    return v / 36.94                                              # the Irwin-Hall sum's standard deviation
+def hash_values(n: int, lanes: int) -> torch.Tensor:
+    """[n, lanes] near-Gaussian values of unit variance for a computed 8-D codebook: mct's hash with one odd
+    multiplier per lane (sums of four 6-bit fields)."""
+    i = torch.arange(n, dtype=torch.int64)[:, None]
+    mul = torch.tensor([0x2C1B3C6D, 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xFD7046C5,
+                        0xB55A4F09][:lanes], dtype=torch.int64)[None, :]
+    x = (i * mul + 0x3039) & 0x3F3F3F3F
+    return (_bsum(x) - 126).float() / T.MCT_SIGMA
 
 
 def parse(name: str):
-    m = re.fullmatch(r"(tr|cb)(\d+)s(\d+)", name)
-    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
+    m = re.fullmatch(r"cb(\d+)s(\d+)", name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def bpw(name: str) -> float:
-    p = parse(name)
-    if p:
-        kind, k, s = p
-        return (k if kind == "tr" else k / 8) + 4 / s + 1 / 16
+    if name.startswith("mct"):
+        return T.mct_spec(name).bpw
+    if parse(name):
+        k, s = parse(name)
+        return k / 8 + 4 / s + 1 / 16
     return {**study_mcn.BPW, "iq1_s": 1.5625, "iq1_m": 1.75, "iq2_xs": 2.3125, "iq2_s": 2.5}[name]
-
-
-def _viterbi(X, w, v, k, start=None):
-    """Min over state paths of sum_t w[:, t] (X[:, t] - v[s_t])^2, rows batched. s_t's low k bits are new;
-    its high L - k bits are s_{t-1}'s low ones. start: [B] forced overlap (s_0 >> k), also forced as the last
-    state's low L - k bits (tail-biting). Returns the states [B, T]."""
-    B, T = X.shape
-    S, P = 1 << L_BITS, 1 << k
-    lo = S >> k
-    cost = w[:, :1] * (X[:, :1] - v[None, :]) ** 2
-    if start is not None:
-        ok = (torch.arange(S)[None, :] >> k) == start[:, None]
-        cost = torch.where(ok, cost, torch.full_like(cost, float("inf")))
-    back = torch.empty(T, B, lo, dtype=torch.uint8)
-    for t in range(1, T):
-        m, p = cost.view(B, P, lo).min(1)
-        back[t] = p.to(torch.uint8)
-        cost = m.repeat_interleave(P, 1) + w[:, t:t + 1] * (X[:, t:t + 1] - v[None, :]) ** 2
-    if start is not None:
-        ok = (torch.arange(S)[None, :] & (lo - 1)) == start[:, None]
-        cost = torch.where(ok, cost, torch.full_like(cost, float("inf")))
-    s = cost.argmin(1)
-    states = torch.empty(B, T, dtype=torch.int64)
-    rows = torch.arange(B)
-    for t in range(T - 1, -1, -1):
-        states[:, t] = s
-        if t:
-            s = back[t][rows, s >> k].long() * lo + (s >> k)
-    return states
-
-
-def trellis_round(X, w, v, k):
-    """Tail-biting: a free pass over the sequence twice picks the overlap where the second copy starts, then a
-    pass forced to start and end on it (exact for that overlap)."""
-    T = X.shape[1]
-    s2 = _viterbi(torch.cat([X, X], 1), torch.cat([w, w], 1), v, k)
-    start = s2[:, T] >> k
-    return _viterbi(X, w, v, k, start)
-
-
-def _steps(W, imp, S, gain):
-    """4-bit multiples (of an fp16 d per 256) of each S-slice's importance-weighted RMS times gain: [out, n/S]."""
-    out, n = W.shape
-    wi = imp.reshape(1, n // S, S)
-    rms = ((W.reshape(out, n // S, S) ** 2 * wi).sum(-1) / wi.sum(-1)).sqrt().clamp_min(1e-12) * gain
-    blk = rms.reshape(out, n // 256, 256 // S)
-    d = (blk.amax(-1) / 15).half().float().clamp_min(1e-30)
-    s = torch.clamp(torch.round(blk / d[..., None]), 1, 15)
-    return (s * d[..., None]).reshape(out, n // S)
-
-
-def quantize_trellis(W, X, k, S, how, seq=SEQ):
-    v = hash_values(1 << L_BITS)[:, 0]
-    out, n = W.shape
-    g = GPTQ(n)
-    g.add_batch(X)
-    diag = torch.diag(g.H).float().clamp_min(0)
-    imp = diag + 1e-8 * diag.mean()
-    col_step = _steps(W, imp, S, 1.0).repeat_interleave(S, 1)
-    if how == "rtn":
-        Q = torch.empty_like(W)
-        for i1 in range(0, n, seq):
-            st = col_step[:, i1:i1 + seq]
-            s = trellis_round(W[:, i1:i1 + seq] / st, imp[i1:i1 + seq].expand(out, -1) * st ** 2, v, k)
-            Q[:, i1:i1 + seq] = v[s] * st
-        return Q
-    lam = int(how[4:]) / 100 if how[4:].isdigit() else 0.0
-    U, _ = g._hinv(torch.diag(g.H) == 0, None, 0.01, False, lam)
-    Wc, Q = W.clone(), torch.empty_like(W)
-    for i1 in range(0, n, seq):
-        i2 = i1 + seq
-        Ubi = torch.linalg.inv(U[i1:i2, i1:i2])
-        m = (Ubi * Ubi).sum(1)                                    # diag(Ubi Ubi^T): the block metric's diagonal
-        st = col_step[:, i1:i2]
-        s = trellis_round(Wc[:, i1:i2] / st, m[None, :] * st ** 2, v, k)
-        q = v[s] * st
-        Q[:, i1:i2] = q
-        Wc[:, i2:] -= ((Wc[:, i1:i2] - q) @ Ubi) @ U[i1:i2, i2:]
-    return Q * torch.from_numpy(g._row_gain(W, Q))[:, None]
 
 
 def quantize(W, X, fmt):
     name, _, how = fmt.partition(" ")
-    p = parse(name)
-    if p and p[0] == "tr":
-        return quantize_trellis(W, X, p[1], p[2], how or "gptq")
-    if p:
-        return study_vq.quantize_vq(W, X, p[1], p[2], how or "gptq", C=hash_values(1 << p[1], 8))
+    if name.startswith("mct"):
+        k = T.mct_spec(name).bits
+        g = GPTQ(W.shape[1])
+        g.add_batch(X)
+        if how == "rtn":
+            imp = torch.diag(g.H).float().numpy()
+            return torch.from_numpy(T.mct_dequantize(T.mct_quantize(W, k, imp), k, W.shape[1]))
+        return g.quantize_mct(W, k).dequantized
+    if parse(name):
+        return study_vq.quantize_vq(W, X, *parse(name), how or "gptq", C=hash_values(1 << parse(name)[0], 8))
     return study_vq.quantize(W, X, fmt)
 
 
 def gauss_table(n: int = 4096) -> str:
-    """MSE per weight on unit-Gaussian data: scalar 4-level Lloyd table, the 2^16 codebook, the trellis."""
+    """MSE per weight on unit-Gaussian data: scalar 4-level Lloyd table, a 2^16 computed codebook, the mct trellis."""
     torch.manual_seed(0)
-    X = torch.randn(n, SEQ)
-    ones = torch.ones_like(X)
+    X = torch.randn(n, T.MCT_SEQ).double()
     rows = ["| quantizer of unit-Gaussian weights | bits per weight | MSE per weight | bound 2^-2R |", "|---|---:|---:|---:|"]
-    lloyd = torch.tensor([-1.510, -0.4528, 0.4528, 1.510])
+    lloyd = torch.tensor([-1.510, -0.4528, 0.4528, 1.510]).double()
     q = lloyd[(X[..., None] - lloyd).abs().argmin(-1)]
     rows.append(f"| 4-level Lloyd-Max table | 2 | {((X - q) ** 2).mean():.4f} | 0.0625 |")
     C = hash_values(1 << 16, 8)
-    x8 = X.reshape(-1, 8)
+    x8 = X.float().reshape(-1, 8)
     q8 = C[study_vq._nearest(x8, C)]
-    rows.append(f"| 8-D codebook, 2^16 words (hash) | 2 | {((x8 - q8) ** 2).mean():.4f} | 0.0625 |")
-    v = hash_values(1 << L_BITS)[:, 0]
+    rows.append(f"| 8-D codebook, 2^16 computed words | 2 | {((x8 - q8) ** 2).mean():.4f} | 0.0625 |")
+    table = torch.from_numpy(T.mct_table()).double()
+    step = torch.full_like(X, 1 / T.MCT_SIGMA)
     for k in (1, 2, 3):
-        s = trellis_round(X, ones, v, k)
-        rows.append(f"| trellis, 2^{L_BITS} states, tail-biting T={SEQ} | {k} | {((X - v[s]) ** 2).mean():.4f} | "
-                    f"{2 ** (-2 * k):.4f} |")
+        c = T.tail_biting(X, step, torch.ones_like(X), table, k)
+        v = step * table[torch.from_numpy(T.mct_states(c.numpy().astype("uint8"), k).astype("int64"))]
+        rows.append(f"| mct{k}: trellis of 4096 states, tail-biting sequences of {T.MCT_SEQ} | {k} | "
+                    f"{((X - v) ** 2).mean():.4f} | {2 ** (-2 * k):.4f} |")
     return "\n".join(rows)
+
+
+def swap(workdir: str, chunks: int) -> str:
+    """The model-level test at equal bytes: in a finished PMQ run of the bench model (untuned), every mcn2 / mcn3
+    expert projection requantized from the float model's calibration inputs (64 x 256 tokens, routed tokens per
+    expert; down projections on the float gate/up's inner activations) by GPTQ into its mcn type (the control)
+    or into the mct type of the same size (mct2 = mcn2's 2.1875 bpw, mct3 = mcn3's 3.1875); everything else as
+    stored. Scored in torch against the float model on held-out chunks (apps.evaluate.kld_torch)."""
+    from tokenizers import Tokenizer
+
+    from bench_eps import layer_inputs
+    from mcmoe_gguf.apps.evaluate import kld_torch
+    from mcmoe_gguf.base.cache import cache_dir
+    from mcmoe_gguf.model.checkpoint import Checkpoint
+    from mcmoe_gguf.model.tiny import tiny_model
+    from mcmoe_gguf.quant.fake_quant import float_model, quantized_model, stored_entries
+    from mcmoe_gguf.quant.workdir import WorkDir
+    model_dir = tiny_model("bench")
+    path = Path(workdir)
+    if not path.exists():
+        path = cache_dir("bench", model_dir.name, "quality") / workdir
+    wd = WorkDir.of(str(path))
+    ck = Checkpoint(wd.model_dir())
+    entries = stored_entries(wd, ck)
+    targets = {k: v["type"] for k, v in entries.items() if v.get("type") in ("mcn2", "mcn3")}
+    if not targets:
+        raise SystemExit(f"{path.name}: no mcn2 / mcn3 expert projection to swap")
+    layers = sorted({int(k.split(".")[2]) for k in targets})
+    new = {"mcn": {}, "mct": {}}
+    for l, moe, x in layer_inputs(model_dir, 64, 256, layers=layers[-1] + 1):
+        if l not in layers:
+            continue
+        _, _, idx = moe.route(x)
+        for e, ex in enumerate(moe.experts):
+            xe = x[torch.where((idx == e).any(-1))[0]]
+            inner = torch.nn.functional.silu(xe @ ex.w1.weight.t()) * (xe @ ex.w3.weight.t())
+            for p, X in (("w1", xe), ("w3", xe), ("w2", inner)):
+                key = f"model.layers.{l}.block_sparse_moe.experts.{e}.{p}.weight"
+                if key not in targets:
+                    continue
+                W = getattr(ex, p).weight.detach().float()
+                g = GPTQ(W.shape[1])
+                g.add_batch(X.detach())
+                bits = int(targets[key][-1])
+                new["mcn"][key] = g.quantize_mcn(W, bits).dequantized
+                new["mct"][key] = g.quantize_mct(W, bits).dequantized
+                print(f"layer {l} expert {e} {p}: {targets[key]}", flush=True)
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(
+        (model_dir / "eval.txt").read_text(encoding="utf-8"), add_special_tokens=False).ids
+    model, _ = quantized_model(wd, tuned=False, entries=entries)
+    teacher = float_model(ck)
+    n2 = sum(t == "mcn2" for t in targets.values())
+    lines = [f"{path.name}: {n2} mcn2 and {len(targets) - n2} mcn3 expert projections swapped; torch vs float, "
+             f"{chunks} held-out chunks of 256", "",
+             "| experts of the mcn types | mean KLD | same top-1 % | PPL / float |", "|---|---:|---:|---:|"]
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, upd in (("as stored (PMQ's own calibration)", {}), ("mcn, GPTQ from float inputs (control)", new["mcn"]),
+                      ("mct of the same size, GPTQ from float inputs", new["mct"])):
+        model.load_state_dict({**base, **upd})
+        r = kld_torch(model, teacher, ids, 256, chunks)
+        lines.append(f"| {name} | {r['kld']:.4f} ± {r['kld_se']:.4f} | {r['top1']:.2f} ± {r['top1_se']:.2f} | "
+                     f"{r['ppl_ratio']:.4f} ± {r['ppl_ratio_se']:.4f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 class Bpw(dict):
@@ -197,6 +179,10 @@ class Bpw(dict):
 if __name__ == "__main__":
     if "--gauss" in sys.argv:
         print(gauss_table())
+        sys.exit(0)
+    if "--swap" in sys.argv:
+        i = sys.argv.index("--swap")
+        print(swap(sys.argv[i + 1], int(sys.argv[i + 2]) if len(sys.argv) > i + 2 else 100))
         sys.exit(0)
     sys.exit(study_mcn.run(__doc__, "study_trellis", "Issue 14: a bitshift trellis vs an 8-D computed codebook vs "
                            "mcn2, judged end to end (bench model)", "0,2", FORMATS, quantize, Bpw()))
