@@ -8,8 +8,8 @@ computed codebook (ik's KT idea) and our scalar mcn2, judged end to end, layer b
 
 Why: the ladder of llama.cpp's types plus mcn2/mcn3 is level with the ladder without them (0.05 bpw apart); a type
 that moves it 0.2 bpw must round much better per bit than a 4-level table. On unit-Gaussian data (--gauss):
-a 4-level Lloyd table has MSE 0.1175 per weight at 2 bits, a computed 8-D codebook of 2^16 words 0.094,
-the mct trellis (4096 states) 0.075 (the bound is 0.0625).
+a 4-level Lloyd table has MSE 0.118 per weight at 2 bits, a computed 8-D codebook of 2^16 words 0.095,
+the mct trellis (4096 states) 0.074 (the bound is 0.0625).
 
 Formats ("<name> <how>"):
   mct<k> gptq   the mct types (quant/trellis.py: k bits per weight in tail-biting 64-weight sequences through 4096
