@@ -383,7 +383,9 @@ _MCN_NCAND = 16
 
 
 @dataclass(frozen=True)
-class McnSpec:
+class SuperBlockSpec:
+    """A type of 256-weight blocks that start with an fp16 d and eight 4-bit scales per 32 (mcn here, mct in
+    trellis.py)."""
     bits: int
     type_id: int
     name: str
@@ -394,18 +396,48 @@ class McnSpec:
         return 8 * self.block_bytes / MCN_BLOCK
 
 
+def super_block_spec(types: dict, name_or_bits, family: str) -> SuperBlockSpec:
+    """The spec of `types` (name -> spec) named name_or_bits, or of that many bits; ValueError otherwise."""
+    found = (types.get(name_or_bits) if isinstance(name_or_bits, str) else
+             next((t for t in types.values() if t.bits == name_or_bits), None))
+    if found is None:
+        raise ValueError(f"not an {family} type: {name_or_bits!r}; one of {', '.join(types)}")
+    return found
+
+
+def pack_super_header(d, s, rows: int, nb: int, scale_noun: str) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes 0-5 of every block, checked: (fp16 d [rows, nb, 2], scale nibbles [rows, nb, 4]); scale j of a block
+    in byte 2 + (j & 3), bits 4 (j >> 2). d: [rows, nb] exact fp16 values; s: [rows, 8 nb] in 0..15."""
+    d = _as_numpy(d, np.float32)
+    s = _as_numpy(s, np.int64)
+    if d.shape != (rows, nb) or s.shape != (rows, nb * 8):
+        raise ValueError(f"d must be {(rows, nb)} and s {(rows, nb * 8)}, got {d.shape} and {s.shape}")
+    d16 = d.astype("<f2")
+    if not np.array_equal(d16.astype(np.float32), d):
+        raise ValueError("d holds values that are not exact fp16 values")
+    if s.size and (s.min() < 0 or s.max() > MCN_SMAX):
+        raise ValueError(f"{scale_noun} scales must lie in [0, {MCN_SMAX}]")
+    sb = s.reshape(rows, nb, 2, 4).astype(np.uint8)                  # [.., nibble plane, byte]
+    return d16.view(np.uint8).reshape(rows, nb, 2), sb[:, :, 0] | (sb[:, :, 1] << 4)
+
+
+def unpack_super_header(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks b [rows, nb, block bytes] -> (d float32 [rows, nb], s uint8 [rows, 8 nb])."""
+    rows, nb = b.shape[:2]
+    d = np.ascontiguousarray(b[..., 0:2]).view("<f2").reshape(rows, nb).astype(np.float32)
+    sc = b[..., 2:6]
+    return d, np.stack([sc & 15, sc >> 4], axis=2).reshape(rows, nb * 8)
+
+
+McnSpec = SuperBlockSpec
 MCN_TYPES = {
     "mcn2": McnSpec(bits=2, type_id=104, name="mcn2", block_bytes=2 + 4 + 64),
     "mcn3": McnSpec(bits=3, type_id=105, name="mcn3", block_bytes=2 + 4 + 64 + 32),
 }
-MCN_BY_BITS = {s.bits: s for s in MCN_TYPES.values()}
 
 
 def mcn_spec(name_or_bits) -> McnSpec:
-    s = MCN_TYPES.get(name_or_bits) if isinstance(name_or_bits, str) else MCN_BY_BITS.get(name_or_bits)
-    if s is None:
-        raise ValueError(f"not an mcn type: {name_or_bits!r}; one of {', '.join(MCN_TYPES)}")
-    return s
+    return super_block_spec(MCN_TYPES, name_or_bits, "mcn")
 
 
 def mcn_levels(bits: int) -> np.ndarray:
@@ -481,9 +513,16 @@ def mcn_fit(w, bits: int, importance=None) -> tuple[np.ndarray, np.ndarray]:
     x = w.astype(np.float64).reshape(-1, MCN_SUB)
     wt = (np.ones_like(w, dtype=np.float64) if imp is None else
           np.broadcast_to(imp.astype(np.float64), w.shape)).reshape(-1, MCN_SUB)
-    sigma = _mcn_slice_scales(x, wt, bits).reshape(rows, n // MCN_BLOCK, MCN_BLOCK // MCN_SUB)
-    smax = sigma.max(axis=2)
-    df = np.minimum((smax / float(MCN_SMAX)).astype(np.float32), np.float32(FP16_MAX))
+    return super_scales(_mcn_slice_scales(x, wt, bits).reshape(rows, -1))
+
+
+def super_scales(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each 32-slice's wanted step sigma (float64 [rows, n/32]) as the header stores it: d float32 [rows, n/256]
+    = fp16(max of the block's sigma / 15) (clamped to 65504), s uint8 = rint(sigma / d) clamped to 0..15 (0 where
+    d is 0). mcn_fit and trellis.mct_fit."""
+    rows = sigma.shape[0]
+    sigma = sigma.reshape(rows, -1, MCN_BLOCK // MCN_SUB)
+    df = np.minimum((sigma.max(axis=2) / float(MCN_SMAX)).astype(np.float32), np.float32(FP16_MAX))
     d = df.astype("<f2").astype(np.float32)
     dd = d.astype(np.float64)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -525,20 +564,10 @@ def mcn_pack(codes, d, s, bits: int) -> np.ndarray:
     if q.size and (q.min() < 0 or q.max() >= 2 ** spec.bits):
         raise ValueError(f"codes must lie in [0, {2 ** spec.bits - 1}] for {spec.name}")
     rows, nb = q.shape[0], q.shape[1] // MCN_BLOCK
-    d = _as_numpy(d, np.float32)
-    s = _as_numpy(s, np.int64)
-    if d.shape != (rows, nb) or s.shape != (rows, nb * 8):
-        raise ValueError(f"d must be {(rows, nb)} and s {(rows, nb * 8)}, got {d.shape} and {s.shape}")
-    d16 = d.astype("<f2")
-    if not np.array_equal(d16.astype(np.float32), d):
-        raise ValueError("d holds values that are not exact fp16 values")
-    if s.size and (s.min() < 0 or s.max() > MCN_SMAX):
-        raise ValueError(f"sub-block scales must lie in [0, {MCN_SMAX}]")
+    d16, sc = pack_super_header(d, s, rows, nb, "sub-block")
     qb = q.reshape(rows, nb, 2, 4, 32).astype(np.uint8)              # [.., half, sub-block in half, i]
     lo = ((qb & 3) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=3, dtype=np.uint8)  # [.., 2, 32]
-    sb = s.reshape(rows, nb, 2, 4).astype(np.uint8)                  # [.., nibble plane, byte]
-    sc = sb[:, :, 0] | (sb[:, :, 1] << 4)
-    parts = [d16.view(np.uint8).reshape(rows, nb, 2), sc, lo.reshape(rows, nb, 64)]
+    parts = [d16, sc, lo.reshape(rows, nb, 64)]
     if spec.bits == 3:
         hb = (q.reshape(rows, nb, 8, 32) >> 2).astype(np.uint8)      # [.., sub-block, i]
         parts.append(((hb << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2, dtype=np.uint8)))
@@ -557,9 +586,7 @@ def mcn_unpack(blob, bits: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndar
         raise ValueError(f"blob of shape {raw.shape} is not whole rows of {row_bytes} bytes ({spec.name}, n={n})")
     b = raw.reshape(-1, nb, spec.block_bytes)
     rows = b.shape[0]
-    d = np.ascontiguousarray(b[..., 0:2]).view("<f2").reshape(rows, nb).astype(np.float32)
-    sc = b[..., 2:6]
-    s = np.stack([sc & 15, sc >> 4], axis=2).reshape(rows, nb * 8)
+    d, s = unpack_super_header(b)
     lo = b[..., 6:70].reshape(rows, nb, 2, 1, 32)
     q = (lo >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3      # [.., half, 4, 32]
     q = q.reshape(rows, nb, 256)

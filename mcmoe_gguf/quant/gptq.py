@@ -191,11 +191,7 @@ class GPTQ:
         shrink = MCN_SHRINK[spec.bits] if shrink is None else float(shrink)
         if not 0 <= shrink <= 1:
             raise ValueError(f"shrink must be in [0, 1], got {shrink}")
-        W = W.detach().to(self.device, torch.float32).clone()
-        if W.dim() != 2 or W.shape[1] != self.n_in:
-            raise ValueError(f"expected a weight [out, {self.n_in}], got shape {tuple(W.shape)}")
-        if not torch.isfinite(W).all():
-            raise ValueError("weight contains NaN or Inf")
+        W = self._weight(W)
         out, n = W.shape
         if not torch.any(self.H):
             codes, d, s = formats.mcn_unpack(formats.mcn_quantize(W.cpu(), spec.bits), spec.bits, n)
@@ -245,7 +241,7 @@ class GPTQ:
                  "percdamp": damp_used, "n_dead": int(dead.sum()), "nsamples": self.nsamples,
                  "loss": float(losses.sum())}
         if unshrink:
-            d, c = self._unshrink(W0, codes, d, s, spec.bits)
+            d, c = self._unshrink(W0, formats.mcn_values(codes, d, s, spec.bits), d)
             stats["unshrink"] = [float(c.min()), float(c.mean()), float(c.max())]
         deq = torch.from_numpy(formats.mcn_values(codes, d, s, spec.bits)).to(self.device)
         stats["seconds"] = time.perf_counter() - t0
@@ -265,11 +261,7 @@ class GPTQ:
         the reference quantizer. unshrink: each row's d rescaled as quantize_mcn does."""
         t0 = time.perf_counter()
         spec = trellis.mct_spec(bits)
-        W = W.detach().to(self.device, torch.float32).clone()
-        if W.dim() != 2 or W.shape[1] != self.n_in:
-            raise ValueError(f"expected a weight [out, {self.n_in}], got shape {tuple(W.shape)}")
-        if not torch.isfinite(W).all():
-            raise ValueError("weight contains NaN or Inf")
+        W = self._weight(W)
         out, n = W.shape
         if not torch.any(self.H):
             codes, d, s = trellis.mct_unpack(trellis.mct_quantize(W.cpu(), spec.bits), spec.bits, n)
@@ -300,22 +292,31 @@ class GPTQ:
         stats = {"method": "gptq", "type": spec.name, "blocksize": trellis.MCT_SEQ, "shrink": shrink,
                  "percdamp": damp_used, "n_dead": int(dead.sum()), "nsamples": self.nsamples}
         if unshrink:
-            c = self._row_gain(W0, torch.from_numpy(trellis.mct_values(codes, d, s, spec.bits)))
-            d = formats._to_fp16(torch.from_numpy(d * c[:, None])).numpy()
+            d, c = self._unshrink(W0, trellis.mct_values(codes, d, s, spec.bits), d)
             stats["unshrink"] = [float(c.min()), float(c.mean()), float(c.max())]
         deq = torch.from_numpy(trellis.mct_values(codes, d, s, spec.bits)).to(self.device)
         stats["seconds"] = time.perf_counter() - t0
         return McnResult(codes, d, s, deq, stats)
 
-    def _unshrink(self, W, codes, d, s, bits):
+    def _weight(self, W: torch.Tensor) -> torch.Tensor:
+        """A float32 copy of W [out, n_in] on the device, checked (shape, finite): the quantizers change it."""
+        W = W.detach().to(self.device, torch.float32).clone()
+        if W.dim() != 2 or W.shape[1] != self.n_in:
+            raise ValueError(f"expected a weight [out, {self.n_in}], got shape {tuple(W.shape)}")
+        if not torch.isfinite(W).all():
+            raise ValueError("weight contains NaN or Inf")
+        return W
+
+    def _unshrink(self, W, values, d):
         """Scale each row's super-block scales so that the row's output error is uncorrelated with its output
         on the calibration tokens: c_r = (W H W^T)_rr / (Q H W^T)_rr. Rounding to a coarse table is a shrinking
         estimate (an MSE-optimal quantizer returns cell means: <Q, W> = |Q|^2 < |W|^2), so every pre-activation
         comes out ~5-10% too small at 2 bits. That error is coherent across neurons and tokens, and through
         SiLU(gate) * up and the down projection it costs far more than its share of the MSE: on the bench
         model's first layer the whole MoE output error of GPTQ'd mcn2 drops from 0.069 to the i-quants' level
-        and the layer's PPL cost by 2/3 (docs/RESULTS.md, "the mcn types judged end to end")."""
-        c = self._row_gain(W, torch.from_numpy(formats.mcn_values(codes, d, s, bits)))
+        and the layer's PPL cost by 2/3 (docs/RESULTS.md, "the mcn types judged end to end").
+        values: the dequantized weights (float32 numpy [out, n]) on d, the fp16 d per 256 of an mcn / mct type."""
+        c = self._row_gain(W, torch.from_numpy(values))
         return formats._to_fp16(torch.from_numpy(d * c[:, None])).numpy(), c
 
     def _row_gain(self, W, Q) -> np.ndarray:

@@ -24,8 +24,6 @@ there, then mcn's unshrink of d per block. Costs are float64 in a fixed order, t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -34,7 +32,6 @@ from mcmoe_gguf.quant import formats
 MCT_BLOCK = 256
 MCT_SEQ = 64
 MCT_SUB = 32
-MCT_SMAX = 15
 MCT_STATE_BITS = 12
 MCT_STATES = 1 << MCT_STATE_BITS
 # The table's standard deviation in its integer units (a sum of four uniform 6-bit fields: sqrt(4 (64^2 - 1) / 12)):
@@ -44,31 +41,16 @@ _HASH_MUL = 0x2C1B3C6D
 _HASH_ADD = 0x3039
 
 
-@dataclass(frozen=True)
-class MctSpec:
-    bits: int
-    type_id: int
-    name: str
-    block_bytes: int
-
-    @property
-    def bpw(self) -> float:
-        return 8 * self.block_bytes / MCT_BLOCK
-
-
+MctSpec = formats.SuperBlockSpec      # d and the 4-bit scales as mcn: the same header bytes
 MCT_TYPES = {
     "mct1": MctSpec(bits=1, type_id=106, name="mct1", block_bytes=2 + 4 + 32),
     "mct2": MctSpec(bits=2, type_id=107, name="mct2", block_bytes=2 + 4 + 64),
     "mct3": MctSpec(bits=3, type_id=108, name="mct3", block_bytes=2 + 4 + 96),
 }
-MCT_BY_BITS = {s.bits: s for s in MCT_TYPES.values()}
 
 
 def mct_spec(name_or_bits) -> MctSpec:
-    s = MCT_TYPES.get(name_or_bits) if isinstance(name_or_bits, str) else MCT_BY_BITS.get(name_or_bits)
-    if s is None:
-        raise ValueError(f"not an mct type: {name_or_bits!r}; one of {', '.join(MCT_TYPES)}")
-    return s
+    return formats.super_block_spec(MCT_TYPES, name_or_bits, "mct")
 
 
 def mct_table() -> np.ndarray:
@@ -97,10 +79,14 @@ def mct_states(codes, bits: int) -> np.ndarray:
 
 def mct_values(codes, d, s, bits: int) -> np.ndarray:
     """float32 [rows, n]: fp32(d) * float32(s_j * V[state]), the dequantization of every backend."""
-    v = mct_table()[mct_states(codes, bits)]
-    st = np.repeat(formats._as_numpy(s, np.uint8).astype(np.int32), MCT_SUB, axis=1) * v
     dd = np.repeat(formats._as_numpy(d, np.float32), MCT_BLOCK, axis=1)
-    return dd * st.astype(np.float32)
+    return dd * _integer_values(codes, s, bits).astype(np.float32)
+
+
+def _integer_values(codes, s, bits: int) -> np.ndarray:
+    """int64 [rows, n]: s_j * V[state] of every weight, exact (its value without d)."""
+    s_j = np.repeat(formats._as_numpy(s, np.uint8).astype(np.int64), MCT_SUB, axis=1)
+    return s_j * mct_table()[mct_states(codes, bits)]
 
 
 def _check_codes(q: np.ndarray, k: int) -> None:
@@ -117,21 +103,11 @@ def mct_pack(codes, d, s, bits: int) -> np.ndarray:
     q = formats._as_numpy(codes, np.int64)
     _check_codes(q, k)
     rows, nb = q.shape[0], q.shape[1] // MCT_BLOCK
-    d = formats._as_numpy(d, np.float32)
-    s = formats._as_numpy(s, np.int64)
-    if d.shape != (rows, nb) or s.shape != (rows, nb * 8):
-        raise ValueError(f"d must be {(rows, nb)} and s {(rows, nb * 8)}, got {d.shape} and {s.shape}")
-    d16 = d.astype("<f2")
-    if not np.array_equal(d16.astype(np.float32), d):
-        raise ValueError("d holds values that are not exact fp16 values")
-    if s.size and (s.min() < 0 or s.max() > MCT_SMAX):
-        raise ValueError(f"slice scales must lie in [0, {MCT_SMAX}]")
+    d16, sc = formats.pack_super_header(d, s, rows, nb, "slice")
     # bit p of a sequence's stream = bit (p mod k) of b_{p div k}
     bitv = ((q.reshape(rows, nb, 4, MCT_SEQ, 1) >> np.arange(k)) & 1).astype(np.uint8)   # [.., 4, 64, k]
     stream = np.packbits(bitv.reshape(rows, nb, 4, MCT_SEQ * k), axis=-1, bitorder="little")
-    sb = s.reshape(rows, nb, 2, 4).astype(np.uint8)
-    sc = sb[:, :, 0] | (sb[:, :, 1] << 4)
-    parts = [d16.view(np.uint8).reshape(rows, nb, 2), sc, stream.reshape(rows, nb, 32 * k)]
+    parts = [d16, sc, stream.reshape(rows, nb, 32 * k)]
     return np.concatenate(parts, axis=-1).reshape(rows, nb * spec.block_bytes)
 
 
@@ -148,9 +124,7 @@ def mct_unpack(blob, bits: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndar
         raise ValueError(f"blob of shape {raw.shape} is not whole rows of {row_bytes} bytes ({spec.name}, n={n})")
     b = raw.reshape(-1, nb, spec.block_bytes)
     rows = b.shape[0]
-    d = np.ascontiguousarray(b[..., 0:2]).view("<f2").reshape(rows, nb).astype(np.float32)
-    sc = b[..., 2:6]
-    s = np.stack([sc & 15, sc >> 4], axis=2).reshape(rows, nb * 8)
+    d, s = formats.unpack_super_header(b)
     bitv = np.unpackbits(b[..., 6:].reshape(rows, nb, 4, 8 * k), axis=-1, bitorder="little")
     bitv = bitv.reshape(rows, nb, 4, MCT_SEQ, k).astype(np.uint8)
     q = (bitv << np.arange(k, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
@@ -238,21 +212,12 @@ def mct_fit(w, bits: int, importance=None) -> tuple[np.ndarray, np.ndarray]:
         sq = sq + xs[..., i] * xs[..., i]
     with np.errstate(divide="ignore", invalid="ignore"):
         ms = np.where(den > 0, num / den, sq / MCT_SUB)
-    sigma = np.sqrt(ms) / MCT_SIGMA
-    smax = sigma.reshape(rows, n // MCT_BLOCK, MCT_BLOCK // MCT_SUB).max(axis=2)
-    d = np.minimum((smax / float(MCT_SMAX)).astype(np.float32), np.float32(formats.FP16_MAX)).astype("<f2")
-    d = d.astype(np.float32)
-    dd = np.repeat(d.astype(np.float64), MCT_BLOCK // MCT_SUB, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.where(dd > 0, np.clip(np.rint(sigma.reshape(rows, -1) / dd), 0, MCT_SMAX), 0)
-    return d, s.astype(np.uint8)
+    return formats.super_scales(np.sqrt(ms) / MCT_SIGMA)
 
 
 def mct_step(d, s) -> np.ndarray:
-    """float64 [rows, n]: every weight's step d * s_j (exact)."""
-    d = formats._as_numpy(d, np.float32).astype(np.float64)
-    s = formats._as_numpy(s, np.uint8).astype(np.float64)
-    return np.repeat(np.repeat(d, MCT_BLOCK // MCT_SUB, axis=1) * s, MCT_SUB, axis=1)
+    """float64 [rows, n]: every weight's step d * s_j (exact; mcn's per-slice steps, one per weight)."""
+    return np.repeat(formats.mcn_step(d, s), MCT_SUB, axis=1)
 
 
 def mct_codes(w, d, s, bits: int, importance=None) -> np.ndarray:
@@ -273,8 +238,7 @@ def mct_codes(w, d, s, bits: int, importance=None) -> np.ndarray:
 def mct_unshrink(w, importance, codes, d, s, bits: int) -> np.ndarray:
     """d rescaled per block so its weighted error is uncorrelated with its weights (formats.unshrink_d, as mcn)."""
     x, imp = formats._mcn_weights(w, importance)
-    st = np.repeat(formats._as_numpy(s, np.uint8).astype(np.int64), MCT_SUB, axis=1) * mct_table()[mct_states(codes, bits)]
-    return formats.unshrink_d(x, imp, d, st)
+    return formats.unshrink_d(x, imp, d, _integer_values(codes, s, bits))
 
 
 def mct_quantize(w, bits: int, importance=None) -> np.ndarray:
