@@ -26,7 +26,7 @@ from mcmoe_gguf.engine.kernel_costs import time_type  # noqa: E402
 from mcmoe_gguf.engine.runtime import tools_dir  # noqa: E402
 from results_md import machine  # noqa: E402
 
-TYPES = ["mcq1", "mcq2", "mcq3", "mcq4", "mcn2", "mcn3", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_K", "q3_K", "q4_K",
+TYPES = ["mcq1", "mcq2", "mcq3", "mcq4", "mcn2", "mcn3", "mct1", "mct2", "mct3", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_K", "q3_K", "q4_K",
          "q4_0"]   # our types, the ladder's llama.cpp types (quant/ladder.py), q4_0 for reference
 
 

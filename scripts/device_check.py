@@ -19,7 +19,7 @@ no network, at most 64 MiB carried, 15 minutes in all), so everything travels in
 There, the script (stdlib only) builds test-backend-ops, llama-perplexity, llama-bench and llama-quantize
 with GGML_CUDA for the GPU's own architecture, flash-attention kernels off, all cores; quantizes uniform
 MCQ1/2/3 and stock Q2_K / IQ2_XXS files from the F16 one; then:
-  1. test-backend-ops test -b CUDA0 for the mcq types in MUL_MAT, MUL_MAT_ID and GET_ROWS, MUL_MAT_ID with
+  1. test-backend-ops test -b CUDA0 for the mcq, mcn and mct types in MUL_MAT, MUL_MAT_ID and GET_ROWS, MUL_MAT_ID with
      skipped ids and the ODP op (cpp/tests/mcmoe-test-cases.h), each against the CPU backend;
   2. perplexity of every file on the CPU (-dev none) and on the GPU over the same chunks, the GPU run
      scored against the CPU run's logits (llama-perplexity --kl-divergence): PPL ratio, mean KL divergence,
@@ -260,7 +260,10 @@ def quantize_files(rep: Report, tools: Path, bundle: Path, work: Path) -> dict[s
     return files
 
 
+# our three families by the type-name substring of test-backend-ops -p: mcq, mcn (table), mct (trellis)
 BACKEND_OPS = [("MUL_MAT", "mcq"), ("MUL_MAT_ID", "mcq"), ("MUL_MAT_ID", "skip=1"), ("GET_ROWS", "mcq"),
+               ("MUL_MAT", "mcn"), ("MUL_MAT_ID", "mcn"), ("GET_ROWS", "mcn"),
+               ("MUL_MAT", "mct"), ("MUL_MAT_ID", "mct"), ("GET_ROWS", "mct"),
                ("MCMOE_ODP", None)]
 
 
@@ -451,8 +454,8 @@ def check(bundle: Path, out: Path, dry_run: bool, do_build: bool, tools_dir: Pat
                                                    threads=min(os.cpu_count() or 2, 16), chunks=8)),
                  ("llama-bench", lambda: bench(rep, tools, files, ngl, quick=dry_run)),
                  ("kernel perf", lambda: kernel_perf(rep, tools, backend,
-                                                     ["mcq2"] if dry_run else ["mcq1", "mcq2", "mcq3", "mcq4", "q2_K",
-                                                                                "iq2_xxs", "q4_0"],
+                                                     ["mcq2"] if dry_run else ["mcq1", "mcq2", "mcq3", "mcq4", "mcn2", "mct1",
+                                                                                "mct2", "mct3", "q2_K", "iq2_xxs", "q4_0"],
                                                      [1] if dry_run else [1, 256]))]
     except RuntimeError as e:
         rep.fail(f"setup: {e}")

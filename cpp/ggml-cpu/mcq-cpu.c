@@ -670,7 +670,8 @@ static ggml_vec_dot_t mcq_kernel_of(enum ggml_type type) {
 }
 
 ggml_vec_dot_t mcq_cpu_select_vec_dot(enum ggml_type type, bool use_ref, ggml_vec_dot_t dflt) {
-    ggml_vec_dot_t ref = use_ref ? (mcn_type_bits(type) ? mcn_cpu_generic_of(type) : mcq_generic_of(type)) : NULL;
+    ggml_vec_dot_t ref = use_ref ? (mcn_type_bits(type) ? mcn_cpu_generic_of(type) :
+                                   mct_type_bits(type) ? mct_cpu_generic_of(type) : mcq_generic_of(type)) : NULL;
     return ref ? ref : dflt;
 }
 

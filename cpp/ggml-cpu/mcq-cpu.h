@@ -11,6 +11,7 @@
 
 #include "mcq.h"
 #include "mcn-cpu.h" // mcn2 / mcn3: their traits join MCQ_CPU_TYPE_TRAITS, their reference mcq_cpu_select_vec_dot
+#include "mct-cpu.h" // mct1 / mct2 / mct3: likewise
 #include "ggml-cpu.h"
 
 #ifdef __cplusplus
@@ -76,7 +77,8 @@ static inline bool mcq_cpu_supports_op(const struct ggml_tensor * op) {
     MCQ_CPU_TRAITS_ENTRY(GGML_TYPE_MCQ2, 2)          \
     MCQ_CPU_TRAITS_ENTRY(GGML_TYPE_MCQ3, 3)          \
     MCQ_CPU_TRAITS_ENTRY(GGML_TYPE_MCQ4, 4)          \
-    MCN_CPU_TYPE_TRAITS
+    MCN_CPU_TYPE_TRAITS                              \
+    MCT_CPU_TYPE_TRAITS
 
 #ifdef __cplusplus
 }

@@ -1,10 +1,12 @@
-// mcmoe-gguf: CUDA kernels of the mcn2 / mcn3 types (mcn.cu), reached through the mcq hooks.
+// mcmoe-gguf: CUDA kernels of the mcn2 / mcn3 types and of the mct1 / mct2 / mct3 trellis types (mcn.cu: both
+// families have 256-weight blocks with the same fp16 d + 4-bit scale header and differ only in how a weight's
+// int8 level is decoded), reached through the mcq hooks.
 //
 // The stock files (convert.cu, getrows.cu, mmvq.cu, ggml-cuda.cu) know only the mcq hooks of mcq.cuh:
 // GGML_CUDA_MCQ_CASES and ggml_cuda_mcq_is_mcq() include these types, and the ggml_cuda_mcq_* entry
 // points forward them to the functions below (same arguments). Per-block arithmetic:
-// ../ggml/mcn-common.h (shared with the CPU; the four-at-a-time helpers tested on the host by
-// tests/engine/test_mcn_cuda_helpers.py).
+// ../ggml/mcn-common.h and ../ggml/mct-common.h (shared with the CPU; the four-at-a-time helpers tested on the host
+// by tests/engine/test_mcn_cuda_helpers.py and test_mct_common.py).
 //
 //   convert (to f32 / f16 / bf16, contiguous and not): dequantize for cuBLAS (prefill, batches > 8)
 //   get_rows:                                           GGML_OP_GET_ROWS
@@ -16,10 +18,13 @@
 #include "common.cuh"
 #include "convert.cuh"
 
-#define GGML_CUDA_MCN_CASES case GGML_TYPE_MCN2: case GGML_TYPE_MCN3
+#define GGML_CUDA_MCN_CASES case GGML_TYPE_MCN2: case GGML_TYPE_MCN3: \
+                            case GGML_TYPE_MCT1: case GGML_TYPE_MCT2: case GGML_TYPE_MCT3
 
+// an mcn or mct type (the kernels of mcn.cu)
 static inline bool ggml_cuda_mcn_is_mcn(ggml_type type) {
-    return type == GGML_TYPE_MCN2 || type == GGML_TYPE_MCN3;
+    return type == GGML_TYPE_MCN2 || type == GGML_TYPE_MCN3 ||
+           type == GGML_TYPE_MCT1 || type == GGML_TYPE_MCT2 || type == GGML_TYPE_MCT3;
 }
 
 to_fp32_cuda_t    ggml_cuda_mcn_get_to_fp32(ggml_type type);

@@ -230,6 +230,9 @@ size_t mcq_quantize(enum ggml_type type, const float * src, void * dst, int64_t 
     if (mcn_type_bits(type)) {
         return mcn_quantize(type, src, dst, nrows, n_per_row, imatrix);
     }
+    if (mct_type_bits(type)) {
+        return mct_quantize(type, src, dst, nrows, n_per_row, imatrix);
+    }
     (void) imatrix;
     const size_t row_size = ggml_row_size(type, n_per_row);
     for (int64_t r = 0; r < nrows; ++r) {
@@ -264,6 +267,9 @@ void dequantize_row_mcq4(const void * vx, float * y, int64_t k) { mcq_dequantize
 bool mcq_validate_row_data(enum ggml_type type, const void * data, size_t nbytes) {
     if (mcn_type_bits(type)) {
         return mcn_validate_row_data(type, data, nbytes);
+    }
+    if (mct_type_bits(type)) {
+        return mct_validate_row_data(type, data, nbytes);
     }
     const int bits = mcq_type_bits(type);
     if (bits == 0) {

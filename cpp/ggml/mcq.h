@@ -12,6 +12,7 @@
 #include "ggml.h"
 #include "mcq-common.h" // the per-block decode arithmetic, shared with the CUDA kernels
 #include "mcn.h"        // mcn2 / mcn3: their hooks are these (MCQ_CASES, traits, quantize, validate)
+#include "mct.h"        // mct1 / mct2 / mct3: likewise
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -110,12 +111,12 @@ MCQ_API void dequantize_row_mcq2(const void * x, float * y, int64_t k);
 MCQ_API void dequantize_row_mcq3(const void * x, float * y, int64_t k);
 MCQ_API void dequantize_row_mcq4(const void * x, float * y, int64_t k);
 
-// ggml_quantize_chunk for the mcq types (and mcn, passed on to mcn_quantize with the imatrix): RTN on the MCQ_FIT_MSE grid per row; the importance matrix is
+// ggml_quantize_chunk for the mcq types (and mcn / mct, passed on to mcn_quantize / mct_quantize with the imatrix): RTN on the MCQ_FIT_MSE grid per row; the importance matrix is
 // not used (the types need none), so llama-quantize produces them from F16 without calibration.
 MCQ_API size_t mcq_quantize(enum ggml_type type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,
                             const float * imatrix);
 
-// ggml_validate_row_data for the mcq types (mcn: mcn_validate_row_data): d and m finite fp16 (nbytes already checked to be whole blocks)
+// ggml_validate_row_data for the mcq types (mcn / mct: mcn_ / mct_validate_row_data): d and m finite fp16 (nbytes already checked to be whole blocks)
 MCQ_API bool mcq_validate_row_data(enum ggml_type type, const void * data, size_t nbytes);
 
 // "mcmoe-mcq abi=1 ..." so Python can check that the library it loaded has these types
@@ -158,10 +159,11 @@ MCQ_API const char * mcq_info(void);
     MCQ_TRAITS_ENTRY(GGML_TYPE_MCQ2, "mcq2", block_mcq2, 2)                        \
     MCQ_TRAITS_ENTRY(GGML_TYPE_MCQ3, "mcq3", block_mcq3, 3)                        \
     MCQ_TRAITS_ENTRY(GGML_TYPE_MCQ4, "mcq4", block_mcq4, 4)                        \
-    MCN_GGML_TYPE_TRAITS
+    MCN_GGML_TYPE_TRAITS                                                           \
+    MCT_GGML_TYPE_TRAITS
 
-// the case labels of all our types (mcq1..4 and mcn2/3), for switch statements of ggml
-#define MCQ_CASES case GGML_TYPE_MCQ1: case GGML_TYPE_MCQ2: case GGML_TYPE_MCQ3: case GGML_TYPE_MCQ4: MCN_CASES
+// the case labels of all our types (mcq1..4, mcn2/3, mct1..3), for switch statements of ggml
+#define MCQ_CASES case GGML_TYPE_MCQ1: case GGML_TYPE_MCQ2: case GGML_TYPE_MCQ3: case GGML_TYPE_MCQ4: MCN_CASES: MCT_CASES
 
 #ifdef __cplusplus
 }

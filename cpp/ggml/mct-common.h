@@ -73,3 +73,24 @@ MCQ_HD_INLINE int mct_hd_dot32(int k, const uint8_t * blk, int j, const int8_t *
     }
     return sumi;
 }
+
+// sum over the block of s_j * V[state_n] * qy[n], qy the block's 256 int8 activation codes (the integer part of a
+// dot product with a Q8_K block; |sum| <= 256 * 15 * 126 * 128 < 2^31)
+MCQ_HD_INLINE int mct_hd_block_isum(int k, const uint8_t * blk, const int8_t * qy) {
+    int sumi = 0;
+    for (int j = 0; j < MCT_HD_QK / MCT_HD_SUB; ++j) {
+        sumi += mcn_hd_scale(blk, j)*mct_hd_dot32(k, blk, j, qy + MCT_HD_SUB*j);
+    }
+    return sumi;
+}
+
+// ---------------------------------------------------------------- four weights at a time (CUDA dp4a)
+// The CUDA kernels (cpp/ggml-cuda/mcn.cu, shared with mcn) take the levels of weights n0 .. n0+3 (n0 % 4 == 0) of a
+// block as the four int8 bytes of a word (a dp4a operand; |V| <= 126), level n0 in the lowest byte.
+MCQ_HD_INLINE uint32_t mct_hd_levels4(int k, const uint8_t * blk, int n0) {
+    uint32_t lv = 0;
+    for (int i = 0; i < 4; ++i) {
+        lv |= (uint32_t) (uint8_t) (int8_t) mct_hd_level(k, blk, n0 + i) << 8*i;
+    }
+    return lv;
+}

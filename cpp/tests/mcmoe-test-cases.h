@@ -148,7 +148,8 @@ static void mcmoe_add_eval_cases(std::vector<std::unique_ptr<test_case>> & test_
 // perf: a Mixtral expert matrix (4096 x 14336) with a 256-token prompt batch, the prefill size the kernel
 // table reports (stock perf cases have n = 1..8 and 512), for our types and the stock ones they compete with
 static void mcmoe_add_perf_cases(std::vector<std::unique_ptr<test_case>> & test_cases) {
-    for (ggml_type type : { GGML_TYPE_MCQ1, GGML_TYPE_MCQ2, GGML_TYPE_MCQ3, GGML_TYPE_MCQ4, GGML_TYPE_Q2_K,
+    for (ggml_type type : { GGML_TYPE_MCQ1, GGML_TYPE_MCQ2, GGML_TYPE_MCQ3, GGML_TYPE_MCQ4, GGML_TYPE_MCN2,
+                            GGML_TYPE_MCN3, GGML_TYPE_MCT1, GGML_TYPE_MCT2, GGML_TYPE_MCT3, GGML_TYPE_Q2_K,
                             GGML_TYPE_Q3_K, GGML_TYPE_IQ2_XXS, GGML_TYPE_Q4_0 }) {
         test_cases.emplace_back(new test_mul_mat(type, GGML_TYPE_F32, 4096, 256, 14336, {1, 1}, {1, 1}));
     }

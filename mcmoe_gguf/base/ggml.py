@@ -86,14 +86,15 @@ class Ggml:
             name = lib.ggml_type_name(int(t))
             if name is not None and name.decode(errors="replace").lower() == t.name.lower():
                 self._ids[t.name.lower()] = int(t)
-        # our mcn types (ids 104, 105): only from a library that says it has them (mcn_info), so an older
-        # library's type table is never read past its end
-        if hasattr(lib, "mcn_info"):
-            lib.mcn_info.restype = ctypes.c_char_p
-            for item in lib.mcn_info().decode().split("types=")[1].split()[0].split(","):
-                name, tid = item.split(":")
-                if lib.ggml_type_name(int(tid)) == name.encode():
-                    self._ids[name] = int(tid)
+        # our mcn (ids 104, 105) and mct types (106-108): only from a library that says it has them
+        # (mcn_info, mct_info), so an older library's type table is never read past its end
+        for info in ("mcn_info", "mct_info"):
+            if hasattr(lib, info):
+                getattr(lib, info).restype = ctypes.c_char_p
+                for item in getattr(lib, info)().decode().split("types=")[1].split()[0].split(","):
+                    name, tid = item.split(":")
+                    if lib.ggml_type_name(int(tid)) == name.encode():
+                        self._ids[name] = int(tid)
 
     # ------------------------------------------------------------------ types
     def type_id(self, name: str) -> int:

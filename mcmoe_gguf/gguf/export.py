@@ -320,8 +320,9 @@ def plan_pmq(ck: Checkpoint, wd: WorkDir | Path) -> tuple[list[Planned], np.ndar
 def _entry_type(entry: dict) -> int:
     """ggml type id of a stored tensor: an mcq width or a ggml type name."""
     if "type" in entry:
-        if entry["type"] in formats.MCN_TYPES:      # ours: not in the gguf package's enum
-            return formats.MCN_TYPES[entry["type"]].type_id
+        ours = formats.MCN_TYPES.get(entry["type"]) or formats.MCT_TYPES.get(entry["type"])
+        if ours is not None:                        # not in the gguf package's enum
+            return ours.type_id
         return int(gguf.GGMLQuantizationType[entry["type"].upper()])
     return formats.TYPES[entry["bits"]].type_id
 

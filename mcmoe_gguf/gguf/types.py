@@ -1,4 +1,4 @@
-"""Teach the `gguf` package our tensor types (mcq1-4, ids 100-103; mcn2/mcn3, 104-105), so it can write and read our files.
+"""Teach the `gguf` package our tensor types (mcq1-4, ids 100-103; mcn2/mcn3, 104-105; mct1-3, 106-108), so it can write and read our files.
 
 The stock package only knows upstream ids: its writer looks block sizes up in GGML_QUANT_SIZES, and its
 reader turns every type id into a GGMLQuantizationType member (an unknown id raises). We add the sizes
@@ -29,12 +29,13 @@ def register() -> None:
     members = {m.name: m.value for m in gguf.GGMLQuantizationType}
     members.update({s.name.upper(): s.type_id for s in formats.TYPES.values()})
     members.update({s.name.upper(): s.type_id for s in formats.MCN_TYPES.values()})
+    members.update({s.name.upper(): s.type_id for s in formats.MCT_TYPES.values()})
     extra = {n: v for n, v in _UPSTREAM_EXTRA.items() if n not in members}
     members.update({n: v[0] for n, v in extra.items()})
     extended = IntEnum("GGMLQuantizationType", members)
     for s in formats.TYPES.values():
         gguf.constants.GGML_QUANT_SIZES[extended(s.type_id)] = (formats.GROUP_SIZE, s.block_bytes)
-    for s in formats.MCN_TYPES.values():
+    for s in (*formats.MCN_TYPES.values(), *formats.MCT_TYPES.values()):
         gguf.constants.GGML_QUANT_SIZES[extended(s.type_id)] = (formats.MCN_BLOCK, s.block_bytes)
     for n, (tid, block, size) in extra.items():
         gguf.constants.GGML_QUANT_SIZES[extended(tid)] = (block, size)

@@ -436,6 +436,14 @@ MCN_TYPES = {
 }
 
 
+# the trellis types (quant/trellis.py): their header bytes are mcn's, then k bits per weight
+MCT_TYPES = {
+    "mct1": SuperBlockSpec(bits=1, type_id=106, name="mct1", block_bytes=2 + 4 + 32),
+    "mct2": SuperBlockSpec(bits=2, type_id=107, name="mct2", block_bytes=2 + 4 + 64),
+    "mct3": SuperBlockSpec(bits=3, type_id=108, name="mct3", block_bytes=2 + 4 + 96),
+}
+
+
 def mcn_spec(name_or_bits) -> McnSpec:
     return super_block_spec(MCN_TYPES, name_or_bits, "mcn")
 

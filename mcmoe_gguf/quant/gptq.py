@@ -284,7 +284,7 @@ class GPTQ:
             Ubi = torch.linalg.inv(U[i1:i2, i1:i2])
             metric = (Ubi * Ubi).sum(1)                              # diag(Ubi Ubi^T)
             st = step[:, i1:i2]
-            c = trellis.tail_biting(W[:, i1:i2], st, metric.expand(out, -1).contiguous(), table, spec.bits)
+            c = trellis.tail_biting_codes(W[:, i1:i2], st, metric.expand(out, -1), spec.bits)
             codes[:, i1:i2] = c.to(torch.uint8)
             states = torch.from_numpy(trellis.mct_states(c.numpy().astype(np.uint8), spec.bits).astype(np.int64))
             q = st * table[states]

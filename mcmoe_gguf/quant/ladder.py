@@ -33,10 +33,12 @@ from mcmoe_gguf.quant.quantizers import importance, quantize_matrix
 PAPER = "mcq"
 STOCK_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_k", "q3_k", "q4_k")
 MCN_TYPES = ("mcn2", "mcn3")     # our non-uniform table types (issue 14)
+MCT_TYPES = ("mct1", "mct2", "mct3")   # our trellis types (issue 14)
 # "full" is the ladder of issue 13 (kept as it was, so its tables and work directories stay reproducible);
-# "mcn" adds the table types to it
+# "mcn" adds the table types to it, "mct" the trellis types to that
 LADDERS = {"stock": STOCK_TYPES, "full": ("mcq1", "mcq2", "mcq3") + STOCK_TYPES,
-           "mcn": ("mcq1", "mcq2", "mcq3") + MCN_TYPES + STOCK_TYPES}
+           "mcn": ("mcq1", "mcq2", "mcq3") + MCN_TYPES + STOCK_TYPES,
+           "mct": ("mcq1", "mcq2", "mcq3") + MCN_TYPES + MCT_TYPES + STOCK_TYPES}
 GRANULARITIES = ("projection", "expert", "layer")    # one type per projection, per expert (all three), or
                                                      # per (layer, projection) for all experts (--compat stock)
 _MCQ = ("mcq1", "mcq2", "mcq3", "mcq4")
@@ -62,12 +64,12 @@ def resolve(spec: str) -> tuple[str, ...]:
         if t in LADDERS:
             types += [u for u in LADDERS[t] if u not in types]
             continue
-        if t not in _MCQ and t not in MCN_TYPES:
+        if t not in _MCQ and t not in MCN_TYPES and t not in MCT_TYPES:
             try:
                 q = gguf.GGMLQuantizationType[t.upper()]
             except KeyError:
                 raise ValueError(f"unknown type {t!r} in ladder {spec!r}; a ladder is one of {', '.join(names())} "
-                                 f"or a comma-separated list of ladder names, mcq1..mcq4, mcn2, mcn3 and ggml types (iq2_xxs, q2_k, ...)") from None
+                                 f"or a comma-separated list of ladder names, mcq1..mcq4, mcn2, mcn3, mct1..mct3 and ggml types (iq2_xxs, q2_k, ...)") from None
             if q in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 raise ValueError(f"{t} is not a quantized type; a ladder's types are low-bit types")
         if t not in types:

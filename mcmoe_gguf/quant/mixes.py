@@ -113,9 +113,14 @@ def is_mcn(type_name: str) -> bool:
     return type_name in formats.MCN_TYPES
 
 
+def is_mct(type_name: str) -> bool:
+    """Our trellis types (mct1, mct2, mct3; issue 14), GPTQ'd in Python (BlockLDLQ over their 64-sequences)."""
+    return type_name in formats.MCT_TYPES
+
+
 def is_ours(type_name: str) -> bool:
-    """A type of ours (mcq or mcn): quantized by GPTQ here, unknown to an unpatched llama.cpp."""
-    return is_mcq(type_name) or is_mcn(type_name)
+    """A type of ours (mcq, mcn or mct): quantized by GPTQ here, unknown to an unpatched llama.cpp."""
+    return is_mcq(type_name) or is_mcn(type_name) or is_mct(type_name)
 
 
 def mcq_bits(type_name: str) -> int:
@@ -128,10 +133,11 @@ def tensor_bytes(type_name: str, rows: int, n: int) -> int:
         return rows * n * (4 if type_name == "f32" else 2)
     if is_mcq(type_name):
         return rows * n * formats.block_bytes(mcq_bits(type_name)) // formats.GROUP_SIZE
-    if is_mcn(type_name):
+    if is_mcn(type_name) or is_mct(type_name):
         if n % formats.MCN_BLOCK:
             raise ValueError(f"{type_name} needs rows that are multiples of {formats.MCN_BLOCK} values; this tensor has {n}")
-        return rows * (n // formats.MCN_BLOCK) * formats.MCN_TYPES[type_name].block_bytes
+        spec = formats.MCN_TYPES.get(type_name) or formats.MCT_TYPES[type_name]
+        return rows * (n // formats.MCN_BLOCK) * spec.block_bytes
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
     if n % block:
         raise ValueError(f"{type_name} needs rows that are multiples of {block} values; this tensor has {n}")

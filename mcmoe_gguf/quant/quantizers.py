@@ -14,7 +14,7 @@ import torch
 from mcmoe_gguf.base.ggml import ggml
 from mcmoe_gguf.quant import formats
 from mcmoe_gguf.quant.gptq import GPTQ, rtn
-from mcmoe_gguf.quant.mixes import is_mcn, is_mcq, mcq_bits
+from mcmoe_gguf.quant.mixes import is_mcn, is_mcq, is_mct, mcq_bits
 
 
 def importance(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,28 @@ def mcn_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | 
             deq.to(W.device, W.dtype))
 
 
+def mct_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | None,
+               fallback_importance: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """W in an mct trellis type: BlockLDLQ into the trellis with the inputs' Hessian (GPTQ.quantize_mct), or the
+    reference quantizer (a Viterbi path per sequence under the inputs' importance: cfg.method "rtn", or an expert
+    no calibration token reached: the layer's importance)."""
+    from mcmoe_gguf.quant import trellis
+    spec = trellis.mct_spec(type_name)
+    if cfg.method == "gptq" and (H is not None or x.shape[0] > 0):
+        if H is None:
+            H = GPTQ(W.shape[1], device=W.device)
+            H.add_batch(x)
+        res = H.quantize_mct(W, spec.bits, percdamp=cfg.percdamp)
+        blob, deq = trellis.mct_pack(res.codes, res.d, res.s, spec.bits), res.dequantized
+    else:
+        imp = routed_importance(x, fallback_importance)
+        blob = ggml().quantize(W.detach().float().cpu().numpy(), type_name,
+                               None if imp is None else imp.float().cpu().numpy())
+        deq = torch.from_numpy(trellis.mct_dequantize(blob, spec.bits, W.shape[1]))
+    return ({"type": type_name, "shape": list(W.shape), "data": torch.from_numpy(blob)},
+            deq.to(W.device, W.dtype))
+
+
 def mcq_result(H: GPTQ | None, W: torch.Tensor, bits: int, cfg, unshrink: bool = True):
     """GPTQ on H (cfg: PMQConfig's method, percdamp, act_order, param_method), or RTN without one. GPTQ's rows
     are unshrunk (GPTQ.quantize): on the bench model's layer 0 that took mcq1 experts from x2.28 PPL to x1.28,
@@ -90,4 +112,6 @@ def quantize_matrix(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GP
         return mcq_packed(res, mcq_bits(type_name)), res.dequantized
     if is_mcn(type_name):
         return mcn_packed(W, type_name, x, cfg, H, fallback_importance)
+    if is_mct(type_name):
+        return mct_packed(W, type_name, x, cfg, H, fallback_importance)
     return ggml_packed(W, type_name, routed_importance(x, fallback_importance))

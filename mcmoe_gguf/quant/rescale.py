@@ -1,7 +1,7 @@
 """Rescaling a stored tensor's super-block scales in place of its bytes: the knob KD tuning turns (kd_tune.py).
 
 Every low-bit type we write keeps one or two IEEE fp16 numbers per block that multiply the whole block's
-dequantized values (mcq: d and m per 128; mcn: d per 256; llama.cpp's k- and i-quants: d, and dmin where
+dequantized values (mcq: d and m per 128; mcn and mct: d per 256; llama.cpp's k- and i-quants: d, and dmin where
 there is one). Multiplying them by g multiplies that block's weights by g and touches nothing else, so a
 tuned factor per (row, group of columns) costs no byte. The codes and the 4-6-bit sub-block scales stay
 as the quantizer chose them.
@@ -29,7 +29,7 @@ SCALE_FIELDS: dict[str, tuple[int, int, tuple[int, ...]]] = {
     "iq2_xxs": (256, 66, (0,)), "iq2_xs": (256, 74, (0,)), "iq2_s": (256, 82, (0,)),
     "iq3_xxs": (256, 98, (0,)), "iq3_s": (256, 110, (0,)), "iq1_s": (256, 50, (0,)), "iq4_xs": (256, 136, (0,)),
     **{s.name: (formats.GROUP_SIZE, s.block_bytes, (0, 2)) for s in formats.TYPES.values()},
-    **{s.name: (formats.MCN_BLOCK, s.block_bytes, (0,)) for s in formats.MCN_TYPES.values()},
+    **{s.name: (formats.MCN_BLOCK, s.block_bytes, (0,)) for s in (*formats.MCN_TYPES.values(), *formats.MCT_TYPES.values())},
 }
 # IQ1_M has no fp16 field: its scale's 16 bits are the top nibbles of the four uint16 words at byte 48
 IQ1_M = (256, 56, 48)

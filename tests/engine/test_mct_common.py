@@ -2,7 +2,7 @@
 
 A small C shim is compiled with gcc (and the header checked as C++), loaded with ctypes, and compared with
 mcmoe_gguf/quant/trellis.py: the hash table V, every weight's state, and the dequantization bit for bit; the
-integer slice dot with a float64 reference.
+integer slice and block dots with a float64 reference; the four-at-a-time int8 levels of the CUDA kernels.
 """
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ void h_dots(int k, const uint8_t * x, int nblocks, const int8_t * qy, int * out)
         }
     }
 }
+void h_levels4(int k, const uint8_t * x, int nblocks, uint32_t * lv) {
+    for (int ib = 0; ib < nblocks; ++ib) {
+        for (int n0 = 0; n0 < MCT_HD_QK; n0 += 4) {
+            lv[(ib*MCT_HD_QK + n0)/4] = mct_hd_levels4(k, x + ib*MCT_HD_BLOCK_BYTES(k), n0);
+        }
+    }
+}
+int  h_block_isum(int k, const uint8_t * blk, const int8_t * qy) { return mct_hd_block_isum(k, blk, qy); }
 """
 
 
@@ -108,3 +116,22 @@ def test_slice_dot(lib, k):
     q, _, _ = T.mct_unpack(blob, k, 256 * nb)
     v = T.mct_table()[T.mct_states(q, k)[0]].astype(np.float64)
     assert np.array_equal(out, (v * qy).reshape(-1, 32).sum(1).astype(np.int64))
+
+
+@pytest.mark.parametrize("k", (1, 2, 3))
+def test_levels4_and_block_isum(lib, k):
+    """mct_hd_levels4 (the CUDA kernels' dp4a operand) holds V of four weights as int8 bytes, lowest first;
+    mct_hd_block_isum (the CPU vec_dot's integer part) = sum_j s_j sum V q_y."""
+    nb = 2
+    blob = _random_blocks(k, nb, 20 + k)
+    lv = np.zeros(64 * nb, np.uint32)
+    lib.h_levels4(k, _ptr(blob, ctypes.c_uint8), nb, _ptr(lv, ctypes.c_uint32))
+    q, _, s = T.mct_unpack(blob, k, 256 * nb)
+    v = T.mct_table()[T.mct_states(q, k)[0]]
+    assert np.array_equal(lv.view(np.int8), v)
+    qy = np.random.default_rng(k).integers(-128, 128, 256).astype(np.int8)
+    bb = T.mct_spec(k).block_bytes
+    for ib in range(nb):
+        got = lib.h_block_isum(k, _ptr(blob[0, ib * bb:], ctypes.c_uint8), _ptr(qy, ctypes.c_int8))
+        want = (np.repeat(s[0, 8 * ib:8 * ib + 8].astype(np.int64), 32) * v[256 * ib:256 * (ib + 1)] * qy).sum()
+        assert got == want
