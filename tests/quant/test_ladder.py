@@ -421,15 +421,37 @@ def test_mcn_entries_hold_their_bytes_and_the_no_token_fallback(layer0):
         tensor_bytes("mcn2", 4, 128)
 
 
-def test_an_mcn_ladder_file_runs_in_llama_cpp_as_its_fake_quant(ckpt, tmp_path):
-    """mcn experts beside i-quants in one layer: the file holds the chosen types and the engine computes what the
-    stored state means."""
+def test_mct_entries_hold_their_bytes_and_the_no_token_fallback(layer0):
+    """An mct choice is stored as {type, shape, data} with the bytes the runtime reads (trellis.py's twin), by
+    BlockLDLQ with the routed tokens; without tokens it is the C reference quantizer (= trellis.mct_quantize)
+    with the layer's importance."""
+    from mcmoe_gguf.quant import trellis
+    from mcmoe_gguf.quant.mixes import tensor_bytes
+    from mcmoe_gguf.quant.quantizers import importance, quantize_matrix
+    moe, x = layer0
+    W = moe.experts[1].w3.weight.detach()
+    for t in ("mct1", "mct2", "mct3"):
+        k = trellis.mct_spec(t).bits
+        entry, deq = quantize_matrix(W, t, x[:300], pmq.PMQConfig())
+        assert entry["type"] == t and entry["shape"] == list(W.shape)
+        assert entry["data"].numel() == tensor_bytes(t, *W.shape)
+        assert torch.equal(torch.from_numpy(trellis.mct_dequantize(entry["data"].numpy(), k, W.shape[1])), deq)
+        imp = importance(x)
+        entry, deq = quantize_matrix(W, t, x[:0], pmq.PMQConfig(), fallback_importance=imp)
+        assert np.array_equal(entry["data"].numpy(), trellis.mct_quantize(W, k, imp))
+
+
+@pytest.mark.parametrize("ladder, ours", [("mcn2,mcn3,iq2_xxs", {"mcn2", "mcn3"}),
+                                          ("mct1,mct2,mct3,iq2_xxs", {"mct1", "mct2", "mct3"})])
+def test_a_ladder_file_of_our_types_runs_in_llama_cpp_as_its_fake_quant(ckpt, tmp_path, ladder, ours):
+    """mcn or mct experts beside i-quants in one layer: the file holds the chosen types and the engine computes
+    what the stored state means."""
     from mcmoe_gguf.apps.evaluate import ppl_fake_quant, ppl_llama
     from mcmoe_gguf.gguf.export import export_pmq
-    r = pmq.quantize(ckpt, tmp_path / "q", pmq.PMQConfig(budget="2.5", n_seq=8, seq_len=64,
-                                                         ladder="mcn2,mcn3,iq2_xxs"), progress=False)
+    r = pmq.quantize(ckpt, tmp_path / "q", pmq.PMQConfig(budget="2.5", n_seq=8, seq_len=64, ladder=ladder),
+                     progress=False)
     kinds = set(np.array(r["types"], dtype=object).ravel())
-    assert kinds & {"mcn2", "mcn3"} and r["expert_bpw"] <= 2.5
+    assert kinds & ours and r["expert_bpw"] <= 2.5
     path = export_pmq(tmp_path / "q", tmp_path / "m.gguf", progress=False)
     text = (ckpt / "calib.txt").read_text()
     ref = ppl_fake_quant(tmp_path / "q", text, ctx=64, max_chunks=16)
