@@ -145,12 +145,51 @@ static void mcmoe_add_eval_cases(std::vector<std::unique_ptr<test_case>> & test_
     }
 }
 
+// perf of the trellis types (mct, ../ggml/mct.h) at the Mixtral expert shape: stock perf cases fill a quantized
+// weight by quantizing random floats, which for mct runs the reference Viterbi (~10 minutes for one 4096 x 14336
+// matrix on 2 cores). The mat-vec's work does not depend on the codes (no data-dependent branch), so these cases
+// fill the weight with random code bytes and a fixed fp16 d per block instead; vars start with init=codes, so
+// `-p init=codes,type_a=mct2,...` selects them (mcmoe_gguf/engine/kernel_costs.py).
+struct test_mcmoe_mul_mat_codes : public test_mul_mat {
+    test_mcmoe_mul_mat_codes(ggml_type type_a, int64_t n)
+        : test_mul_mat(type_a, GGML_TYPE_F32, 4096, n, 14336, {1, 1}, {1, 1}) {}
+
+    std::string vars() override {
+        return "init=codes," + test_mul_mat::vars();
+    }
+
+    void initialize_tensors(ggml_context * ctx) override {
+        std::default_random_engine rng(42);
+        std::uniform_int_distribution<int> byte(0, 255);
+        for (ggml_tensor * t = ggml_get_first_tensor(ctx); t != NULL; t = ggml_get_next_tensor(ctx, t)) {
+            if (t->type != type_a) {
+                init_tensor_uniform(t);
+                continue;
+            }
+            std::vector<uint8_t> data(ggml_nbytes(t));
+            for (auto & b : data) {
+                b = (uint8_t) byte(rng);
+            }
+            const ggml_fp16_t d = ggml_fp32_to_fp16(0.01f);
+            for (size_t o = 0; o + sizeof(d) <= data.size(); o += ggml_type_size(t->type)) {
+                memcpy(data.data() + o, &d, sizeof(d));  // every block starts with its fp16 d
+            }
+            ggml_backend_tensor_set(t, data.data(), 0, data.size());
+        }
+    }
+};
+
 // perf: a Mixtral expert matrix (4096 x 14336) with a 256-token prompt batch, the prefill size the kernel
 // table reports (stock perf cases have n = 1..8 and 512), for our types and the stock ones they compete with
 static void mcmoe_add_perf_cases(std::vector<std::unique_ptr<test_case>> & test_cases) {
     for (ggml_type type : { GGML_TYPE_MCQ1, GGML_TYPE_MCQ2, GGML_TYPE_MCQ3, GGML_TYPE_MCQ4, GGML_TYPE_MCN2,
-                            GGML_TYPE_MCN3, GGML_TYPE_MCT1, GGML_TYPE_MCT2, GGML_TYPE_MCT3, GGML_TYPE_Q2_K,
+                            GGML_TYPE_MCN3, GGML_TYPE_Q2_K,
                             GGML_TYPE_Q3_K, GGML_TYPE_IQ2_XXS, GGML_TYPE_Q4_0 }) {
         test_cases.emplace_back(new test_mul_mat(type, GGML_TYPE_F32, 4096, 256, 14336, {1, 1}, {1, 1}));
+    }
+    for (ggml_type type : { GGML_TYPE_MCT1, GGML_TYPE_MCT2, GGML_TYPE_MCT3 }) {
+        for (int64_t n : { 1, 256 }) {
+            test_cases.emplace_back(new test_mcmoe_mul_mat_codes(type, n));
+        }
     }
 }
