@@ -46,44 +46,42 @@ def ggml_packed(W: torch.Tensor, type_name: str, imp: torch.Tensor | None) -> tu
     return {"type": type_name, "shape": list(w.shape), "data": torch.from_numpy(blob)}, deq
 
 
-def mcn_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | None,
-               fallback_importance: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
-    """W in an mcn type: GPTQ into the table with the inputs' Hessian (act-order: the scales are static, so it
-    costs nothing), or the reference quantizer's nearest rounding with the inputs' importance (cfg.method
-    "rtn", or an expert no calibration token reached: the layer's importance)."""
-    spec = formats.mcn_spec(type_name)
+def _mct_reference(W: torch.Tensor, type_name: str, imp: torch.Tensor | None):
+    # the C quantizer (byte-equal to trellis.mct_quantize, whose float64 Viterbi in Python is ~100x slower)
+    return ggml().quantize(W.detach().float().cpu().numpy(), type_name,
+                           None if imp is None else imp.float().cpu().numpy())
+
+
+def _superblock_ops(type_name: str):
+    """(spec, GPTQ rounding, pack, reference quantizer, dequantize) of an mcn table or mct trellis type."""
+    if is_mct(type_name):
+        from mcmoe_gguf.quant import trellis
+        return (trellis.mct_spec(type_name),
+                lambda H, W, bits, cfg: H.quantize_mct(W, bits, percdamp=cfg.percdamp),
+                trellis.mct_pack, _mct_reference, trellis.mct_dequantize)
+    # act-order costs mcn nothing: its scales are static
+    return (formats.mcn_spec(type_name),
+            lambda H, W, bits, cfg: H.quantize_mcn(W, bits, percdamp=cfg.percdamp, act_order=True),
+            formats.mcn_pack,
+            lambda W, name, imp: formats.mcn_quantize(W, formats.mcn_spec(name).bits, None if imp is None else imp.cpu()),
+            formats.mcn_dequantize)
+
+
+def superblock_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | None,
+                      fallback_importance: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """W in one of our super-block types (an mcn table, an mct trellis): GPTQ / BlockLDLQ into its codes with the
+    inputs' Hessian, or the reference quantizer (nearest level / a Viterbi path per sequence) under the inputs'
+    importance (cfg.method "rtn", or an expert no calibration token reached: the layer's importance)."""
+    spec, round_gptq, pack, reference, dequantize = _superblock_ops(type_name)
     if cfg.method == "gptq" and (H is not None or x.shape[0] > 0):
         if H is None:
             H = GPTQ(W.shape[1], device=W.device)
             H.add_batch(x)
-        res = H.quantize_mcn(W, spec.bits, percdamp=cfg.percdamp, act_order=True)
-        blob, deq = formats.mcn_pack(res.codes, res.d, res.s, spec.bits), res.dequantized
+        res = round_gptq(H, W, spec.bits, cfg)
+        blob, deq = pack(res.codes, res.d, res.s, spec.bits), res.dequantized
     else:
-        imp = routed_importance(x, fallback_importance)
-        blob = formats.mcn_quantize(W, spec.bits, None if imp is None else imp.cpu())
-        deq = torch.from_numpy(formats.mcn_dequantize(blob, spec.bits, W.shape[1]))
-    return ({"type": type_name, "shape": list(W.shape), "data": torch.from_numpy(blob)},
-            deq.to(W.device, W.dtype))
-
-
-def mct_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | None,
-               fallback_importance: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
-    """W in an mct trellis type: BlockLDLQ into the trellis with the inputs' Hessian (GPTQ.quantize_mct), or the
-    reference quantizer (a Viterbi path per sequence under the inputs' importance: cfg.method "rtn", or an expert
-    no calibration token reached: the layer's importance)."""
-    from mcmoe_gguf.quant import trellis
-    spec = trellis.mct_spec(type_name)
-    if cfg.method == "gptq" and (H is not None or x.shape[0] > 0):
-        if H is None:
-            H = GPTQ(W.shape[1], device=W.device)
-            H.add_batch(x)
-        res = H.quantize_mct(W, spec.bits, percdamp=cfg.percdamp)
-        blob, deq = trellis.mct_pack(res.codes, res.d, res.s, spec.bits), res.dequantized
-    else:
-        imp = routed_importance(x, fallback_importance)
-        blob = ggml().quantize(W.detach().float().cpu().numpy(), type_name,
-                               None if imp is None else imp.float().cpu().numpy())
-        deq = torch.from_numpy(trellis.mct_dequantize(blob, spec.bits, W.shape[1]))
+        blob = reference(W, type_name, routed_importance(x, fallback_importance))
+        deq = torch.from_numpy(dequantize(blob, spec.bits, W.shape[1]))
     return ({"type": type_name, "shape": list(W.shape), "data": torch.from_numpy(blob)},
             deq.to(W.device, W.dtype))
 
@@ -110,8 +108,6 @@ def quantize_matrix(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GP
             H.add_batch(x)
         res = mcq_result(H, W, mcq_bits(type_name), cfg, mcq_unshrink)
         return mcq_packed(res, mcq_bits(type_name)), res.dequantized
-    if is_mcn(type_name):
-        return mcn_packed(W, type_name, x, cfg, H, fallback_importance)
-    if is_mct(type_name):
-        return mct_packed(W, type_name, x, cfg, H, fallback_importance)
+    if is_mcn(type_name) or is_mct(type_name):
+        return superblock_packed(W, type_name, x, cfg, H, fallback_importance)
     return ggml_packed(W, type_name, routed_importance(x, fallback_importance))
