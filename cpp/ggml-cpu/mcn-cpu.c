@@ -15,6 +15,7 @@
 #include "ggml-common.h"
 
 #include "mcn-cpu.h"
+#include "superblock-cpu.h"
 
 #include "ggml-cpu-impl.h"
 #include "simd-mappings.h"
@@ -61,15 +62,8 @@ static inline void mcn_vec_dot_generic_impl(int bits, int n, float * GGML_RESTRI
     *s = sumf;
 }
 
-#define MCN_GENERIC(bits)                                                                                            \
-void ggml_vec_dot_mcn##bits##_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
-                                           size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {           \
-    assert(nrc == 1);                                                                                                \
-    (void) nrc; (void) bx; (void) by; (void) bs;                                                                     \
-    mcn_vec_dot_generic_impl(bits, n, s, vx, vy);                                                                    \
-}
-MCN_GENERIC(2)
-MCN_GENERIC(3)
+SB_CPU_VEC_DOT(mcn, 2, _generic, mcn_vec_dot_generic_impl)
+SB_CPU_VEC_DOT(mcn, 3, _generic, mcn_vec_dot_generic_impl)
 
 // ---------------------------------------------------------------- AVX2 and AVX-512
 //
@@ -540,15 +534,8 @@ static void mcn_gemm_tile_mcn3(const int n, const uint8_t * w, const size_t w_ro
 #    define MCN_SIMD_NAME "avx2"
 #endif
 
-#define MCN_SIMD(bits)                                                                                      \
-void ggml_vec_dot_mcn##bits##_q8_K(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
-                                   size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {           \
-    assert(nrc == 1);                                                                                       \
-    (void) bs; (void) bx; (void) by; (void) nrc;                                                            \
-    mcn_vec_dot_simd_impl(bits, n, s, vx, vy);                                                              \
-}
-MCN_SIMD(2)
-MCN_SIMD(3)
+SB_CPU_VEC_DOT(mcn, 2, , mcn_vec_dot_simd_impl)
+SB_CPU_VEC_DOT(mcn, 3, , mcn_vec_dot_simd_impl)
 
 #else
 #    define MCN_SIMD_NAME "scalar"
@@ -572,25 +559,7 @@ static ggml_vec_dot_t mcn_kernel_of(enum ggml_type type) {
     }
 }
 
-float mcn_vec_dot_ref(enum ggml_type type, int n, const void * x, const void * y) {
-    ggml_vec_dot_t f = mcn_cpu_generic_of(type);
-    GGML_ASSERT(f != NULL && n % QK_K == 0);
-    float s = 0.0f;
-    f(n, &s, 0, x, 0, y, 0, 1);
-    return s;
-}
-
-float mcn_vec_dot(enum ggml_type type, int n, const void * x, const void * y) {
-    ggml_vec_dot_t f = mcn_kernel_of(type);
-    GGML_ASSERT(f != NULL && n % QK_K == 0);
-    float s = 0.0f;
-    f(n, &s, 0, x, 0, y, 0, 1);
-    return s;
-}
-
-const char * mcn_cpu_simd(void) {
-    return MCN_SIMD_NAME;
-}
+SB_CPU_TEST_ENTRY_POINTS(mcn, MCN_SIMD_NAME)
 
 void mcn_gemm_tile_ref(enum ggml_type type, int n, const void * w, size_t w_row, int nr, const void * const * ys, int nc,
                        float * const * dsts) {

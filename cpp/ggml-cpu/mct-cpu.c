@@ -18,6 +18,7 @@
 #include "ggml-common.h"
 
 #include "mct-cpu.h"
+#include "superblock-cpu.h"
 
 #include "ggml-cpu-impl.h"
 
@@ -62,16 +63,9 @@ static inline void mct_vec_dot_generic_impl(int k, int n, float * GGML_RESTRICT 
     *s = sumf;
 }
 
-#define MCT_GENERIC(k)                                                                                               \
-void ggml_vec_dot_mct##k##_q8_K_generic(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,   \
-                                        size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {              \
-    assert(nrc == 1);                                                                                                \
-    (void) nrc; (void) bx; (void) by; (void) bs;                                                                     \
-    mct_vec_dot_generic_impl(k, n, s, vx, vy);                                                                       \
-}
-MCT_GENERIC(1)
-MCT_GENERIC(2)
-MCT_GENERIC(3)
+SB_CPU_VEC_DOT(mct, 1, _generic, mct_vec_dot_generic_impl)
+SB_CPU_VEC_DOT(mct, 2, _generic, mct_vec_dot_generic_impl)
+SB_CPU_VEC_DOT(mct, 3, _generic, mct_vec_dot_generic_impl)
 
 // ---------------------------------------------------------------- AVX2 and AVX-512
 
@@ -229,16 +223,9 @@ static MCT_FORCE_INLINE void mct_vec_dot_simd(const int k, int n, float * GGML_R
     *s = sumf;
 }
 
-#define MCT_SIMD(k)                                                                                          \
-void ggml_vec_dot_mct##k##_q8_K(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,     \
-                                size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {              \
-    assert(nrc == 1);                                                                                        \
-    (void) nrc; (void) bx; (void) by; (void) bs;                                                             \
-    mct_vec_dot_simd(k, n, s, vx, vy);                                                                       \
-}
-MCT_SIMD(1)
-MCT_SIMD(2)
-MCT_SIMD(3)
+SB_CPU_VEC_DOT(mct, 1, , mct_vec_dot_simd)
+SB_CPU_VEC_DOT(mct, 2, , mct_vec_dot_simd)
+SB_CPU_VEC_DOT(mct, 3, , mct_vec_dot_simd)
 
 #else
 #    define MCT_SIMD_NAME "scalar"
@@ -264,22 +251,4 @@ static ggml_vec_dot_t mct_kernel_of(enum ggml_type type) {
     }
 }
 
-float mct_vec_dot_ref(enum ggml_type type, int n, const void * x, const void * y) {
-    ggml_vec_dot_t f = mct_cpu_generic_of(type);
-    GGML_ASSERT(f != NULL && n % QK_K == 0);
-    float s = 0.0f;
-    f(n, &s, 0, x, 0, y, 0, 1);
-    return s;
-}
-
-float mct_vec_dot(enum ggml_type type, int n, const void * x, const void * y) {
-    ggml_vec_dot_t f = mct_kernel_of(type);
-    GGML_ASSERT(f != NULL && n % QK_K == 0);
-    float s = 0.0f;
-    f(n, &s, 0, x, 0, y, 0, 1);
-    return s;
-}
-
-const char * mct_cpu_simd(void) {
-    return MCT_SIMD_NAME;
-}
+SB_CPU_TEST_ENTRY_POINTS(mct, MCT_SIMD_NAME)

@@ -90,46 +90,39 @@ static double mcn_slice_scale(const struct mcn_table * tb, const float * x, cons
     return best;
 }
 
-static void mcn_quantize_block(const struct mcn_table * tb, int bits, const float * x, const float * w, uint8_t * out) {
-    double sigma[MCN_HD_NSUB];
+uint16_t mcn_super_scales(const double sigma[MCN_HD_NSUB], uint8_t * blk, int s[MCN_HD_NSUB], double * dd) {
     double smax = 0.0;
     for (int j = 0; j < MCN_HD_NSUB; ++j) {
-        sigma[j] = mcn_slice_scale(tb, x + MCN_HD_SUB*j, w ? w + MCN_HD_SUB*j : NULL);
         smax = sigma[j] > smax ? sigma[j] : smax;
     }
     float df = (float) (smax / (double) MCN_HD_SMAX);
     df = df > 65504.0f ? 65504.0f : df;
     const uint16_t d16 = mcq_fp32_to_fp16(df);
-    const double   dd  = (double) mcq_fp16_to_fp32(d16);
-
-    memset(out, 0, (size_t) MCN_HD_BLOCK_BYTES(bits));
+    *dd = (double) mcq_fp16_to_fp32(d16);
     for (int j = 0; j < MCN_HD_NSUB; ++j) {
-        int s = 0;
-        if (dd > 0.0) {
-            const double r = nearbyint(sigma[j] / dd);
-            s = r < 0.0 ? 0 : (r > (double) MCN_HD_SMAX ? MCN_HD_SMAX : (int) r);
+        s[j] = 0;
+        if (*dd > 0.0) {
+            const double r = nearbyint(sigma[j] / *dd);
+            s[j] = r < 0.0 ? 0 : (r > (double) MCN_HD_SMAX ? MCN_HD_SMAX : (int) r);
         }
-        out[MCN_HD_OFF_SC + (j & 3)] |= (uint8_t) (s << (4*(j >> 2)));
-        for (int i = 0; i < MCN_HD_SUB; ++i) {
-            const int n = MCN_HD_SUB*j + i;
-            const int q = s ? mcn_nearest(tb, (double) x[n] / (dd*(double) s)) : 0;
-            out[MCN_HD_OFF_QS + 32*(n >> 7) + (n & 31)] |= (uint8_t) ((q & 3) << (2*((n >> 5) & 3)));
-            if (bits == 3) {
-                out[MCN_HD_OFF_QH + (n & 31)] |= (uint8_t) (((q >> 2) & 1) << (n >> 5));
-            }
-        }
+        blk[MCN_HD_OFF_SC + (j & 3)] |= (uint8_t) (s[j] << (4*(j >> 2)));
     }
-    // Unshrink: nearest rounding to a coarse table returns (weighted) cell means, a shrunk copy of the weights
-    // (sum w x q < sum w x^2, ~10% at 2 bits). Scale d so the block's error is uncorrelated with its weights:
-    // d *= sum w x^2 / sum w x q, codes unchanged (the coherent shrink costs far more downstream than its
-    // share of the squared error; docs/FORMAT.md).
+    return d16;
+}
+
+// Unshrink: nearest rounding to a coarse table (or a trellis path) returns (weighted) cell means, a shrunk copy of
+// the weights (sum w x q < sum w x^2, ~10% at 2 bits). Scaling d so the block's error is uncorrelated with its
+// weights, codes unchanged, removes that coherent shrink, which costs far more downstream than its share of the
+// squared error (docs/FORMAT.md).
+uint16_t mcn_unshrink_d(uint16_t d16, double dd, int bits, mcn_level_fn level, const float * x, const float * w,
+                        uint8_t * blk) {
     uint16_t d16u = d16;
     if (dd > 0.0) {
         double num = 0.0, den = 0.0;
         for (int n = 0; n < MCN_HD_QK; ++n) {
             const double wi = w ? (double) w[n] : 1.0;
             const double xi = (double) x[n];
-            const double qv = dd*(double) (mcn_hd_scale(out, n >> 5)*mcn_hd_level(bits, mcn_hd_code(bits, out, n)));
+            const double qv = dd*(double) (mcn_hd_scale(blk, n >> 5)*level(bits, blk, n));
             num = num + (wi*xi)*xi;
             den = den + (wi*xi)*qv;
         }
@@ -139,8 +132,33 @@ static void mcn_quantize_block(const struct mcn_table * tb, int bits, const floa
             d16u = mcq_fp32_to_fp16(du);
         }
     }
-    out[0] = (uint8_t) (d16u & 0xFF);
-    out[1] = (uint8_t) (d16u >> 8);
+    blk[0] = (uint8_t) (d16u & 0xFF);
+    blk[1] = (uint8_t) (d16u >> 8);
+    return d16u;
+}
+
+static int mcn_level_of(int bits, const uint8_t * blk, int n) {
+    return mcn_hd_level(bits, mcn_hd_code(bits, blk, n));
+}
+
+static void mcn_quantize_block(const struct mcn_table * tb, int bits, const float * x, const float * w, uint8_t * out) {
+    double sigma[MCN_HD_NSUB];
+    for (int j = 0; j < MCN_HD_NSUB; ++j) {
+        sigma[j] = mcn_slice_scale(tb, x + MCN_HD_SUB*j, w ? w + MCN_HD_SUB*j : NULL);
+    }
+    memset(out, 0, (size_t) MCN_HD_BLOCK_BYTES(bits));
+    int    sc[MCN_HD_NSUB];
+    double dd;
+    const uint16_t d16 = mcn_super_scales(sigma, out, sc, &dd);
+    for (int n = 0; n < MCN_HD_QK; ++n) {
+        const int s = sc[n / MCN_HD_SUB];
+        const int q = s ? mcn_nearest(tb, (double) x[n] / (dd*(double) s)) : 0;
+        out[MCN_HD_OFF_QS + 32*(n >> 7) + (n & 31)] |= (uint8_t) ((q & 3) << (2*((n >> 5) & 3)));
+        if (bits == 3) {
+            out[MCN_HD_OFF_QH + (n & 31)] |= (uint8_t) (((q >> 2) & 1) << (n >> 5));
+        }
+    }
+    mcn_unshrink_d(d16, dd, bits, mcn_level_of, x, w, out);
 }
 
 void mcn_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k, const float * w) {
@@ -178,15 +196,10 @@ static void mcn_dequantize_row(int bits, const void * vx, float * y, int64_t k) 
 void dequantize_row_mcn2(const void * vx, float * y, int64_t k) { mcn_dequantize_row(2, vx, y, k); }
 void dequantize_row_mcn3(const void * vx, float * y, int64_t k) { mcn_dequantize_row(3, vx, y, k); }
 
-bool mcn_validate_row_data(enum ggml_type type, const void * data, size_t nbytes) {
-    const int bits = mcn_type_bits(type);
-    if (bits == 0) {
-        return false;
-    }
-    const size_t bb = (size_t) MCN_HD_BLOCK_BYTES(bits);
+bool mcn_validate_d16(enum ggml_type type, const void * data, size_t nbytes, size_t block_bytes) {
     const uint8_t * p = (const uint8_t *) data;
-    for (size_t ib = 0; ib < nbytes / bb; ++ib) {
-        const uint16_t h = mcq_hd_le16(p + ib*bb);
+    for (size_t ib = 0; ib < nbytes / block_bytes; ++ib) {
+        const uint16_t h = mcq_hd_le16(p + ib*block_bytes);
         if ((h & 0x7C00) == 0x7C00) {
             fprintf(stderr, "ggml_validate_row_data: found %s scale d in block %zu of %s data\n",
                     (h & 0x03FF) ? "nan" : "inf", ib, ggml_type_name(type));
@@ -194,6 +207,11 @@ bool mcn_validate_row_data(enum ggml_type type, const void * data, size_t nbytes
         }
     }
     return true;
+}
+
+bool mcn_validate_row_data(enum ggml_type type, const void * data, size_t nbytes) {
+    const int bits = mcn_type_bits(type);
+    return bits != 0 && mcn_validate_d16(type, data, nbytes, (size_t) MCN_HD_BLOCK_BYTES(bits));
 }
 
 const char * mcn_info(void) {

@@ -45,6 +45,23 @@ MCN_API size_t mcn_quantize(enum ggml_type type, const float * src, void * dst, 
 // ggml_validate_row_data: d a finite fp16
 MCN_API bool mcn_validate_row_data(enum ggml_type type, const void * data, size_t nbytes);
 
+// ---- shared by the super-block types (mcn here, mct in mct.c): bytes 0-5 of a block and the last quantizer step
+
+// formats.super_scales: d = fp16(min(max_j sigma_j / 15, 65504)), s_j = clamp(rint(sigma_j / d), 0, 15) (0 where
+// d = 0). Writes the scale nibbles into blk (bytes 2-5, which must be zero), the s_j into s; returns d's fp16 bits
+// and its value in *dd.
+uint16_t mcn_super_scales(const double sigma[MCN_HD_NSUB], uint8_t * blk, int s[MCN_HD_NSUB], double * dd);
+
+// formats.unshrink_d: d16 (value dd) times sum w x^2 / sum w x (dd s_j L_n) over the block, as fp16 (d16 itself where
+// either sum is not positive or dd = 0); L_n = level(bits, blk, n), the weight's integer level from the block's
+// codes, s_j its slice scale; w NULL: uniform. Also writes the result into the block's bytes 0-1.
+typedef int (*mcn_level_fn)(int bits, const uint8_t * blk, int n);
+uint16_t mcn_unshrink_d(uint16_t d16, double dd, int bits, mcn_level_fn level, const float * x, const float * w,
+                        uint8_t * blk);
+
+// ggml_validate_row_data for a type whose blocks (block_bytes each) start with an fp16 d that must be finite
+bool mcn_validate_d16(enum ggml_type type, const void * data, size_t nbytes, size_t block_bytes);
+
 // "mcmoe-mcn abi=1 ..." so Python can check that the library it loaded has these types
 MCN_API const char * mcn_info(void);
 

@@ -5,11 +5,10 @@
 // -ffast-math); sums run over a slice's or block's weights one by one. Ties of the Viterbi minima go to the lowest
 // predecessor / state (strict '<'), as torch's min / argmin return the first minimum.
 #include "mct.h"
-#include "mcq.h" // mcq_fp32_to_fp16 / mcq_fp16_to_fp32
+#include "mcn.h" // the super-block steps shared with mcn: super scales, unshrink, validation
 
 #include <assert.h>
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -140,11 +139,14 @@ bool mct_tail_biting(int bits, const double * x, const double * step, const doub
     return true;
 }
 
+static int mct_level_of(int k, const uint8_t * blk, int n) {
+    return mct_hd_level(k, blk, n);
+}
+
 // one block of 256 weights (trellis.mct_fit, mct_codes, mct_unshrink, mct_pack)
 static void mct_quantize_block(struct mct_work * wk, int k, const float * x, const float * imp, uint8_t * out) {
     // steps: each slice's weighted RMS / MCT_SIGMA (the unweighted one where its importance sums to 0)
     double sigma[MCN_HD_NSUB];
-    double smax = 0.0;
     for (int j = 0; j < MCN_HD_NSUB; ++j) {
         double num = 0.0, den = 0.0, sq = 0.0;
         for (int i = 0; i < MCT_HD_SUB; ++i) {
@@ -156,24 +158,11 @@ static void mct_quantize_block(struct mct_work * wk, int k, const float * x, con
         }
         const double ms = den > 0.0 ? num / den : sq / (double) MCT_HD_SUB;
         sigma[j] = sqrt(ms) / MCT_SIGMA;
-        smax = sigma[j] > smax ? sigma[j] : smax;
     }
-    // formats.super_scales
-    float df = (float) (smax / (double) MCN_HD_SMAX);
-    df = df < 65504.0f ? df : 65504.0f;
-    const uint16_t d16 = mcq_fp32_to_fp16(df);
-    const double   dd  = (double) mcq_fp16_to_fp32(d16);
-    int sc[MCN_HD_NSUB];
     memset(out, 0, (size_t) MCT_HD_BLOCK_BYTES(k));
-    for (int j = 0; j < MCN_HD_NSUB; ++j) {
-        int s = 0;
-        if (dd > 0.0) {
-            const double r = nearbyint(sigma[j] / dd);
-            s = r < 0.0 ? 0 : (r > (double) MCN_HD_SMAX ? MCN_HD_SMAX : (int) r);
-        }
-        sc[j] = s;
-        out[MCN_HD_OFF_SC + (j & 3)] |= (uint8_t) (s << (4*(j >> 2)));
-    }
+    int    sc[MCN_HD_NSUB];
+    double dd;
+    const uint16_t d16 = mcn_super_scales(sigma, out, sc, &dd);
     // codes: a tail-biting path per 64-sequence, on the steps d * s_j, costs weighted by the importance
     double xd[MCT_HD_QK], st[MCT_HD_QK], wd[MCT_HD_QK];
     for (int n = 0; n < MCT_HD_QK; ++n) {
@@ -193,24 +182,7 @@ static void mct_quantize_block(struct mct_work * wk, int k, const float * x, con
             seq[p >> 3] |= (uint8_t) (((q[n] >> b) & 1) << (p & 7));
         }
     }
-    // formats.unshrink_d: d *= sum w x^2 / sum w x (d s_j V), codes unchanged
-    uint16_t d16u = d16;
-    if (dd > 0.0) {
-        double num = 0.0, den = 0.0;
-        for (int n = 0; n < MCT_HD_QK; ++n) {
-            const double wx = wd[n]*xd[n];
-            const double qv = dd*(double) (sc[n / MCT_HD_SUB]*mct_hd_level(k, out, n));
-            num = num + wx*xd[n];
-            den = den + wx*qv;
-        }
-        if (num > 0.0 && den > 0.0) {
-            float du = (float) (dd*(num / den));
-            du = du < 65504.0f ? du : 65504.0f;
-            d16u = mcq_fp32_to_fp16(du);
-        }
-    }
-    out[0] = (uint8_t) (d16u & 0xFF);
-    out[1] = (uint8_t) (d16u >> 8);
+    mcn_unshrink_d(d16, dd, k, mct_level_of, x, imp, out);   // formats.unshrink_d, codes unchanged
 }
 
 void mct_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k, const float * w) {
@@ -253,20 +225,7 @@ void dequantize_row_mct3(const void * vx, float * y, int64_t k) { mct_dequantize
 
 bool mct_validate_row_data(enum ggml_type type, const void * data, size_t nbytes) {
     const int k = mct_type_bits(type);
-    if (k == 0) {
-        return false;
-    }
-    const size_t bb = (size_t) MCT_HD_BLOCK_BYTES(k);
-    const uint8_t * p = (const uint8_t *) data;
-    for (size_t ib = 0; ib < nbytes / bb; ++ib) {
-        const uint16_t h = mcq_hd_le16(p + ib*bb);
-        if ((h & 0x7C00) == 0x7C00) {
-            fprintf(stderr, "ggml_validate_row_data: found %s scale d in block %zu of %s data\n",
-                    (h & 0x03FF) ? "nan" : "inf", ib, ggml_type_name(type));
-            return false;
-        }
-    }
-    return true;
+    return k != 0 && mcn_validate_d16(type, data, nbytes, (size_t) MCT_HD_BLOCK_BYTES(k));
 }
 
 const char * mct_info(void) {
