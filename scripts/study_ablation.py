@@ -18,7 +18,8 @@ Axes (each row changes one thing against its neighbour):
                             that rotates the activations computes. Also for ggml's own types (imatrix rounding).
   block-scale sizes         "mcn2/b16", "mcn2/b64": mcn2 with its 4-bit scale per 16 / 64 weights instead of 32
                             (2.3125 / 2.125 bpw), the same quantizer otherwise
-Formats: "<type>[/b<S>] [gptq|rtn|gptq-unshrink][+rot]"; types: vqKsS (scripts/study_vq.py), mcn2, mcn3, tern
+Formats: "<type>[/b<S>] [gptq|rtn|gptq-unshrink][+rot]"; types: vqKsS (scripts/study_vq.py), mcn2, mcn3, mct1-3
+(the trellis types, scripts/study_trellis.py: "rtn" is the reference quantizer's Viterbi under the importance), tern
 (mcn's machinery with the table (-1, 0, 1): 5 trits a byte would make 1.6 + 4/S + 1/16 bpw), mcq1-3
 (scripts/study_mcn.py), llama.cpp's iq1_s, iq1_m, iq2_xxs, iq2_xs, q2_k, iq3_xxs (ggml's quantizer, importance
 from the routed tokens). The block-size and tern variants exist only here, in torch (no kernels, no file format):
@@ -40,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import study_mcn  # noqa: E402
+import study_trellis  # noqa: E402
 import study_vq  # noqa: E402
 from mcmoe_gguf.quant import formats as F  # noqa: E402
 from mcmoe_gguf.quant.gptq import GPTQ  # noqa: E402
@@ -67,6 +69,8 @@ def bpw(name: str) -> float:
         return 1.6 + 4 / sub + 16 / F.MCN_BLOCK
     if kind.startswith("mcn"):
         return F.mcn_spec(kind).bits + 4 / sub + 16 / F.MCN_BLOCK
+    if kind.startswith("mct"):
+        return study_trellis.bpw(kind)
     return study_vq.bpw(kind)          # vqKsS, mcq, and llama.cpp's types (study_vq / study_mcn tables)
 
 
@@ -120,6 +124,8 @@ def quantize(W: torch.Tensor, X: torch.Tensor, fmt: str) -> torch.Tensor:
         return quantize_table(W, X, kind, sub, how or "gptq")
     if study_vq.parse(name):
         return study_vq.quantize(W, X, fmt)
+    if name.startswith("mct"):
+        return study_trellis.quantize(W, X, fmt)
     return study_mcn.quantize(W, X, fmt)
 
 

@@ -99,3 +99,17 @@ def test_bits_per_weight():
     assert sa.bpw("mcn2/b16") == 2.3125 and sa.bpw("mcn2/b64+rot") == 2.125
     assert sa.bpw("tern") == pytest.approx(1.7875)
     assert sa.bpw("iq2_xxs+rot") == 2.0625 and sa.bpw("vq12s32") == 1.6875
+
+
+def test_mct_rows_are_the_shipped_trellis_quantizers():
+    """"mct2 gptq" is PMQ's BlockLDLQ into the trellis, "mct2 rtn" the reference quantizer (through the C library
+    here) under the importance diag(H): its bytes are trellis.mct_quantize's, the Python twin."""
+    from mcmoe_gguf.quant import trellis as T
+    W, X = data(out=4)
+    g = GPTQ(W.shape[1])
+    g.add_batch(X)
+    assert sa.bpw("mct2") == 2.1875 and sa.bpw("mct1") == 1.1875
+    assert torch.equal(sa.quantize(W, X, "mct2 gptq"), g.quantize_mct(W, 2).dequantized)
+    imp = torch.diag(g.H).float().numpy()
+    ref = T.mct_dequantize(T.mct_quantize(W.numpy(), 2, imp), 2, W.shape[1])
+    assert np.array_equal(sa.quantize(W, X, "mct2 rtn").numpy(), ref)
