@@ -15,10 +15,10 @@
 #include "ggml-common.h"
 
 #include "mcn-cpu.h"
-#include "superblock-cpu.h"
 
 #include "ggml-cpu-impl.h"
 #include "simd-mappings.h"
+#include "superblock-cpu.h"
 
 #include <assert.h>
 #include <math.h>
@@ -88,28 +88,6 @@ SB_CPU_VEC_DOT(mcn, 3, _generic, mcn_vec_dot_generic_impl)
 
 #if defined(MCN_CPU_AVX2)
 
-static inline uint16_t mcn_ld16(const uint8_t * p) {
-    uint16_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline uint32_t mcn_ld32(const uint8_t * p) {
-    uint32_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-// fp32(d) of a block: one instruction with F16C (GGML_CPU_FP16_TO_FP32 is a table lookup on x86), else the
-// shared software conversion (both exact)
-static inline float mcn_block_d(const uint8_t * blk) {
-#if defined(__F16C__)
-    return GGML_CPU_COMPUTE_FP16_TO_FP32(mcn_ld16(blk));
-#else
-    return mcn_hd_block_d(blk);
-#endif
-}
-
 // A pshufb table (16 bytes) of the offset levels U = T - T[0], from the one definition of T in mcn-common.h,
 // and the offset -T[0]. sel 0: U[i mod 2^bits]; sel 1 (mcn2): U[(i >> 2) & 3]. An index byte holding two
 // 2-bit codes in bits 0-3 gives the level of the low one with table 0, of the high one with table 1.
@@ -139,7 +117,7 @@ static MCN_FORCE_INLINE void mcn_prefetch(const uint8_t * b0, const size_t k, co
 // dword k (0..7) = s_k in both of its int16 halves. The 32-bit scale word holds s_k at bit 8k (k < 4) or
 // 8(k-4) + 4: cnt = those offsets.
 static MCN_FORCE_INLINE __m256i mcn_scales_dup(const uint8_t * blk, const __m256i cnt) {
-    const __m256i w = _mm256_set1_epi32((int) mcn_ld32(blk + MCN_HD_OFF_SC));
+    const __m256i w = _mm256_set1_epi32((int) sb_ld32(blk + MCN_HD_OFF_SC));
     const __m256i t = _mm256_and_si256(_mm256_srlv_epi32(w, cnt), _mm256_set1_epi32(15));
     return _mm256_or_si256(t, _mm256_slli_epi32(t, 16));
 }
@@ -168,11 +146,11 @@ static MCN_FORCE_INLINE __m128i mcn_isum2(const __m256i a, const __m256i b) {
 static MCN_FORCE_INLINE __m128 mcn_dd4(const uint8_t * b0, const size_t bb, const block_q8_K * y) {
     const __m128 dy = _mm_setr_ps(y[0].d, y[1].d, y[2].d, y[3].d);
 #if defined(__F16C__)
-    const __m128i h = _mm_setr_epi16((short) mcn_ld16(b0), (short) mcn_ld16(b0 + bb), (short) mcn_ld16(b0 + 2*bb),
-                                     (short) mcn_ld16(b0 + 3*bb), 0, 0, 0, 0);
+    const __m128i h = _mm_setr_epi16((short) sb_ld16(b0), (short) sb_ld16(b0 + bb), (short) sb_ld16(b0 + 2*bb),
+                                     (short) sb_ld16(b0 + 3*bb), 0, 0, 0, 0);
     return _mm_mul_ps(_mm_cvtph_ps(h), dy);
 #else
-    return _mm_mul_ps(_mm_setr_ps(mcn_block_d(b0), mcn_block_d(b0 + bb), mcn_block_d(b0 + 2*bb), mcn_block_d(b0 + 3*bb)), dy);
+    return _mm_mul_ps(_mm_setr_ps(sb_block_d(b0), sb_block_d(b0 + bb), sb_block_d(b0 + 2*bb), sb_block_d(b0 + 3*bb)), dy);
 #endif
 }
 
@@ -416,7 +394,7 @@ static MCN_FORCE_INLINE void mcn_vec_dot_simd_impl(const int bits, const int n, 
         const uint8_t * b0 = x + ib*bb;
         const __m256i i0 = MCN_BLOCK(b0,      y + ib);
         const __m256i i1 = MCN_BLOCK(b0 + bb, y + ib + 1);
-        const __m128  dd = _mm_setr_ps(mcn_block_d(b0) * y[ib].d, mcn_block_d(b0 + bb) * y[ib + 1].d, 0.0f, 0.0f);
+        const __m128  dd = _mm_setr_ps(sb_block_d(b0) * y[ib].d, sb_block_d(b0 + bb) * y[ib + 1].d, 0.0f, 0.0f);
         acc = mcn_madd128(dd, _mm_cvtepi32_ps(mcn_isum2(i0, i1)), acc);
         ib += 2;
     }
@@ -424,7 +402,7 @@ static MCN_FORCE_INLINE void mcn_vec_dot_simd_impl(const int bits, const int n, 
     float sumf = _mm_cvtss_f32(acc) + _mm_cvtss_f32(_mm_shuffle_ps(acc, acc, 1));
     if (ib < nb) {
         const uint8_t * b0 = x + ib*bb;
-        sumf += (mcn_block_d(b0) * y[ib].d) * (float) mcn_isum1(MCN_BLOCK(b0, y + ib));
+        sumf += (sb_block_d(b0) * y[ib].d) * (float) mcn_isum1(MCN_BLOCK(b0, y + ib));
     }
 #undef MCN_BLOCK
     *s = sumf;
@@ -475,7 +453,7 @@ static MCN_FORCE_INLINE void mcn_gemm_tile_avx512(const int bits, const int n, c
                 for (int q = 0; q < 4; ++q) {
                     U[q][r] = u[q];
                 }
-                dv[r] = mcn_block_d(blk);
+                dv[r] = sb_block_d(blk);
                 for (int j = 0; j < MCN_HD_NSUB; ++j) {
                     sc[j][r] = mcn_hd_scale(blk, j);
                 }
@@ -498,7 +476,7 @@ static MCN_FORCE_INLINE void mcn_gemm_tile_avx512(const int bits, const int n, c
             }
             for (int g = 0; g < 8; ++g) {               // dword g of every sub-block: 8 independent chains
                 for (int j = 0; j < MCN_HD_NSUB; ++j) {
-                    a[j] = _mm512_dpbusd_epi32(a[j], W[8*j + g], _mm512_set1_epi32((int) mcn_ld32((const uint8_t *) yb->qs + 32*j + 4*g)));
+                    a[j] = _mm512_dpbusd_epi32(a[j], W[8*j + g], _mm512_set1_epi32((int) sb_ld32((const uint8_t *) yb->qs + 32*j + 4*g)));
                 }
             }
             __m512i isum = _mm512_setzero_si512();

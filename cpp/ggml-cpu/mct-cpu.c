@@ -10,17 +10,19 @@
 // shuffle per group of weights gathers every lane's three window bytes from the sequence's 8k bytes (one 16-byte
 // source, two for k = 3), a per-lane shift and a 12-bit mask give the state, one multiply-add and a mask the four
 // 6-bit fields whose byte sum is V + 126. maddubs multiplies those bytes by the lane's activation repeated four
-// times (u8 x s8, pairs summed: |.| <= 2 * 63 * 128 < 2^15, no saturation) and madd by the slice scale (<= 15)
-// sums into int32 (each lane < 32 * 2 * 16128 * 15 < 2^31). The +126 offset leaves as 126 * sum_j s_j * (bsums of
-// slice j). The block's integer sum is exact, and it is scaled and added exactly as the reference does, so every
+// times (u8 x s8, pairs summed: |.| <= 2 * 63 * 128 < 2^15, no saturation), two groups of a slice are added in int16
+// (<= 32256) and madd by the slice scale (<= 15) sums into int32 lanes (each < 8 * 2 * 32256 * 15 < 2^31). The +126
+// offset leaves as 126 * sum_j s_j * (bsums of slice j), one madd per block against the Q8_K bsums, subtracted in
+// the lanes. The block's integer sum is exact, and it is scaled and added exactly as the reference does, so every
 // path returns the reference's float bit for bit.
 #define GGML_COMMON_DECL_C
 #include "ggml-common.h"
 
 #include "mct-cpu.h"
-#include "superblock-cpu.h"
 
 #include "ggml-cpu-impl.h"
+#include "simd-mappings.h"
+#include "superblock-cpu.h"
 
 #include <assert.h>
 #include <string.h>
@@ -111,23 +113,27 @@ static const struct mct_cpu_tab * mct_cpu_tab(int k) {
     return &tabs[k - 1];
 }
 
-static inline uint32_t mct_ld32(const uint8_t * p) {
-    uint32_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
+// The block's eight slice scales, each twice, as 16 int16 times 126: [126 s0, 126 s0, 126 s1, ..., 126 s7] (Q8_K
+// keeps one bsum per 16 activations, two per slice), so one madd with the bsums gives the +126 offset that the
+// kernels' V + 126 adds to the block's sum, per slice (|.| <= 2 * 2048 * 1890 < 2^31).
+static inline __m256i mct_offset_weights(uint32_t sc) {
+    const uint64_t lo = sc & 0x0F0F0F0Fu;                  // s0..s3 (low nibbles of bytes 2-5)
+    const uint64_t hi = (sc >> 4) & 0x0F0F0F0Fu;           // s4..s7
+    const __m128i  s8 = _mm_cvtsi64_si128((long long) (lo | (hi << 32)));
+    return _mm256_mullo_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(s8, s8)), _mm256_set1_epi16(126));
 }
 
-// 126 * sum_j s_j * (bsums[2j] + bsums[2j+1]): the offset the kernels' V + 126 adds to the block's sum
-static inline int mct_offset(const uint8_t * blk, const block_q8_K * yb) {
-    int off = 0;
-    for (int j = 0; j < 8; ++j) {
-        off += mcn_hd_scale(blk, j)*((int) yb->bsums[2*j] + (int) yb->bsums[2*j + 1]);
-    }
-    return 126*off;
+// 126 * s_j * (bsums[2j] + bsums[2j+1]) for j = 0..7, as 8 int32
+static inline __m256i mct_offset8(uint32_t sc, const block_q8_K * yb) {
+    return _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *) yb->bsums), mct_offset_weights(sc));
 }
+
+// Per slice the level bytes of its weights are multiplied by their activations (maddubs: u8 x s8, byte pairs summed
+// into int16, |.| <= 2 * 63 * 128 = 16128) and two such products added in int16 (|.| <= 32256, no overflow), then
+// multiplied by the slice scale into int32 (madd): one madd per two groups of weights.
 
 #if defined(MCT_CPU_AVX512)
-// 16 weights per register: groups g = 0..3 of a 64-sequence, each within one 32-slice
+// 16 weights per register: groups g = 0..3 of a 64-sequence, g = 0, 1 in slice 2r and g = 2, 3 in slice 2r + 1
 static MCT_FORCE_INLINE int mct_block_isum_simd(const int k, const uint8_t * blk, const block_q8_K * yb,
                                                  const struct mct_cpu_tab * tb) {
     const __m512i mask12 = _mm512_set1_epi32(0xFFF);
@@ -137,32 +143,37 @@ static MCT_FORCE_INLINE int mct_block_isum_simd(const int k, const uint8_t * blk
     const __m512i rep    = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
                                             0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
                                             0x03030303, 0x02020202, 0x01010101, 0x00000000);
-    const uint32_t sc = mct_ld32(blk + MCN_HD_OFF_SC);
-    __m512i acc = _mm512_setzero_si512();
+    const uint32_t sc = sb_ld32(blk + MCN_HD_OFF_SC);
+    // the offset enters the lanes first, so the block needs one reduction
+    __m512i acc = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_zextsi256_si512(mct_offset8(sc, yb)));
     for (int r = 0; r < 4; ++r) {
         const uint8_t * seq = blk + MCT_HD_OFF_QS + 8*k*r;
         const __m512i src_lo = _mm512_broadcast_i32x4(k == 1 ? _mm_loadl_epi64((const __m128i *) seq)
                                                              : _mm_loadu_si128((const __m128i *) seq));
         const __m512i src_hi = k == 3 ? _mm512_broadcast_i32x4(_mm_loadl_epi64((const __m128i *) (seq + 16))) : src_lo;
-        for (int g = 0; g < 4; ++g) {
-            const int n0 = 64*r + 16*g;
-            const int j  = n0 >> 5;
-            __m512i w = _mm512_shuffle_epi8(src_lo, _mm512_loadu_si512((const void *) (tb->lo + 64*g)));
-            if (k == 3) {
-                w = _mm512_or_si512(w, _mm512_shuffle_epi8(src_hi, _mm512_loadu_si512((const void *) (tb->hi + 64*g))));
+        for (int half = 0; half < 2; ++half) {
+            const int j = 2*r + half;
+            __m512i p = _mm512_setzero_si512();
+            for (int g = 2*half; g < 2*half + 2; ++g) {
+                const int n0 = 64*r + 16*g;
+                __m512i w = _mm512_shuffle_epi8(src_lo, _mm512_loadu_si512((const void *) (tb->lo + 64*g)));
+                if (k == 3) {
+                    w = _mm512_or_si512(w, _mm512_shuffle_epi8(src_hi, _mm512_loadu_si512((const void *) (tb->hi + 64*g))));
+                }
+                const __m512i st = _mm512_and_si512(_mm512_srlv_epi32(w, _mm512_loadu_si512((const void *) (tb->shift + 16*g))), mask12);
+                const __m512i h  = _mm512_and_si512(_mm512_add_epi32(_mm512_mullo_epi32(st, mul), add), m6);
+                const __m512i q  = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *) (yb->qs + n0))), rep);
+                p = _mm512_add_epi16(p, _mm512_maddubs_epi16(h, q));
             }
-            const __m512i st = _mm512_and_si512(_mm512_srlv_epi32(w, _mm512_loadu_si512((const void *) (tb->shift + 16*g))), mask12);
-            const __m512i h  = _mm512_and_si512(_mm512_add_epi32(_mm512_mullo_epi32(st, mul), add), m6);
-            const __m512i q  = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *) (yb->qs + n0))), rep);
             const __m512i sj = _mm512_set1_epi16((short) ((sc >> (8*(j & 3) + 4*(j >> 2))) & 15));
-            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(h, q), sj));
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(p, sj));
         }
     }
-    return _mm512_reduce_add_epi32(acc) - mct_offset(blk, yb);
+    return _mm512_reduce_add_epi32(acc);
 }
 #    define MCT_SIMD_NAME "avx512"
 #else
-// 8 weights per register: groups g = 0..7 of a 64-sequence
+// 8 weights per register: groups g = 0..7 of a 64-sequence (4 per slice), added in int16 two at a time
 static MCT_FORCE_INLINE int mct_block_isum_simd(const int k, const uint8_t * blk, const block_q8_K * yb,
                                                  const struct mct_cpu_tab * tb) {
     const __m256i mask12 = _mm256_set1_epi32(0xFFF);
@@ -171,31 +182,35 @@ static MCT_FORCE_INLINE int mct_block_isum_simd(const int k, const uint8_t * blk
     const __m256i m6     = _mm256_set1_epi32(0x3F3F3F3F);
     const __m256i rep    = _mm256_set_epi32(0x07070707, 0x06060606, 0x05050505, 0x04040404,
                                             0x03030303, 0x02020202, 0x01010101, 0x00000000);
-    const uint32_t sc = mct_ld32(blk + MCN_HD_OFF_SC);
-    __m256i acc = _mm256_setzero_si256();
+    const uint32_t sc = sb_ld32(blk + MCN_HD_OFF_SC);
+    __m256i acc = _mm256_sub_epi32(_mm256_setzero_si256(), mct_offset8(sc, yb));
     for (int r = 0; r < 4; ++r) {
         const uint8_t * seq = blk + MCT_HD_OFF_QS + 8*k*r;
         const __m256i src_lo = _mm256_broadcastsi128_si256(k == 1 ? _mm_loadl_epi64((const __m128i *) seq)
                                                                   : _mm_loadu_si128((const __m128i *) seq));
         const __m256i src_hi = k == 3 ? _mm256_broadcastsi128_si256(_mm_loadl_epi64((const __m128i *) (seq + 16))) : src_lo;
-        for (int g = 0; g < 8; ++g) {
-            const int n0 = 64*r + 8*g;
-            const int j  = n0 >> 5;
-            __m256i w = _mm256_shuffle_epi8(src_lo, _mm256_loadu_si256((const __m256i *) (tb->lo + 32*g)));
-            if (k == 3) {
-                w = _mm256_or_si256(w, _mm256_shuffle_epi8(src_hi, _mm256_loadu_si256((const __m256i *) (tb->hi + 32*g))));
+        for (int pair = 0; pair < 4; ++pair) {
+            const int j = 2*r + (pair >> 1);
+            __m256i p = _mm256_setzero_si256();
+            for (int g = 2*pair; g < 2*pair + 2; ++g) {
+                const int n0 = 64*r + 8*g;
+                __m256i w = _mm256_shuffle_epi8(src_lo, _mm256_loadu_si256((const __m256i *) (tb->lo + 32*g)));
+                if (k == 3) {
+                    w = _mm256_or_si256(w, _mm256_shuffle_epi8(src_hi, _mm256_loadu_si256((const __m256i *) (tb->hi + 32*g))));
+                }
+                const __m256i st = _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_loadu_si256((const __m256i *) (tb->shift + 8*g))), mask12);
+                const __m256i h  = _mm256_and_si256(_mm256_add_epi32(_mm256_mullo_epi32(st, mul), add), m6);
+                const __m256i q  = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadl_epi64((const __m128i *) (yb->qs + n0))), rep);
+                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(h, q));
             }
-            const __m256i st = _mm256_and_si256(_mm256_srlv_epi32(w, _mm256_loadu_si256((const __m256i *) (tb->shift + 8*g))), mask12);
-            const __m256i h  = _mm256_and_si256(_mm256_add_epi32(_mm256_mullo_epi32(st, mul), add), m6);
-            const __m256i q  = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadl_epi64((const __m128i *) (yb->qs + n0))), rep);
             const __m256i sj = _mm256_set1_epi16((short) ((sc >> (8*(j & 3) + 4*(j >> 2))) & 15));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(h, q), sj));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sj));
         }
     }
     __m128i t = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
     t = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 1));
-    return _mm_cvtsi128_si32(t) - mct_offset(blk, yb);
+    return _mm_cvtsi128_si32(t);
 }
 #    define MCT_SIMD_NAME "avx2"
 #endif
@@ -218,7 +233,7 @@ static MCT_FORCE_INLINE void mct_vec_dot_simd(const int k, int n, float * GGML_R
         // loads (a quarter of the samples, perf annotate), so the lines MCT_PREFETCH bytes ahead are requested here
         _mm_prefetch((const char *) blk + MCT_PREFETCH, _MM_HINT_T0);
         _mm_prefetch((const char *) blk + MCT_PREFETCH + 64, _MM_HINT_T0);
-        sumf += (mcn_hd_block_d(blk) * y[ib].d) * (float) mct_block_isum_simd(k, blk, y + ib, tb);
+        sumf += (sb_block_d(blk) * y[ib].d) * (float) mct_block_isum_simd(k, blk, y + ib, tb);
     }
     *s = sumf;
 }

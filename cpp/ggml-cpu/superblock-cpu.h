@@ -5,6 +5,30 @@
 
 #include <assert.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline uint16_t sb_ld16(const uint8_t * p) {
+    uint16_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline uint32_t sb_ld32(const uint8_t * p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+// fp32(d) of a block (its first two bytes): one instruction with F16C (GGML_CPU_FP16_TO_FP32 is a table lookup on
+// x86), else the shared software conversion of mcn-common.h (both exact)
+static inline float sb_block_d(const uint8_t * blk) {
+#if defined(__F16C__)
+    return GGML_CPU_COMPUTE_FP16_TO_FP32(sb_ld16(blk));
+#else
+    return mcn_hd_block_d(blk);
+#endif
+}
 
 // void ggml_vec_dot_<fam><k>_q8_K<suffix>(ggml's vec_dot signature): one row (nrc = 1) by impl(k, n, s, vx, vy).
 // suffix: _generic for the scalar reference, empty for the kernel of type_traits_cpu.
