@@ -1,9 +1,7 @@
 """The mct1 / mct2 / mct3 ggml types (issue 14: tail-biting trellis per 64 weights, 4-bit scales per 32, fp16 per
 256) against trellis.py, their bit-exact Python twin (what they share with the mcn types: test_superblock_types.py):
 
-- C quantize (ggml_quantize_chunk with and without an imatrix, from_float_ref) == trellis.mct_quantize byte for
-  byte, on Gaussian, heavy-tailed and degenerate rows (all zero, constant, one huge outlier, tiny values), and the
-  C dequantize of those bytes == trellis.mct_dequantize bit for bit;
+- C quantize == trellis.mct_quantize byte for byte (test_superblock_types.py), and a constant block keeps its sign;
 - the C Viterbi GPTQ calls (mct_tail_biting) == trellis.tail_biting in float64, ties included; bad arguments are
   refused.
 """
@@ -17,7 +15,7 @@ import torch
 
 from mcmoe_gguf.quant import formats as F
 from mcmoe_gguf.quant import trellis as TR
-from ggml_harness import FROM_FLOAT, Ggml
+from ggml_harness import Ggml
 from superblock_family import MCT, rows_of
 
 NAMES = MCT.names()
@@ -35,32 +33,11 @@ def ggml():
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("kind", ["gaussian", "heavy", "edge"])
-@pytest.mark.parametrize("with_imatrix", [False, True])
-def test_c_quantize_equals_trellis(ggml, name, kind, with_imatrix):
-    n = 512
-    w = rows_of(kind, 6, n, seed=len(kind) + BITS[name])
-    imp = None
-    if with_imatrix:
-        imp = (np.random.default_rng(3).gamma(0.5, 1.0, n)).astype(np.float32)
-        imp[:40] = 0.0                                  # dead inputs: a slice whose importance sums to 0
-    got = MCT.c_quantize(ggml, name, w, imp)
-    want = TR.mct_quantize(w, BITS[name], imp)
-    if not np.array_equal(got, want):
-        bb = F.MCT_TYPES[name].block_bytes
-        i = int(np.flatnonzero(got.reshape(-1) != want.reshape(-1))[0])
-        pytest.fail(f"{int((got != want).sum())} bytes differ, first in block {i // bb} byte {i % bb}")
-    if not with_imatrix:   # the type's from_float_ref is the same quantizer without importance
-        ref = np.zeros_like(got)
-        FROM_FLOAT(ggml.traits(TID[name]).from_float_ref)(np.ascontiguousarray(w).ctypes.data, ref.ctypes.data, w.size)
-        assert np.array_equal(ref, got)
-    deq = MCT.c_dequantize(ggml, name, got, n)
-    assert np.array_equal(deq.view(np.uint32), TR.mct_dequantize(got, BITS[name], n).view(np.uint32))
-    if kind == "edge":
-        assert not deq[1, :256].any()                   # an all-zero block: d = 0
-        assert deq[0, 300] == deq[0].max()              # the outlier stays its row's largest value
-        if imp is None:                                 # a constant block keeps its sign on average
-            assert deq[2, :256].mean() < -0.5
+def test_constant_block_keeps_its_sign(ggml, name):
+    """A constant block (rows_of("edge") row 2) comes back negative on average: the trellis has no constant path,
+    so this is what the Viterbi can do."""
+    deq = MCT.quantize_checked(ggml, name, rows_of("edge", 6, 512, seed=4 + BITS[name]), None)
+    assert deq[2, :256].mean() < -0.5
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])

@@ -2,6 +2,8 @@
 parametrized over the types (tests/support/superblock_family.py says how each family's levels come out of its bytes):
 
 - the type table: ids, names, block sizes as formats.py documents them, learnt by base/ggml.py;
+- the C reference quantizer (ggml_quantize_chunk with and without an imatrix, from_float_ref) writes the Python
+  twin's bytes on Gaussian, heavy-tailed and degenerate rows, and its dequantization is the twin's bit for bit;
 - validation refuses an inf / NaN super-scale;
 - CPU vec_dot: each CPU variant runs the SIMD kernel its instruction set allows; that kernel and the scalar
   reference equal the float64 value of the same integer sums (the kernel bit for bit where it adds in the
@@ -50,6 +52,23 @@ def test_type_table(ggml, fam):
         assert t.blck_size == QK_K and t.type_size == spec.block_bytes
         assert spec.bpw == spec.block_bytes * 8 / QK_K
         assert base_ggml.Ggml().type_id(name) == spec.type_id     # base/ggml.py learns the ids from <prefix>_info
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("kind", ["gaussian", "heavy", "edge"])
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_c_quantize_equals_the_python_twin(ggml, name, kind, with_imatrix):
+    family = family_of(name)
+    n = 512
+    w = rows_of(kind, 6, n, seed=len(kind) + family.specs[name].bits)
+    imp = None
+    if with_imatrix:
+        imp = (np.random.default_rng(3).gamma(0.5, 1.0, n)).astype(np.float32)
+        imp[:40] = 0.0                                  # dead inputs: a slice whose importance sums to 0
+    deq = family.quantize_checked(ggml, name, w, imp)
+    if kind == "edge":
+        assert not deq[1, :256].any()                   # an all-zero block: d = 0
+        assert deq[0, 300] == deq[0].max()              # the outlier stays its row's largest value
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)

@@ -14,7 +14,7 @@ import pytest
 
 from mcmoe_gguf.quant import formats as F
 from mcmoe_gguf.quant import trellis as TR
-from ggml_harness import QK_K, TO_FLOAT, Ggml
+from ggml_harness import FROM_FLOAT, QK_K, TO_FLOAT, Ggml
 from test_ggml_types import parse_q8_K
 
 
@@ -48,6 +48,7 @@ class Family:
     pack: Callable                                  # (codes, d, s, bits) -> blob
     unpack: Callable                                # (blob, bits, n) -> (codes, d, s)
     dequantize: Callable                            # (blob, bits, n) -> float32, bit-exact
+    quantize: Callable                              # (w, bits, importance) -> blob: the C reference's bytes
     levels: Callable                                # (codes, s, bits) -> int64 s_j * L_n per weight
     simd: Callable                                  # CPU features -> the name <prefix>_cpu_simd() must report
     simd_bit_exact: bool                            # the SIMD kernel adds the blocks in the reference's order
@@ -97,6 +98,25 @@ class Family:
         TO_FLOAT(g.traits(self.specs[name].type_id).to_float)(blob.ctypes.data, out.ctypes.data, out.size)
         return out.reshape(-1, n)
 
+    def quantize_checked(self, g: Ggml, name: str, w: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
+        """The C reference quantizer's bytes for w, asserted equal to the Python twin's (and, without importance, to
+        the type's from_float_ref), and their C dequantization, asserted bit-equal to the twin's: returns that."""
+        spec = self.specs[name]
+        got = self.c_quantize(g, name, w, imp)
+        want = self.quantize(w, spec.bits, imp)
+        if not np.array_equal(got, want):
+            i = int(np.flatnonzero(got.reshape(-1) != want.reshape(-1))[0])
+            pytest.fail(f"{int((got != want).sum())} bytes differ, first in block {i // spec.block_bytes} "
+                        f"byte {i % spec.block_bytes}")
+        if imp is None:   # the type's from_float_ref is the same quantizer without importance
+            ref = np.zeros_like(got)
+            FROM_FLOAT(g.traits(spec.type_id).from_float_ref)(np.ascontiguousarray(w).ctypes.data, ref.ctypes.data,
+                                                              w.size)
+            assert np.array_equal(ref, got)
+        deq = self.c_dequantize(g, name, got, w.shape[1])
+        assert np.array_equal(deq.view(np.uint32), self.dequantize(got, spec.bits, w.shape[1]).view(np.uint32))
+        return deq
+
     def random_blob(self, name: str, rows: int, n: int, seed: int) -> np.ndarray:
         """Arbitrary codes and scales (every code and scale value occurs), finite fp16 d."""
         rng = np.random.default_rng(seed)
@@ -119,10 +139,10 @@ class Family:
         return terms.sum(-1), np.abs(terms).sum(-1)
 
 
-MCN = Family("mcn", F.MCN_TYPES, F.mcn_pack, F.mcn_unpack, F.mcn_dequantize, _mcn_levels,
+MCN = Family("mcn", F.MCN_TYPES, F.mcn_pack, F.mcn_unpack, F.mcn_dequantize, F.mcn_quantize, _mcn_levels,
              lambda f: "avx512-vnni" if {"AVX512", "AVX512_VNNI"} <= f else "avx2" if "AVX2" in f else "scalar",
              simd_bit_exact=False)
-MCT = Family("mct", F.MCT_TYPES, TR.mct_pack, TR.mct_unpack, TR.mct_dequantize, TR._integer_values,
+MCT = Family("mct", F.MCT_TYPES, TR.mct_pack, TR.mct_unpack, TR.mct_dequantize, TR.mct_quantize, TR._integer_values,
              lambda f: "avx512" if "AVX512" in f else "avx2" if "AVX2" in f else "scalar",
              simd_bit_exact=True)
 FAMILIES = {"mcn": MCN, "mct": MCT}
