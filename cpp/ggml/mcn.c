@@ -176,13 +176,18 @@ void mcn_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k,
 void quantize_row_mcn2_ref(const float * x, void * y, int64_t k) { mcn_quantize_row(GGML_TYPE_MCN2, x, y, k, NULL); }
 void quantize_row_mcn3_ref(const float * x, void * y, int64_t k) { mcn_quantize_row(GGML_TYPE_MCN3, x, y, k, NULL); }
 
-size_t mcn_quantize(enum ggml_type type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,
-                    const float * imatrix) {
+size_t mcn_quantize_rows(mcn_row_quantizer row, enum ggml_type type, const float * src, void * dst, int64_t nrows,
+                         int64_t n_per_row, const float * imatrix) {
     const size_t row_size = ggml_row_size(type, n_per_row);
     for (int64_t r = 0; r < nrows; ++r) {
-        mcn_quantize_row(type, src + r*n_per_row, (char *) dst + r*row_size, n_per_row, imatrix);
+        row(type, src + r*n_per_row, (char *) dst + r*row_size, n_per_row, imatrix);
     }
     return (size_t) nrows * row_size;
+}
+
+size_t mcn_quantize(enum ggml_type type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,
+                    const float * imatrix) {
+    return mcn_quantize_rows(mcn_quantize_row, type, src, dst, nrows, n_per_row, imatrix);
 }
 
 static void mcn_dequantize_row(int bits, const void * vx, float * y, int64_t k) {

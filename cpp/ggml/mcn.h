@@ -59,6 +59,11 @@ typedef int (*mcn_level_fn)(int bits, const uint8_t * blk, int n);
 uint16_t mcn_unshrink_d(uint16_t d16, double dd, int bits, mcn_level_fn level, const float * x, const float * w,
                         uint8_t * blk);
 
+// ggml_quantize_chunk of a type by its row quantizer: nrows rows of n_per_row floats, the imatrix for each
+typedef void (*mcn_row_quantizer)(enum ggml_type type, const float * x, void * y, int64_t k, const float * w);
+size_t mcn_quantize_rows(mcn_row_quantizer row, enum ggml_type type, const float * src, void * dst, int64_t nrows,
+                         int64_t n_per_row, const float * imatrix);
+
 // ggml_validate_row_data for a type whose blocks (block_bytes each) start with an fp16 d that must be finite
 bool mcn_validate_d16(enum ggml_type type, const void * data, size_t nbytes, size_t block_bytes);
 

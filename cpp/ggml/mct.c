@@ -204,11 +204,7 @@ void quantize_row_mct3_ref(const float * x, void * y, int64_t k) { mct_quantize_
 
 size_t mct_quantize(enum ggml_type type, const float * src, void * dst, int64_t nrows, int64_t n_per_row,
                     const float * imatrix) {
-    const size_t row_size = ggml_row_size(type, n_per_row);
-    for (int64_t r = 0; r < nrows; ++r) {
-        mct_quantize_row(type, src + r*n_per_row, (char *) dst + r*row_size, n_per_row, imatrix);
-    }
-    return (size_t) nrows * row_size;
+    return mcn_quantize_rows(mct_quantize_row, type, src, dst, nrows, n_per_row, imatrix);
 }
 
 static void mct_dequantize_row(int k, const void * vx, float * y, int64_t n) {
