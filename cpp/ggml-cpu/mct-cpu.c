@@ -25,7 +25,6 @@
 #include "superblock-cpu.h"
 
 #include <assert.h>
-#include <string.h>
 
 #if defined(__AVX2__) && !defined(GGML_CPU_GENERIC)
 #    define MCT_CPU_AVX2 1

@@ -114,8 +114,8 @@ uint16_t mcn_super_scales(const double sigma[MCN_HD_NSUB], uint8_t * blk, int s[
 // the weights (sum w x q < sum w x^2, ~10% at 2 bits). Scaling d so the block's error is uncorrelated with its
 // weights, codes unchanged, removes that coherent shrink, which costs far more downstream than its share of the
 // squared error (docs/FORMAT.md).
-uint16_t mcn_unshrink_d(uint16_t d16, double dd, int bits, mcn_level_fn level, const float * x, const float * w,
-                        uint8_t * blk) {
+void mcn_unshrink_d(uint16_t d16, double dd, int bits, mcn_level_fn level, const float * x, const float * w,
+                    uint8_t * blk) {
     uint16_t d16u = d16;
     if (dd > 0.0) {
         double num = 0.0, den = 0.0;
@@ -134,7 +134,6 @@ uint16_t mcn_unshrink_d(uint16_t d16, double dd, int bits, mcn_level_fn level, c
     }
     blk[0] = (uint8_t) (d16u & 0xFF);
     blk[1] = (uint8_t) (d16u >> 8);
-    return d16u;
 }
 
 static int mcn_level_of(int bits, const uint8_t * blk, int n) {

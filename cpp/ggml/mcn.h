@@ -52,12 +52,12 @@ MCN_API bool mcn_validate_row_data(enum ggml_type type, const void * data, size_
 // and its value in *dd.
 uint16_t mcn_super_scales(const double sigma[MCN_HD_NSUB], uint8_t * blk, int s[MCN_HD_NSUB], double * dd);
 
-// formats.unshrink_d: d16 (value dd) times sum w x^2 / sum w x (dd s_j L_n) over the block, as fp16 (d16 itself where
-// either sum is not positive or dd = 0); L_n = level(bits, blk, n), the weight's integer level from the block's
-// codes, s_j its slice scale; w NULL: uniform. Also writes the result into the block's bytes 0-1.
+// formats.unshrink_d: writes into the block's bytes 0-1 d16 (value dd) times sum w x^2 / sum w x (dd s_j L_n) over the
+// block, as fp16 (d16 itself where either sum is not positive or dd = 0); L_n = level(bits, blk, n), the weight's
+// integer level from the block's codes, s_j its slice scale; w NULL: uniform.
 typedef int (*mcn_level_fn)(int bits, const uint8_t * blk, int n);
-uint16_t mcn_unshrink_d(uint16_t d16, double dd, int bits, mcn_level_fn level, const float * x, const float * w,
-                        uint8_t * blk);
+void mcn_unshrink_d(uint16_t d16, double dd, int bits, mcn_level_fn level, const float * x, const float * w,
+                    uint8_t * blk);
 
 // ggml_quantize_chunk of a type by its row quantizer: nrows rows of n_per_row floats, the imatrix for each
 typedef void (*mcn_row_quantizer)(enum ggml_type type, const float * x, void * y, int64_t k, const float * w);

@@ -139,10 +139,6 @@ bool mct_tail_biting(int bits, const double * x, const double * step, const doub
     return true;
 }
 
-static int mct_level_of(int k, const uint8_t * blk, int n) {
-    return mct_hd_level(k, blk, n);
-}
-
 // one block of 256 weights (trellis.mct_fit, mct_codes, mct_unshrink, mct_pack)
 static void mct_quantize_block(struct mct_work * wk, int k, const float * x, const float * imp, uint8_t * out) {
     // steps: each slice's weighted RMS / MCT_SIGMA (the unweighted one where its importance sums to 0)
@@ -182,7 +178,7 @@ static void mct_quantize_block(struct mct_work * wk, int k, const float * x, con
             seq[p >> 3] |= (uint8_t) (((q[n] >> b) & 1) << (p & 7));
         }
     }
-    mcn_unshrink_d(d16, dd, k, mct_level_of, x, imp, out);   // formats.unshrink_d, codes unchanged
+    mcn_unshrink_d(d16, dd, k, mct_hd_level, x, imp, out);   // formats.unshrink_d, codes unchanged
 }
 
 void mct_quantize_row(enum ggml_type type, const float * x, void * y, int64_t k, const float * w) {

@@ -46,25 +46,27 @@ def ggml_packed(W: torch.Tensor, type_name: str, imp: torch.Tensor | None) -> tu
     return {"type": type_name, "shape": list(w.shape), "data": torch.from_numpy(blob)}, deq
 
 
-def _mct_reference(W: torch.Tensor, type_name: str, imp: torch.Tensor | None):
-    # the C quantizer (byte-equal to trellis.mct_quantize, whose float64 Viterbi in Python is ~100x slower)
-    return ggml().quantize(W.detach().float().cpu().numpy(), type_name,
-                           None if imp is None else imp.float().cpu().numpy())
+def _mcn_reference(W: torch.Tensor, type_name: str, imp: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """mcn by its Python twin (formats.mcn_quantize writes the C reference quantizer's bytes, without libggml)."""
+    bits = formats.mcn_spec(type_name).bits
+    blob = formats.mcn_quantize(W, bits, None if imp is None else imp.cpu())
+    deq = torch.from_numpy(formats.mcn_dequantize(blob, bits, W.shape[1])).to(W.device, W.dtype)
+    return {"type": type_name, "shape": list(W.shape), "data": torch.from_numpy(blob)}, deq
 
 
 def _superblock_ops(type_name: str):
-    """(spec, GPTQ rounding, pack, reference quantizer, dequantize) of an mcn table or mct trellis type."""
+    """(spec, GPTQ rounding, pack, reference quantizer -> (entry, dequantized)) of an mcn table or mct trellis type.
+    mct's reference is ggml's own (ggml_packed: its C Viterbi is byte-equal to trellis.mct_quantize, whose float64
+    Viterbi in torch is ~100x slower)."""
     if is_mct(type_name):
         from mcmoe_gguf.quant import trellis
         return (trellis.mct_spec(type_name),
                 lambda H, W, bits, cfg: H.quantize_mct(W, bits, percdamp=cfg.percdamp),
-                trellis.mct_pack, _mct_reference, trellis.mct_dequantize)
+                trellis.mct_pack, ggml_packed)
     # act-order costs mcn nothing: its scales are static
     return (formats.mcn_spec(type_name),
             lambda H, W, bits, cfg: H.quantize_mcn(W, bits, percdamp=cfg.percdamp, act_order=True),
-            formats.mcn_pack,
-            lambda W, name, imp: formats.mcn_quantize(W, formats.mcn_spec(name).bits, None if imp is None else imp.cpu()),
-            formats.mcn_dequantize)
+            formats.mcn_pack, _mcn_reference)
 
 
 def superblock_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: GPTQ | None,
@@ -72,18 +74,16 @@ def superblock_packed(W: torch.Tensor, type_name: str, x: torch.Tensor, cfg, H: 
     """W in one of our super-block types (an mcn table, an mct trellis): GPTQ / BlockLDLQ into its codes with the
     inputs' Hessian, or the reference quantizer (nearest level / a Viterbi path per sequence) under the inputs'
     importance (cfg.method "rtn", or an expert no calibration token reached: the layer's importance)."""
-    spec, round_gptq, pack, reference, dequantize = _superblock_ops(type_name)
-    if cfg.method == "gptq" and (H is not None or x.shape[0] > 0):
-        if H is None:
-            H = GPTQ(W.shape[1], device=W.device)
-            H.add_batch(x)
-        res = round_gptq(H, W, spec.bits, cfg)
-        blob, deq = pack(res.codes, res.d, res.s, spec.bits), res.dequantized
-    else:
-        blob = reference(W, type_name, routed_importance(x, fallback_importance))
-        deq = torch.from_numpy(dequantize(blob, spec.bits, W.shape[1]))
+    spec, round_gptq, pack, reference = _superblock_ops(type_name)
+    if cfg.method != "gptq" or (H is None and x.shape[0] == 0):
+        return reference(W, type_name, routed_importance(x, fallback_importance))
+    if H is None:
+        H = GPTQ(W.shape[1], device=W.device)
+        H.add_batch(x)
+    res = round_gptq(H, W, spec.bits, cfg)
+    blob = pack(res.codes, res.d, res.s, spec.bits)
     return ({"type": type_name, "shape": list(W.shape), "data": torch.from_numpy(blob)},
-            deq.to(W.device, W.dtype))
+            res.dequantized.to(W.device, W.dtype))
 
 
 def mcq_result(H: GPTQ | None, W: torch.Tensor, bits: int, cfg, unshrink: bool = True):
